@@ -1,0 +1,63 @@
+"""distvi: variational inference for PyMC models on sharded data, with PyMC's variational API."""
+
+from distvi import data
+from distvi.approximations import Approximation
+from distvi.approximations import Empirical
+from distvi.approximations import FullRank
+from distvi.approximations import Group
+from distvi.approximations import MeanField
+from distvi.callbacks import CheckParametersConvergence
+from distvi.callbacks import Tracker
+from distvi.inference import ADVI
+from distvi.inference import FullRankADVI
+from distvi.inference import Inference
+from distvi.inference import KLqp
+from distvi.inference import fit
+from distvi.operators import KL
+from distvi.optimizers import adadelta
+from distvi.optimizers import adagrad
+from distvi.optimizers import adagrad_window
+from distvi.optimizers import adam
+from distvi.optimizers import adamax
+from distvi.optimizers import apply_momentum
+from distvi.optimizers import apply_nesterov_momentum
+from distvi.optimizers import momentum
+from distvi.optimizers import nesterov_momentum
+from distvi.optimizers import norm_constraint
+from distvi.optimizers import rmsprop
+from distvi.optimizers import sgd
+from distvi.optimizers import total_norm_constraint
+from distvi.results import sample_approx
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADVI",
+    "Approximation",
+    "CheckParametersConvergence",
+    "Empirical",
+    "FullRank",
+    "FullRankADVI",
+    "Group",
+    "Inference",
+    "KL",
+    "KLqp",
+    "MeanField",
+    "Tracker",
+    "adadelta",
+    "adagrad",
+    "adagrad_window",
+    "adam",
+    "adamax",
+    "apply_momentum",
+    "apply_nesterov_momentum",
+    "data",
+    "fit",
+    "momentum",
+    "nesterov_momentum",
+    "norm_constraint",
+    "rmsprop",
+    "sample_approx",
+    "sgd",
+    "total_norm_constraint",
+]

@@ -1,0 +1,102 @@
+"""The driver's step: one pure compiled function, state in, new state out.
+
+From the summed worker answers at the drawn points it computes the prior term, the chain
+rule to the variational parameters, the clip and the optimizer update, and draws the next
+step's points from the updated parameters (so a step costs one call on the driver).
+Everything that changes during a run is in :class:`DriverState`, plain arrays and ints.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+
+from distvi.optimizers import Optimizer, total_norm_constraint
+
+
+def _finite(x):
+    return pt.invert(pt.or_(pt.isnan(x), pt.isinf(x)))
+
+
+class DriverState(NamedTuple):
+    """Everything that changes during a run, as plain values.
+
+    ``step`` counts every step of the run and keys the workers' minibatches; ``opt_step``
+    counts the steps of the current optimizer (the argument of a learning-rate schedule);
+    ``draw_position`` is where the driver's normal stream stands.
+    """
+
+    params: tuple[np.ndarray, ...]
+    opt_state: tuple[np.ndarray, ...]
+    step: int
+    opt_step: int
+    draw_position: int
+
+
+class StepInfo(NamedTuple):
+    """Per-step diagnostics (not state)."""
+
+    loss: float
+    grad_norm: float
+
+
+class CompiledStep:
+    """The compiled pure step for one (approximation, operator, optimizer, obj_n_mc, clip).
+
+    ``__call__(params, opt_state, lr, eps, datalogp, datagrad, eps_next)`` returns
+    ``(new_params, new_opt_state, loss, grad_norm, ok, next_points)``.
+    """
+
+    def __init__(self, approx, operator, optimizer: Optimizer, n_mc: int,
+                 max_norm: float | None) -> None:
+        adapter = approx.adapter
+        D = adapter.ndim
+        shapes = [np.shape(v) for v in approx.params_values]
+        self.n_params = len(shapes)
+        params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
+        state0 = optimizer.init(shapes)
+        self.n_state = len(state0)
+        state = [pt.tensor(f"s{i}", dtype=np.asarray(a).dtype, shape=np.shape(a))
+                 for i, a in enumerate(state0)]
+        lr = pt.scalar("lr", dtype="float64")
+        eps = pt.matrix("eps", dtype="float64", shape=(n_mc, D))
+        eps_next = pt.matrix("eps_next", dtype="float64", shape=(n_mc, D))
+        datalogp = pt.vector("datalogp", dtype="float64", shape=(n_mc,))
+        datagrad = pt.matrix("datagrad", dtype="float64", shape=(n_mc, D))
+
+        def prior_rows(points):
+            return adapter.rows_of(adapter.prior_logp, points, n_mc)
+
+        loss, surrogate, _ = operator.objective(params, eps, datalogp, datagrad, prior_rows)
+        grads = pt.grad(surrogate, params)
+        grad_norm = pt.sqrt(sum(pt.sum(g**2) for g in grads))
+        if max_norm is not None:
+            grads = total_norm_constraint(grads, max_norm)
+        new_params, new_state = optimizer.update(params, grads, state, lr)
+        ok = _finite(loss)
+        for p in new_params:
+            ok = pt.and_(ok, pt.all(_finite(p)))
+        next_points = approx.symbolic_points(new_params, eps_next)
+        self._fn = pytensor.function(
+            [*params, *state, lr, eps, datalogp, datagrad, eps_next],
+            [*new_params, *new_state, loss, grad_norm, ok, next_points],
+            trust_input=True,
+            on_unused_input="ignore",
+        )
+        self._draw = pytensor.function(
+            [*params, eps], approx.symbolic_points(params, eps), trust_input=True,
+            on_unused_input="ignore",
+        )
+
+    def draw(self, params, eps: np.ndarray) -> np.ndarray:
+        """The points for ``eps`` at ``params``."""
+        return self._draw(*params, eps)
+
+    def __call__(self, params, opt_state, lr: np.ndarray, eps, datalogp, datagrad, eps_next):
+        out = self._fn(*params, *opt_state, lr, eps, datalogp, datagrad, eps_next)
+        p, s = self.n_params, self.n_state
+        return (tuple(out[:p]), tuple(out[p:p + s]), out[p + s], out[p + s + 1],
+                out[p + s + 2], out[p + s + 3])
