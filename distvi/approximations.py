@@ -63,6 +63,9 @@ class MeanFieldFamily:
         r = (z - p["mu"]) / sigma
         return pt.sum(-0.5 * r**2 - pt.log(sigma) - 0.5 * LOG_2PI, axis=-1)
 
+    def param_shapes(self, d: int) -> dict:
+        return {"mu": (d,), "rho": (d,)}
+
     def mean(self, p) -> np.ndarray:
         return p["mu"]
 
@@ -95,6 +98,9 @@ class FullRankFamily:
         if sigma is not None:
             packed[self._diag_positions(d)] = softplus_inv(sigma)
         return {"mu": mean.copy(), "L_tril": packed}
+
+    def param_shapes(self, d: int) -> dict:
+        return {"mu": (d,), "L_tril": (tril_size(d),)}
 
     def L(self, p):
         d = p["mu"].type.shape[0]
@@ -145,6 +151,9 @@ class EmpiricalFamily:
 
     name = "empirical"
     param_names = ("histogram",)
+
+    def param_shapes(self, d: int) -> dict:
+        return {"histogram": (None, d)}
 
     def init(self, mean, sigma):
         raise ValueError("an Empirical group needs its draws: pass params={'histogram': ...}")
@@ -224,13 +233,19 @@ class Group:
         ) if self.layout else np.zeros(0, dtype=int)
         d = len(self.indices)
         if self._init_params is not None:
+            expected = self.family.param_shapes(d)
             self.params = {}
             for key in self.family.param_names:
                 if key not in self._init_params:
                     raise KeyError(f"params for a {self.vfam} group need {self.family.param_names}")
-                self.params[key] = np.array(self._init_params[key], dtype="float64")
-            if self.params[self.family.param_names[0]].shape[-1] != d and self.vfam != "full_rank":
-                raise ValueError(f"params of the group have the wrong size; expected {d} values")
+                value = np.array(self._init_params[key], dtype="float64")
+                want = expected[key]
+                if value.shape != want and not (want[0] is None and value.shape[1:] == want[1:]):
+                    raise ValueError(
+                        f"param {key!r} of the {self.vfam} group has the wrong size: shape "
+                        f"{value.shape}, expected {tuple('T' if w is None else w for w in want)}"
+                    )
+                self.params[key] = value
             return
         mean = adapter.flat_from_start(self.start)[self.indices]
         sigma = None
@@ -388,15 +403,16 @@ class Approximation:
 
     def _by_var(self, flat: np.ndarray) -> xr.Dataset:
         ad = self._require_bound()
-        return xr.Dataset(
-            {
-                lay.name: xr.DataArray(
-                    flat[lay.slice].reshape(lay.shape),
-                    dims=[f"{lay.name}_dim_{i}" for i in range(len(lay.shape))],
-                )
-                for lay in ad.layout
-            }
-        )
+        names = [lay.name for lay in ad.layout] + [lay.rv_name for lay in ad.layout]
+        dims, coords = ad.dims_and_coords(names)
+        out = {}
+        for lay in ad.layout:
+            d = dims.get(lay.name) or (dims.get(lay.rv_name) if lay.transform is None else None)
+            if not d or len(d) != len(lay.shape):
+                d = [f"{lay.name}_dim_{i}" for i in range(len(lay.shape))]
+            out[lay.name] = xr.DataArray(flat[lay.slice].reshape(lay.shape), dims=d)
+        return xr.Dataset(out, coords={k: v for k, v in coords.items()
+                                       if any(k in a.dims for a in out.values())})
 
     @property
     def mean_data(self) -> xr.Dataset:

@@ -5,10 +5,20 @@ A callback ends a fit cleanly by raising ``StopIteration``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+
+def _n_params(fn: Callable) -> int:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 3
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in sig.parameters.values())
 
 
 def _flat_params(approx) -> np.ndarray:
@@ -52,20 +62,18 @@ class CheckParametersConvergence:
 class Tracker:
     """Record values every step: ``Tracker(mean=lambda: approx.mean.copy())``.
 
-    Each keyword is a callable; with no arguments it is called as ``f()``, otherwise as
-    ``f(approx, losses, i)``. Records are kept in ``tracker.hist[name]`` (and ``tracker[name]``).
+    Each keyword is a callable, called as ``f()`` when it takes no arguments and as
+    ``f(approx, losses, i)`` otherwise. Records are kept in ``tracker.hist[name]`` (and ``tracker[name]``).
     """
 
     def __init__(self, **fns: Callable[..., Any]) -> None:
         self.fns = fns
+        self._arity = {k: _n_params(f) for k, f in fns.items()}
         self.hist: dict[str, list] = {k: [] for k in fns}
 
     def __call__(self, approx, losses, i: int) -> None:
         for name, fn in self.fns.items():
-            try:
-                value = fn(approx, losses, i)
-            except TypeError:
-                value = fn()
+            value = fn() if self._arity[name] == 0 else fn(approx, losses, i)
             self.hist[name].append(value)
 
     def __getitem__(self, name: str) -> list:

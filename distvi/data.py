@@ -35,6 +35,8 @@ class Source(Protocol):
 def check_array(name: str, arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 0:
         raise DataError(f"data array {name!r} is a scalar; arrays need a leading row axis")
+    if arr.shape[0] == 0:
+        raise DataError(f"data array {name!r} has no rows")
     if arr.dtype == bool:
         arr = arr.astype(np.int8)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):

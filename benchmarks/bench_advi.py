@@ -1,0 +1,456 @@
+"""Benchmark: distvi (local backend) against ``pymc.fit`` on a minibatch logistic regression.
+
+The problem (from the issue): N=200,000 rows, D=20 features, batch 1,000, mean-field ADVI,
+``adam(learning_rate=0.01)``, 10,000 iterations, ``random_seed=1``. Both tools run in the
+same process, interleaved (pymc, distvi, pymc, distvi, ...) because the machine is shared
+and noisy; medians over ``--repeats`` are reported.
+
+What is measured, per repeat and per tool
+-----------------------------------------
+wall incl. compile
+    One from-scratch fit of ``--n`` iterations, timed around everything the user waits for:
+    for PyMC, building the model (``pm.Model`` + ``pm.Minibatch`` + the distributions) and
+    the whole ``pm.fit(...)`` call (graph building, compilation, iterations); for distvi the
+    whole ``dv.fit(...)`` call (which calls the model factory, compiles, and iterates).
+    The fitted mean of this run is the one compared with the reference.
+it/s
+    Iterations alone, compilation excluded: a fresh ``ADVI`` object is fitted for ``--warm``
+    iterations (this compiles the step), then ``inference.refine(n)`` is timed. ``refine``
+    reuses the compiled step and the optimizer state in both libraries, so the timed region
+    is just the ``n`` iterations of the training loop (loss recorded every step, no
+    progress bar, as in the wall-time fit).
+
+Accuracy
+--------
+The reference is the MAP of the full-data posterior (Newton's method in numpy, step
+< 1e-12), which equals the posterior mean up to O(1/N). The error is
+``max_i |mean_i - map_i|``; in sd units it is ``max_i |mean_i - map_i| / sd_i`` with
+``sd = sqrt(diag(H^-1))`` at the MAP (Laplace approximation, H the negative Hessian of the
+log posterior).
+
+No timing is asserted anywhere: this is a measurement script.
+
+Usage
+-----
+    .venv/bin/python benchmarks/bench_advi.py               # full run (several minutes)
+    .venv/bin/python benchmarks/bench_advi.py --quick       # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+D = 20
+DATA_SEED = 20240601
+FIT_SEED = 1
+LEARNING_RATE = 0.01
+PROFILE_STEPS = 2000
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "advi.json"
+
+
+# ---------------------------------------------------------------------------- data & reference
+def make_data(rows: int, d: int = D, seed: int = DATA_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X ~ N(0, 1) (rows x d, float64), w ~ N(0, 0.5), no intercept, y ~ Bernoulli(sigmoid(X w))."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(0.0, 1.0, size=(rows, d))
+    w_true = rng.normal(0.0, 0.5, size=d)
+    p = 1.0 / (1.0 + np.exp(-(X @ w_true)))
+    y = rng.binomial(1, p).astype(np.int64)
+    return X, y, w_true
+
+
+def newton_map(X: np.ndarray, y: np.ndarray, prior_sd: float = 1.0, tol: float = 1e-12,
+               max_iter: int = 100) -> dict[str, Any]:
+    """MAP of w ~ N(0, prior_sd^2 I), y ~ Bernoulli(logit_p = X w) on the full data.
+
+    Returns the MAP, the Laplace sd (sqrt of the diagonal of the inverse negative Hessian),
+    the number of Newton steps and the last step's max abs size.
+    """
+    n, d = X.shape
+    w = np.zeros(d)
+    prec = 1.0 / prior_sd**2
+    yf = y.astype(np.float64)
+    last = np.inf
+    for it in range(1, max_iter + 1):
+        eta = X @ w
+        p = 0.5 * (1.0 + np.tanh(0.5 * eta))          # sigmoid, overflow-free
+        grad = X.T @ (yf - p) - prec * w
+        H = (X * (p * (1.0 - p))[:, None]).T @ X + prec * np.eye(d)   # negative Hessian
+        step = np.linalg.solve(H, grad)
+        w = w + step
+        last = float(np.max(np.abs(step)))
+        if last < tol:
+            break
+    else:
+        raise RuntimeError(f"Newton did not converge to {tol} in {max_iter} steps (last step {last:.3g})")
+    eta = X @ w
+    p = 0.5 * (1.0 + np.tanh(0.5 * eta))
+    H = (X * (p * (1.0 - p))[:, None]).T @ X + prec * np.eye(d)
+    sd = np.sqrt(np.diag(np.linalg.inv(H)))
+    return {"map": w, "sd": sd, "newton_steps": it, "last_step": last}
+
+
+def accuracy(mean: np.ndarray, std: np.ndarray | None, ref: dict[str, Any]) -> dict[str, float]:
+    mean = np.asarray(mean, dtype=np.float64).ravel()
+    err = np.abs(mean - ref["map"])
+    out = {
+        "max_abs_mean_err": float(err.max()),
+        "max_mean_err_sd_units": float(np.max(err / ref["sd"])),
+    }
+    if std is not None:
+        ratio = np.asarray(std, dtype=np.float64).ravel() / ref["sd"]
+        out["sd_ratio_min"] = float(ratio.min())
+        out["sd_ratio_max"] = float(ratio.max())
+    return out
+
+
+# ---------------------------------------------------------------------------- PyMC
+def pymc_model(X: np.ndarray, y32: np.ndarray, batch: int):
+    """The model as PyMC's docs write a minibatch model (int32 observed: see the note in main)."""
+    import pymc as pm
+
+    with pm.Model() as model:
+        X_mb, y_mb = pm.Minibatch(X, y32, batch_size=batch)
+        w = pm.Normal("w", 0.0, 1.0, shape=X.shape[1])
+        pm.Bernoulli("obs", logit_p=X_mb @ w, observed=y_mb, total_size=X.shape[0])
+    return model
+
+
+def pymc_wall(X, y32, n, batch) -> dict[str, Any]:
+    import pymc as pm
+
+    t0 = time.perf_counter()
+    model = pymc_model(X, y32, batch)
+    with model:
+        approx = pm.fit(n=n, method="advi", obj_optimizer=pm.adam(learning_rate=LEARNING_RATE),
+                        random_seed=FIT_SEED, progressbar=False)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "mean": np.asarray(approx.mean.eval()), "std": np.asarray(approx.std.eval()),
+            "final_loss": float(np.mean(approx.hist[-1000:]))}
+
+
+def pymc_rate(X, y32, n, batch, warm) -> dict[str, Any]:
+    import pymc as pm
+
+    model = pymc_model(X, y32, batch)
+    with model:
+        inference = pm.ADVI(random_seed=FIT_SEED)
+        t0 = time.perf_counter()
+        inference.fit(warm, obj_optimizer=pm.adam(learning_rate=LEARNING_RATE), progressbar=False)
+        t1 = time.perf_counter()
+        inference.refine(n, progressbar=False)
+        t2 = time.perf_counter()
+    return {"warm_fit_s": t1 - t0, "iter_s": t2 - t1, "it_per_s": n / (t2 - t1)}
+
+
+# ---------------------------------------------------------------------------- distvi
+def distvi_factory(data):
+    import pymc as pm
+
+    with pm.Model() as model:
+        w = pm.Normal("w", 0.0, 1.0, shape=D)
+        pm.Bernoulli("obs", logit_p=data["X"] @ w, observed=data["y"])
+    return model
+
+
+def distvi_wall(X, y, n, batch) -> dict[str, Any]:
+    import distvi as dv
+
+    t0 = time.perf_counter()
+    approx = dv.fit(n, method="advi", model=distvi_factory, data={"X": X, "y": y}, batch_size=batch,
+                    random_seed=FIT_SEED, obj_optimizer=dv.adam(learning_rate=LEARNING_RATE),
+                    progressbar=False)
+    wall = time.perf_counter() - t0
+    hist = np.asarray(getattr(approx, "hist", np.zeros(0)))
+    return {"wall_s": wall, "mean": np.asarray(approx.mean), "std": np.asarray(approx.std),
+            "final_loss": float(np.mean(hist[-1000:])) if hist.size else None}
+
+
+def distvi_rate(X, y, n, batch, warm):
+    """Returns (result, inference); the inference is kept open for the profiling table."""
+    import distvi as dv
+
+    inference = dv.ADVI(model=distvi_factory, data={"X": X, "y": y}, batch_size=batch,
+                        random_seed=FIT_SEED)
+    t0 = time.perf_counter()
+    inference.fit(warm, obj_optimizer=dv.adam(learning_rate=LEARNING_RATE), progressbar=False)
+    t1 = time.perf_counter()
+    inference.refine(n, progressbar=False)
+    t2 = time.perf_counter()
+    final_loss = float(np.mean(inference.hist[-1000:])) if inference.hist.size else None
+    return {"warm_fit_s": t1 - t0, "iter_s": t2 - t1, "it_per_s": n / (t2 - t1),
+            "final_loss_after_refine": final_loss}, inference
+
+
+# ---------------------------------------------------------------------------- reporting
+def environment() -> dict[str, Any]:
+    import numpy
+    import pymc
+    import pytensor
+
+    try:
+        import distvi
+        distvi_version = getattr(distvi, "__version__", "?")
+    except Exception as exc:  # reported, not fatal: the PyMC side can still run
+        distvi_version = f"import failed: {exc!r}"
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "processor": platform.processor(),
+        "cpu_model": cpu_model,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": load,
+        "python": platform.python_version(),
+        "pymc": pymc.__version__,
+        "pytensor": pytensor.__version__,
+        "numpy": numpy.__version__,
+        "distvi": distvi_version,
+        "pytensor_blas_ldflags": pytensor.config.blas__ldflags,
+        "pytensor_mode": str(pytensor.config.mode),
+        "threads_env": {k: os.environ.get(k) for k in
+                        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+    }
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    walls = [r["wall"]["wall_s"] for r in runs if "wall" in r]
+    rates = [r["rate"]["it_per_s"] for r in runs if "rate" in r]
+    errs = [r["wall"]["accuracy"]["max_abs_mean_err"] for r in runs if "wall" in r]
+    errs_sd = [r["wall"]["accuracy"]["max_mean_err_sd_units"] for r in runs if "wall" in r]
+    sd_lo = [r["wall"]["accuracy"].get("sd_ratio_min") for r in runs if "wall" in r]
+    sd_hi = [r["wall"]["accuracy"].get("sd_ratio_max") for r in runs if "wall" in r]
+    return {
+        "it_per_s_median": median(rates),
+        "wall_incl_compile_s_median": median(walls),
+        "max_abs_mean_err_median": median(errs),
+        "max_mean_err_sd_units_median": median(errs_sd),
+        "sd_ratio_min_median": median(sd_lo),
+        "sd_ratio_max_median": median(sd_hi),
+        "n_rate_runs": len(rates),
+        "n_wall_runs": len(walls),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=10000, help="ADVI iterations per fit (default 10000)")
+    ap.add_argument("--rows", type=int, default=200000, help="rows N (default 200000)")
+    ap.add_argument("--batch", type=int, default=1000, help="minibatch size (default 1000)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    ap.add_argument("--warm", type=int, default=200,
+                    help="iterations of the compile/warm-up fit before the timed refine (default 200)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: n=2000, rows=20000, repeats=1")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.rows, args.repeats = 2000, 20000, 1
+    for name in ("n", "rows", "batch", "repeats", "warm"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1")
+
+    # pm.fit logs "Finished [100%]: Average Loss = ..." at INFO; keep the output to the report.
+    # (import first: importing pymc sets its logger's level to INFO.)
+    import pymc  # noqa: F401
+
+    logging.getLogger("pymc").setLevel(logging.WARNING)
+
+    env = environment()
+    X, y, w_true = make_data(args.rows)
+    # PyMC: int32 observed for the minibatch (pm.Minibatch with an int64 observed is a known
+    # problem); distvi gets the int64 labels as generated. Same values either way.
+    y32 = y.astype(np.int32)
+    t0 = time.perf_counter()
+    ref = newton_map(X, y)
+    ref_s = time.perf_counter() - t0
+    print(f"# reference: Newton MAP in {ref['newton_steps']} steps (last step {ref['last_step']:.1e}, "
+          f"{ref_s:.2f} s); Laplace sd {ref['sd'].min():.4f}..{ref['sd'].max():.4f}; "
+          f"max |MAP - w_true| {np.abs(ref['map'] - w_true).max():.4f}", flush=True)
+
+    pymc_runs: list[dict[str, Any]] = []
+    distvi_runs: list[dict[str, Any]] = []
+    distvi_error: str | None = None
+    profile_inf = None
+
+    def run_distvi(kind: str, fn, run: dict[str, Any]):
+        nonlocal distvi_error
+        if distvi_error is not None:
+            return None
+        try:
+            return fn()
+        except Exception:
+            distvi_error = traceback.format_exc()
+            print(f"\n# distvi {kind} run FAILED:\n{distvi_error}", file=sys.stderr, flush=True)
+            run["error"] = distvi_error
+            return None
+
+    for r in range(args.repeats):
+        p_run: dict[str, Any] = {"repeat": r}
+        d_run: dict[str, Any] = {"repeat": r}
+        pymc_runs.append(p_run)
+        distvi_runs.append(d_run)
+
+        # 1. pymc wall   2. distvi wall   3. pymc it/s   4. distvi it/s
+        res = pymc_wall(X, y32, args.n, args.batch)
+        res["accuracy"] = accuracy(res.pop("mean"), res.pop("std"), ref)
+        p_run["wall"] = res
+        print(f"# repeat {r + 1}/{args.repeats}: pymc   wall {res['wall_s']:.2f} s, "
+              f"err {res['accuracy']['max_abs_mean_err']:.2e}", flush=True)
+
+        res = run_distvi("wall", lambda: distvi_wall(X, y, args.n, args.batch), d_run)
+        if res is not None:
+            res["accuracy"] = accuracy(res.pop("mean"), res.pop("std"), ref)
+            d_run["wall"] = res
+            print(f"# repeat {r + 1}/{args.repeats}: distvi wall {res['wall_s']:.2f} s, "
+                  f"err {res['accuracy']['max_abs_mean_err']:.2e}", flush=True)
+
+        res = pymc_rate(X, y32, args.n, args.batch, args.warm)
+        p_run["rate"] = res
+        print(f"# repeat {r + 1}/{args.repeats}: pymc   {res['it_per_s']:.0f} it/s", flush=True)
+
+        out = run_distvi("it/s", lambda: distvi_rate(X, y, args.n, args.batch, args.warm), d_run)
+        if out is not None:
+            res, inf = out
+            d_run["rate"] = res
+            print(f"# repeat {r + 1}/{args.repeats}: distvi {res['it_per_s']:.0f} it/s", flush=True)
+            if profile_inf is not None:
+                profile_inf.close()
+            profile_inf = inf
+
+    profile_text = None
+    profile_phases = None
+    if profile_inf is not None:
+        try:
+            prof = profile_inf.run_profiling(PROFILE_STEPS)
+            profile_text = str(prof)
+            profile_phases = {k: float(v) for k, v in prof.phases.items()}
+        except Exception:
+            distvi_error = distvi_error or traceback.format_exc()
+            print(f"\n# distvi run_profiling FAILED:\n{traceback.format_exc()}", file=sys.stderr)
+        finally:
+            profile_inf.close()
+
+    p_sum = summarise(pymc_runs)
+    d_sum = summarise(distvi_runs)
+    ratio = (d_sum["it_per_s_median"] / p_sum["it_per_s_median"]
+             if d_sum["it_per_s_median"] and p_sum["it_per_s_median"] else None)
+    wall_ratio = (p_sum["wall_incl_compile_s_median"] / d_sum["wall_incl_compile_s_median"]
+                  if d_sum["wall_incl_compile_s_median"] and p_sum["wall_incl_compile_s_median"] else None)
+
+    # ------------------------------------------------------------------ report
+    lines = [
+        "",
+        f"## ADVI logistic regression: N={args.rows:,}, D={D}, batch={args.batch:,}, "
+        f"n={args.n:,}, adam({LEARNING_RATE}), random_seed={FIT_SEED}, repeats={args.repeats}"
+        + (" (--quick)" if args.quick else ""),
+        "",
+        "| tool | it/s (median) | wall incl. compile s | max abs mean err | err in sd units |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, s in (("pymc.fit", p_sum), ("distvi (local)", d_sum)):
+        lines.append(
+            f"| {name} | {fmt(s['it_per_s_median'], ',.0f')} | {fmt(s['wall_incl_compile_s_median'], '.2f')} "
+            f"| {fmt(s['max_abs_mean_err_median'], '.2e')} | {fmt(s['max_mean_err_sd_units_median'], '.3f')} |"
+        )
+    lines += [
+        "",
+        f"ratio distvi/pymc it/s (medians of this run): {fmt(ratio, '.2f')}x  (issue target: >= 5x at equal accuracy)",
+        f"ratio pymc/distvi wall incl. compile (medians): {fmt(wall_ratio, '.2f')}x",
+        "approx sd / Laplace sd (min..max over w, median over repeats): "
+        f"pymc {fmt(p_sum['sd_ratio_min_median'], '.3f')}..{fmt(p_sum['sd_ratio_max_median'], '.3f')}, "
+        f"distvi {fmt(d_sum['sd_ratio_min_median'], '.3f')}..{fmt(d_sum['sd_ratio_max_median'], '.3f')}",
+        "",
+        "per repeat (order: pymc wall, distvi wall, pymc it/s, distvi it/s):",
+    ]
+    for p_run, d_run in zip(pymc_runs, distvi_runs):
+        pw = p_run.get("wall", {}).get("wall_s")
+        dw = d_run.get("wall", {}).get("wall_s")
+        pr = p_run.get("rate", {}).get("it_per_s")
+        dr = d_run.get("rate", {}).get("it_per_s")
+        lines.append(f"  repeat {p_run['repeat'] + 1}: pymc {fmt(pr, ',.0f')} it/s, wall {fmt(pw, '.2f')} s | "
+                     f"distvi {fmt(dr, ',.0f')} it/s, wall {fmt(dw, '.2f')} s")
+    lines += [
+        "",
+        "err: max_i |mean_i - MAP_i| of the from-scratch fit; sd units: max_i |mean_i - MAP_i| / sd_i, "
+        "sd = sqrt(diag(H^-1)) at the MAP.",
+        f"it/s: {args.n:,} iterations of inference.refine() after a {args.warm}-iteration fit that "
+        "compiles the step (compile excluded).",
+        "wall: PyMC model build + whole pm.fit(); whole dv.fit() (calls the factory). Compile included.",
+        "",
+        f"date: {env['date']}",
+        f"cpu: processor={env['processor']!r} ({env['cpu_model']}, {env['machine']}), "
+        f"os.cpu_count()={env['cpu_count']}, loadavg at start={env['loadavg_at_start']}",
+        f"versions: python {env['python']}, pymc {env['pymc']}, pytensor {env['pytensor']}, "
+        f"numpy {env['numpy']}, distvi {env['distvi']}; pytensor blas__ldflags={env['pytensor_blas_ldflags']!r}",
+    ]
+    if profile_text is not None:
+        lines += ["", f"distvi inf.run_profiling({PROFILE_STEPS}):", "```", profile_text, "```"]
+    if distvi_error is not None:
+        lines += ["", "distvi FAILED (traceback above on stderr, and in the JSON)."]
+    print("\n".join(lines), flush=True)
+
+    result = {
+        "benchmark": "advi_logistic_regression",
+        "config": {"rows": args.rows, "d": D, "batch": args.batch, "n": args.n, "repeats": args.repeats,
+                   "warm": args.warm, "quick": args.quick, "optimizer": f"adam(learning_rate={LEARNING_RATE})",
+                   "random_seed": FIT_SEED, "data_seed": DATA_SEED, "profile_steps": PROFILE_STEPS},
+        "environment": env,
+        "reference": {"method": "Newton MAP on the full data", "newton_steps": ref["newton_steps"],
+                      "last_step": ref["last_step"], "map": ref["map"].tolist(), "sd": ref["sd"].tolist(),
+                      "w_true": w_true.tolist()},
+        "pymc": {"summary": p_sum, "runs": pymc_runs},
+        "distvi": {"summary": d_sum, "runs": distvi_runs, "error": distvi_error,
+                   "profile": {"steps": PROFILE_STEPS, "phases_s": profile_phases, "table": profile_text}},
+        "ratio_distvi_over_pymc_it_per_s": ratio,
+        "ratio_pymc_over_distvi_wall": wall_ratio,
+        "notes": {
+            "it_per_s": "refine(n) after a warm fit that compiles the step; compile excluded",
+            "wall": "PyMC: model build + pm.fit(); distvi: dv.fit() (factory call included); compile included",
+            "err_sd_units": "max_i |mean_i - MAP_i| / sd_i, sd = sqrt(diag(inverse negative Hessian)) at MAP",
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"\nwrote {args.out}")
+    return 1 if distvi_error is not None else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
