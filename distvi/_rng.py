@@ -8,6 +8,8 @@ generator object around.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.special import ndtri
 
@@ -55,7 +57,7 @@ class Stream:
 
     def normal(self, shape: tuple[int, ...], position: int) -> np.ndarray:
         """Standard normals (inverse-CDF of the uniforms, so consumption is exact)."""
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         u = self.uniform(n, position)
         # random() can return exactly 0.0; ndtri(0) = -inf
         np.maximum(u, 2.0**-60, out=u)

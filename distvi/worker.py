@@ -2,9 +2,15 @@
 
 A worker knows nothing of the approximation. It holds one contiguous shard of the rows in
 memory and answers ``evaluate(points[S, D], step) -> (datalogp[S], grad[S, D])``, scaled by
-``N_k / B_k`` so that the sum over workers estimates the full-data term without bias. The
-minibatch rows come from a stream addressed by (run seed, rank, step) only, so a retried
-step returns exactly what the lost one would have.
+``N_k / B_k`` so that the sum over workers estimates the full-data term without bias.
+
+Minibatches without a gather: at load the shard is shuffled once (a permutation drawn from
+the worker's stream) and its first ``B_k`` rows are appended at the end; a step's minibatch
+is the window of ``B_k`` rows starting at a uniform random offset in ``[0, N_k)``. Every row
+is in a step's minibatch with probability ``B_k / N_k``, so the scaled estimate is unbiased,
+and the window is a view: no rows are copied per step. The offset comes from a stream
+addressed by (run seed, rank, step) only, so a retried step returns exactly what the lost
+one would have.
 """
 
 from __future__ import annotations
@@ -44,21 +50,30 @@ class ShardWorker:
         batch_size: int | None,
         data_term: Callable[[int], DataTerm],
     ) -> None:
-        self.rows = [np.ascontiguousarray(a) for a in rows.values()]
-        self.n_rows = int(self.rows[0].shape[0])
+        arrays = [np.asarray(a) for a in rows.values()]
+        self.n_rows = int(arrays[0].shape[0])
         self.rank = rank
         self.full = batch_size is None or batch_size >= self.n_rows
         self.batch_size = self.n_rows if self.full else int(batch_size)
         self.scale = np.array(self.n_rows / self.batch_size, dtype="float64")
         self._stream = Stream(seed, rank + 1)
         self._data_term = data_term
+        if self.full:
+            self.rows = [np.ascontiguousarray(a) for a in arrays]
+        else:
+            # the shuffle is drawn once, before any step, from the worker's own key
+            perm = np.random.Generator(np.random.PCG64(
+                np.random.SeedSequence(seed, spawn_key=(rank + 1, 0)))).permutation(self.n_rows)
+            wrap = np.concatenate([perm, perm[: self.batch_size]])
+            self.rows = [np.ascontiguousarray(np.take(a, wrap, axis=0)) for a in arrays]
 
     def minibatch(self, step: int) -> list[np.ndarray]:
-        """The rows of ``step``'s minibatch (drawn with replacement, as pm.Minibatch does)."""
+        """The rows of ``step``'s minibatch: a window of the shuffled shard (views, no copy)."""
         if self.full:
             return self.rows
-        idx = self._stream.integers(self.n_rows, self.batch_size, step * self.batch_size)
-        return [np.take(a, idx, axis=0) for a in self.rows]
+        start = int(self._stream.integers(self.n_rows, 1, step)[0])
+        stop = start + self.batch_size
+        return [a[start:stop] for a in self.rows]
 
     def evaluate(self, points: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Scaled minibatch log-likelihood and its gradient at each point."""
