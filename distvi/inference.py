@@ -21,6 +21,7 @@ from distvi.operators import KL
 from distvi.step import CompiledStep, DriverState, StepInfo
 
 DEFAULT_OPTIMIZER_DOC = "adam(learning_rate=0.01)"
+DRAW_BLOCK = 256
 BACKENDS = ("local", "ray")
 
 
@@ -300,18 +301,26 @@ class Inference:
         st = self.state
         params, opt_state = st.params, st.opt_state
         step, opt_step, pos = st.step, st.opt_step, st.draw_position
-        eps = self._draws.normal((S, D), pos)
-        points = step_fn.draw(params, eps)
+        points = None
         losses = np.empty(n)
         done = 0
         bar = _progress(n, progressbar)
         clock = time.perf_counter
         lr = np.array(opt.learning_rate_at(opt_step), dtype="float64")
         constant_lr = not callable(opt.hyper.get("learning_rate"))
+        block = None
         try:
             for i in range(n):
                 t0 = clock() if profile else 0.0
-                eps_next = self._draws.normal((S, D), pos + per_draw)
+                j = i % DRAW_BLOCK
+                if j == 0:
+                    # normals for the next DRAW_BLOCK steps (+1 for the look-ahead) in one
+                    # draw; the stream is position-addressed, so this equals step-by-step draws
+                    block = self._draws.normal((min(DRAW_BLOCK, n - i) + 1, S, D), pos)
+                    if points is None:
+                        eps = block[0]
+                        points = step_fn.draw(params, eps)
+                eps_next = block[j + 1]
                 if profile:
                     t1 = clock()
                     profile.phases["draw"] += t1 - t0

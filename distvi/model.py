@@ -20,6 +20,7 @@ import numpy as np
 import pymc as pm
 import pytensor
 import pytensor.tensor as pt
+from pytensor.compile.mode import get_mode
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Constant, Variable
 from pytensor.graph.traversal import ancestors, io_toposort
@@ -232,10 +233,20 @@ class ModelAdapter:
         fn = pytensor.function(
             [points, *self.data_inputs.values(), scale],
             [scale * logp_rows, scale * grad_rows],
+            mode=self.compile_mode,
             trust_input=True,
             on_unused_input="ignore",
         )
         return fn
+
+    @property
+    def compile_mode(self):
+        """PyMC's treatment of parameter checks: an invalid parameter gives a -inf log
+        density (not an exception), or no check at all when the model has
+        ``check_bounds=False``."""
+        rewrite = ("local_check_parameter_to_ninf_switch" if self.model.check_bounds
+                   else "local_remove_check_parameter")
+        return get_mode(None).including(rewrite)
 
     # ------------------------------------------------------------------ points
     def initial_point(self) -> np.ndarray:

@@ -83,6 +83,7 @@ class CompiledStep:
         self._fn = pytensor.function(
             [*params, *state, lr, eps, datalogp, datagrad, eps_next],
             [*new_params, *new_state, loss, grad_norm, ok, next_points],
+            mode=adapter.compile_mode,
             trust_input=True,
             on_unused_input="ignore",
         )

@@ -22,6 +22,7 @@ import numpy as np
 from distvi._rng import Stream
 
 DataTerm = Callable[..., list[np.ndarray]]
+OFFSET_BLOCK = 1024
 
 
 class ShardWorker:
@@ -58,6 +59,7 @@ class ShardWorker:
         self.scale = np.array(self.n_rows / self.batch_size, dtype="float64")
         self._stream = Stream(seed, rank + 1)
         self._data_term = data_term
+        self._block, self._offsets = -1, []
         if self.full:
             self.rows = [np.ascontiguousarray(a) for a in arrays]
         else:
@@ -71,7 +73,13 @@ class ShardWorker:
         """The rows of ``step``'s minibatch: a window of the shuffled shard (views, no copy)."""
         if self.full:
             return self.rows
-        start = int(self._stream.integers(self.n_rows, 1, step)[0])
+        block, j = divmod(step, OFFSET_BLOCK)
+        if block != self._block:
+            # offsets for a block of steps in one draw; position-addressed, so identical to
+            # drawing them one step at a time
+            self._offsets = self._stream.integers(self.n_rows, OFFSET_BLOCK, block * OFFSET_BLOCK).tolist()
+            self._block = block
+        start = self._offsets[j]
         stop = start + self.batch_size
         return [a[start:stop] for a in self.rows]
 
