@@ -32,7 +32,7 @@ class Source(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def check_array(name: str, arr: np.ndarray) -> np.ndarray:
+def check_array(name: str, arr: np.ndarray, row_offset: int = 0) -> np.ndarray:
     if arr.ndim == 0:
         raise DataError(f"data array {name!r} is a scalar; arrays need a leading row axis")
     if arr.shape[0] == 0:
@@ -47,7 +47,7 @@ def check_array(name: str, arr: np.ndarray) -> np.ndarray:
         finite = np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
         if not finite.all():
             row = int(np.argmin(finite))
-            raise DataError(f"data array {name!r} has NaN or inf at row {row}")
+            raise DataError(f"data array {name!r} has NaN or inf at row {row + row_offset}")
     return arr
 
 
@@ -94,9 +94,11 @@ class ArraySource:
 
 
 def as_source(data: Any) -> Source:
-    """A :class:`Source` from a source, or a mapping of arrays."""
+    """A :class:`Source` from a source, a mapping of arrays, or the path of a Zarr group."""
     if isinstance(data, Source):
         return data
+    if isinstance(data, str) or hasattr(data, "__fspath__"):
+        return ZarrSource(str(data))
     return ArraySource(data)
 
 
@@ -109,3 +111,164 @@ def shard_bounds(n_rows: int, num_workers: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def _check_dtype(name: str, dtype: np.dtype) -> None:
+    if not (np.issubdtype(dtype, np.number) or dtype == bool):
+        raise DataError(f"data array {name!r} has non-numeric dtype {dtype}")
+
+
+class ZarrSource:
+    """A Zarr group whose arrays share their leading (row) axis.
+
+    The driver reads only metadata; each worker reads its own row range (chunk-aligned
+    shard boundaries read fastest).
+
+    Parameters
+    ----------
+    path
+        A local path or an fsspec URL of the group.
+    arrays
+        Names of the arrays to use (default: every array in the group).
+    """
+
+    def __init__(self, path: str, arrays: list[str] | None = None) -> None:
+        import zarr
+
+        self.path = str(path)
+        try:
+            group = zarr.open_group(self.path, mode="r")
+        except Exception as err:  # zarr raises several types for a missing or bad store
+            raise DataError(f"cannot open Zarr group {self.path!r}: {err}") from None
+        names = sorted(k for k, _ in group.arrays()) if arrays is None else list(arrays)
+        if not names:
+            raise DataError(f"Zarr group {self.path!r} has no arrays")
+        meta = {}
+        for name in names:
+            if name not in group or not hasattr(group[name], "shape"):
+                raise DataError(f"Zarr group {self.path!r} has no array {name!r}")
+            arr = group[name]
+            if len(arr.shape) == 0:
+                raise DataError(f"data array {name!r} is a scalar; arrays need a leading row axis")
+            _check_dtype(name, np.dtype(arr.dtype))
+            meta[name] = (np.dtype(arr.dtype), tuple(arr.shape), tuple(arr.chunks))
+        rows = {k: v[1][0] for k, v in meta.items()}
+        if len(set(rows.values())) != 1:
+            raise DataError(f"Zarr arrays have different row counts: {rows}")
+        if next(iter(rows.values())) == 0:
+            raise DataError("data has no rows")
+        self._meta = meta
+
+    @property
+    def n_rows(self) -> int:
+        return next(iter(self._meta.values()))[1][0]
+
+    @property
+    def chunk_rows(self) -> int:
+        return max(v[2][0] for v in self._meta.values())
+
+    def schema(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        out = {}
+        for k, (dtype, shape, _) in self._meta.items():
+            dtype = np.dtype(np.int8) if dtype == bool else dtype
+            if np.issubdtype(dtype, np.floating) and dtype != np.float32:
+                dtype = np.dtype(np.float64)
+            out[k] = (str(dtype), shape[1:])
+        return out
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        import zarr
+
+        group = zarr.open_group(self.path, mode="r")
+        out = {}
+        for name in self._meta:
+            arr = check_array(name, np.asarray(group[name][start:stop]), row_offset=start)
+            out[name] = arr
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "zarr", "path": self.path, "n_rows": self.n_rows,
+                "arrays": {k: [d, list(s)] for k, (d, s) in self.schema().items()}}
+
+
+class ParquetSource:
+    """Parquet files read as columns -> arrays (through pyarrow).
+
+    Parameters
+    ----------
+    paths
+        One file or a list of files (rows are concatenated in order).
+    columns
+        ``None`` (every column, each its own array), a list of column names, or a mapping
+        ``{array_name: column | [columns]}`` where a list of columns is stacked into a
+        2-D array (rows x columns).
+    """
+
+    def __init__(self, paths: str | list[str], columns: Any = None) -> None:
+        import pyarrow.parquet as pq
+
+        self.paths = [str(p) for p in ([paths] if isinstance(paths, str | bytes) or hasattr(paths, "__fspath__") else paths)]
+        if not self.paths:
+            raise DataError("ParquetSource needs at least one file")
+        self._rows = []
+        schema = None
+        for p in self.paths:
+            try:
+                meta = pq.ParquetFile(p)
+            except Exception as err:
+                raise DataError(f"cannot open Parquet file {p!r}: {err}") from None
+            self._rows.append(meta.metadata.num_rows)
+            schema = schema or meta.schema_arrow
+        available = list(schema.names)
+        if columns is None:
+            mapping = {c: c for c in available}
+        elif isinstance(columns, Mapping):
+            mapping = dict(columns)
+        else:
+            mapping = {c: c for c in columns}
+        for name, cols in mapping.items():
+            for col in [cols] if isinstance(cols, str) else list(cols):
+                if col not in available:
+                    raise DataError(f"Parquet column {col!r} (for array {name!r}) is not in {available}")
+                _check_dtype(col, np.dtype(schema.field(col).type.to_pandas_dtype()))
+        self.columns = mapping
+        if self.n_rows == 0:
+            raise DataError("data has no rows")
+
+    @property
+    def n_rows(self) -> int:
+        return int(sum(self._rows))
+
+    def _arrays(self, table) -> dict[str, np.ndarray]:
+        out = {}
+        for name, cols in self.columns.items():
+            if isinstance(cols, str):
+                out[name] = table.column(cols).to_numpy()
+            else:
+                out[name] = np.column_stack([table.column(c).to_numpy() for c in cols])
+        return out
+
+    def schema(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        sample = self._read_table(0, 1)
+        return {k: (str(check_array(k, v).dtype), v.shape[1:]) for k, v in self._arrays(sample).items()}
+
+    def _read_table(self, start: int, stop: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pieces, offset = [], 0
+        wanted = sorted({c for cols in self.columns.values() for c in ([cols] if isinstance(cols, str) else cols)})
+        for path, rows in zip(self.paths, self._rows):
+            lo, hi = max(start - offset, 0), min(stop - offset, rows)
+            if lo < hi:
+                pieces.append(pq.read_table(path, columns=wanted).slice(lo, hi - lo))
+            offset += rows
+        return pa.concat_tables(pieces)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        arrays = self._arrays(self._read_table(start, stop))
+        return {k: check_array(k, v, row_offset=start) for k, v in arrays.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "parquet", "paths": self.paths, "n_rows": self.n_rows,
+                "columns": self.columns}

@@ -83,7 +83,13 @@ class Inference:
     num_workers
         Number of shards (default 1).
     backend
-        ``"local"`` (default when ``num_workers`` is 1) or ``"ray"``.
+        ``"local"`` (default when ``num_workers`` is 1) or ``"ray"`` (one actor per shard).
+    address
+        The Ray cluster to join (default ``RAY_ADDRESS``; else a local instance is started,
+        and shut down again by :meth:`close`).
+    backend_options
+        For ``"ray"``: ``num_cpus`` per worker (1), ``max_restarts`` (3), ``timeout_s`` per
+        step (300), ``placement_timeout_s`` (60).
     random_seed
         Seeds the run: the driver's draws and every shard's minibatches.
     """
@@ -91,9 +97,16 @@ class Inference:
     def __init__(self, op: type, approx: Approximation, *, model: Any = None, data: Any = None,
                  batch_size: int | None = None, num_workers: int | None = None,
                  backend: str | None = None, address: str | None = None,
-                 random_seed: int | None = None, **op_kwargs: Any) -> None:
+                 random_seed: int | None = None, backend_options: dict | None = None,
+                 **op_kwargs: Any) -> None:
         from distvi.model import adapt
 
+        self.backend_options = dict(backend_options or {})
+        unknown = set(self.backend_options) - {"num_cpus", "max_restarts", "timeout_s",
+                                                "placement_timeout_s", "startup_timeout_s",
+                                                "actor_class"}
+        if unknown:
+            raise TypeError(f"unknown backend_options {sorted(unknown)}")
         self.batch_size = _positive_int("batch_size", batch_size, allow_none=True)
         self.num_workers = _positive_int("num_workers", 1 if num_workers is None else num_workers)
         if backend is None:
@@ -145,9 +158,13 @@ class Inference:
             return cache[n_points]
 
         if self.backend_name == "ray":
-            raise NotImplementedError(
-                "backend='ray' is not available in this version of distvi; use backend='local'"
-            )
+            from distvi.backends.ray import RayBackend, WorkerSpec
+
+            spec = WorkerSpec(adapter.data_term(), None, self.random_seed, self.batch_size,
+                              self._n_mc)
+            self._backend = RayBackend(spec, self.source, self.num_workers, address=self.address,
+                                       **self.backend_options).start()
+            return self._backend
         from distvi.backends.local import LocalBackend
 
         workers = [
@@ -327,7 +344,10 @@ class Inference:
                 datalogp, datagrad = backend.evaluate(points, step)
                 if profile:
                     t2 = clock()
-                    profile.phases["workers"] += t2 - t1
+                    # in-process backends have no transfer; remote ones report compute time
+                    compute = getattr(backend, "last_compute_s", t2 - t1)
+                    profile.phases["workers"] += compute
+                    profile.phases["transfer"] += (t2 - t1) - compute
                 if not constant_lr:
                     lr = np.array(opt.learning_rate_at(opt_step), dtype="float64")
                 new_params, new_state, loss, gnorm, ok, next_points = step_fn(
@@ -463,7 +483,7 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
         random_seed: int | None = None, start: dict | None = None, start_sigma: dict | None = None,
         inf_kwargs: dict | None = None, *, data: Any = None, batch_size: int | None = None,
         num_workers: int | None = None, backend: str | None = None, address: str | None = None,
-        **kwargs: Any) -> Approximation:
+        backend_options: dict | None = None, **kwargs: Any) -> Approximation:
     """Fit an approximation, as ``pymc.fit`` does, on sharded data.
 
     Parameters
@@ -508,7 +528,11 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
             inf_kwargs["start_sigma"] = start_sigma
         inference = METHODS[key](model=model, data=data, batch_size=batch_size,
                                  num_workers=num_workers, backend=backend, address=address,
-                                 random_seed=random_seed, **inf_kwargs)
+                                 random_seed=random_seed, backend_options=backend_options,
+                                 **inf_kwargs)
     else:
         raise TypeError(f"method must be a str or an Inference instance, got {type(method).__name__}")
-    return inference.fit(n, **kwargs)
+    if inference is method:
+        return inference.fit(n, **kwargs)
+    with inference:  # the workers of a one-shot fit are released on exit, error or Ctrl-C
+        return inference.fit(n, **kwargs)

@@ -78,6 +78,49 @@ class DataSchema:
         }
 
 
+def compile_mode(check_bounds: bool):
+    """PyMC's treatment of parameter checks: an invalid parameter gives a -inf log density
+    (not an exception), or no check at all when the model has ``check_bounds=False``."""
+    rewrite = ("local_check_parameter_to_ninf_switch" if check_bounds
+               else "local_remove_check_parameter")
+    return get_mode(None).including(rewrite)
+
+
+def rows_of(graph: Variable, z: Variable, points: Variable, n_points: int):
+    """``graph`` of the flat vector ``z`` evaluated at each row of ``points`` (S, D).
+
+    For one point the plain graph is used: it compiles to faster code than the vectorised one.
+    """
+    if n_points == 1:
+        return pt.shape_padleft(graph_replace(graph, {z: points[0]}, strict=False))
+    return vectorize_graph(graph, {z: points})
+
+
+@dataclass
+class DataTerm:
+    """The data term's graph: ``logp`` of the flat point ``z`` and the minibatch ``inputs``."""
+
+    z: Variable
+    logp: Variable
+    inputs: list
+    check_bounds: bool
+
+    def compile(self, n_points: int) -> Callable:
+        """``f(points[S, D], *rows, scale) -> (scale * datalogp[S], scale * grad[S, D])``."""
+        ndim = self.z.type.shape[0]
+        points = pt.matrix("points", dtype="float64", shape=(n_points, ndim))
+        scale = pt.scalar("scale", dtype="float64")
+        grad = pt.grad(self.logp, self.z) if ndim else pt.zeros((0,))
+        return pytensor.function(
+            [points, *self.inputs, scale],
+            [scale * rows_of(self.logp, self.z, points, n_points),
+             scale * rows_of(grad, self.z, points, n_points)],
+            mode=compile_mode(self.check_bounds),
+            trust_input=True,
+            on_unused_input="ignore",
+        )
+
+
 def _factory_name(factory: Callable) -> str:
     return getattr(factory, "__qualname__", None) or repr(factory)
 
@@ -214,39 +257,22 @@ class ModelAdapter:
         }
 
     def rows_of(self, graph: pt.TensorVariable, points: pt.TensorVariable, n_points: int):
-        """``graph`` of ``z`` evaluated at each row of ``points`` (S, D) -> (S, ...).
+        """``graph`` of ``z`` evaluated at each row of ``points`` (S, D) -> (S, ...)."""
+        return rows_of(graph, self.z, points, n_points)
 
-        For one point the plain graph is used: it compiles to faster code than the
-        vectorised one.
-        """
-        if n_points == 1:
-            return pt.shape_padleft(graph_replace(graph, {self.z: points[0]}, strict=False))
-        return vectorize_graph(graph, {self.z: points})
+    def data_term(self) -> DataTerm:
+        """The data term as a picklable symbolic graph: what a worker compiles. It holds
+        no data (a ready model's arrays were replaced by minibatch inputs)."""
+        return DataTerm(self.z, self.data_logp, list(self.data_inputs.values()),
+                        bool(self.model.check_bounds))
 
     def compile_data_term(self, n_points: int) -> Callable:
         """``f(points[S, D], *rows, scale) -> (scale * datalogp[S], scale * grad[S, D])``."""
-        points = pt.matrix("points", dtype="float64", shape=(n_points, self.ndim))
-        scale = pt.scalar("scale", dtype="float64")
-        grad = pt.grad(self.data_logp, self.z) if self.ndim else pt.zeros((0,))
-        logp_rows = self.rows_of(self.data_logp, points, n_points)
-        grad_rows = self.rows_of(grad, points, n_points)
-        fn = pytensor.function(
-            [points, *self.data_inputs.values(), scale],
-            [scale * logp_rows, scale * grad_rows],
-            mode=self.compile_mode,
-            trust_input=True,
-            on_unused_input="ignore",
-        )
-        return fn
+        return self.data_term().compile(n_points)
 
     @property
     def compile_mode(self):
-        """PyMC's treatment of parameter checks: an invalid parameter gives a -inf log
-        density (not an exception), or no check at all when the model has
-        ``check_bounds=False``."""
-        rewrite = ("local_check_parameter_to_ninf_switch" if self.model.check_bounds
-                   else "local_remove_check_parameter")
-        return get_mode(None).including(rewrite)
+        return compile_mode(bool(self.model.check_bounds))
 
     # ------------------------------------------------------------------ points
     def initial_point(self) -> np.ndarray:

@@ -59,3 +59,16 @@ def logistic_data():
     X = rng.normal(size=(600, 3))
     y = (rng.random(600) < 1 / (1 + np.exp(-(X @ [1.0, -1.0, 0.5] + 0.3)))).astype("int64")
     return {"X": X, "y": y}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (auth off only here, in tests)."""
+    import os
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,229 @@
+"""The Ray backend: one actor per shard, each reading its own rows.
+
+The actor class is a plain :class:`ShardActor` (testable without Ray); ``ray.remote`` is
+applied when the backend starts. The driver keeps no data: an actor reads its row range
+from the source itself (arrays given in memory are put into the object store once per
+shard). A restarted actor re-runs ``__init__``, reloads its shard, and the step is retried;
+minibatches depend only on (seed, rank, step), so the retried step answers exactly what
+the lost one would have.
+
+Plain actor calls are the path used here; results are summed on the driver in rank order,
+so the numbers equal the local backend's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from distvi.data import ArraySource, shard_bounds
+from distvi.worker import ShardWorker
+
+
+class WorkerError(RuntimeError):
+    """A shard worker failed, hung, or could not be started."""
+
+
+@dataclass
+class WorkerSpec:
+    """Everything an actor needs to build its worker (pickled to it once)."""
+
+    data_term: Any          # distvi.model.DataTerm: a symbolic graph, no data
+    source: Any = None      # a Source the actor reads; None when rows come from the object store
+    seed: int = 0
+    batch_size: int | None = None
+    n_points: int = 1       # compiled in __init__ so the first step does not pay for it
+
+
+class ShardActor:
+    """One shard's worker inside an actor process."""
+
+    def __init__(self, spec: WorkerSpec, rank: int, start: int, stop: int, rows: Any = None) -> None:
+        cache: dict[int, Any] = {}
+
+        def data_term(n_points: int):
+            if n_points not in cache:
+                cache[n_points] = spec.data_term.compile(n_points)
+            return cache[n_points]
+
+        if rows is None:
+            rows = spec.source.read(start, stop)
+        self.worker = ShardWorker(rows, rank, spec.seed, spec.batch_size, data_term)
+        ndim = spec.data_term.z.type.shape[0]
+        self.worker.evaluate(np.zeros((spec.n_points, ndim)), 0)
+
+    def evaluate(self, points: np.ndarray, step: int):
+        """The worker's answer and the seconds it computed (the rest of a call is transfer)."""
+        t0 = time.perf_counter()
+        logp, grad = self.worker.evaluate(points, step)
+        return logp, grad, time.perf_counter() - t0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def n_rows(self) -> int:
+        return self.worker.n_rows
+
+
+class RayBackend:
+    """Shard workers as Ray actors, spread over the cluster's nodes.
+
+    Parameters
+    ----------
+    spec
+        What every worker builds from.
+    n_rows, num_workers
+        The shards are ``shard_bounds(n_rows, num_workers)``.
+    address
+        The cluster to join (default: ``RAY_ADDRESS``, else a new local instance).
+    num_cpus
+        CPUs reserved per worker.
+    max_restarts
+        Restarts allowed per worker after it dies.
+    timeout_s
+        Seconds a step may take before the worker is declared hung.
+    placement_timeout_s
+        Seconds to wait for the placement group.
+    startup_timeout_s
+        Seconds a worker may take to load its shard and compile.
+    actor_class
+        The actor's class (a :class:`ShardActor` subclass); for tests and instrumentation.
+    """
+
+    name = "ray"
+
+    def __init__(self, spec: WorkerSpec, source: Any, num_workers: int, address: str | None = None,
+                 num_cpus: float = 1.0, max_restarts: int = 3, timeout_s: float = 300.0,
+                 placement_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
+                 actor_class: type | None = None) -> None:
+        self.spec, self.source, self.k = spec, source, num_workers
+        self.n_rows = source.n_rows
+        self.address = address
+        self.num_cpus, self.max_restarts = float(num_cpus), int(max_restarts)
+        self.timeout_s, self.placement_timeout_s = float(timeout_s), float(placement_timeout_s)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.actor_class = ShardActor if actor_class is None else actor_class
+        self.actors: list = []
+        self._started_ray = False
+        self._pg = None
+        self.last_compute_s = 0.0
+        self._refs: list = []
+
+    @property
+    def num_workers(self) -> int:
+        return self.k
+
+    def start(self) -> RayBackend:
+        """Join or start Ray, place one actor per shard, load the shards."""
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=True)
+                self._started_ray = True
+        try:
+            self._pg = placement_group([{"CPU": self.num_cpus}] * self.k, strategy="SPREAD")
+            ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
+            if not ready:
+                raise WorkerError(
+                    f"could not place {self.k} workers with {self.num_cpus} CPU each within "
+                    f"{self.placement_timeout_s:.0f} s; the cluster has {ray.cluster_resources().get('CPU', 0)} CPUs"
+                )
+            actor_cls = ray.remote(self.actor_class)
+            # in-memory arrays go to the object store once per shard; any other source is
+            # read by the actors themselves (the driver holds only its description)
+            in_memory = isinstance(self.source, ArraySource)
+            spec = WorkerSpec(self.spec.data_term, None if in_memory else self.source,
+                              self.spec.seed, self.spec.batch_size, self.spec.n_points)
+            spec_ref = ray.put(spec)
+            # the driver keeps these references: a restarted actor re-runs __init__ with them
+            self._refs = [spec_ref]
+            for rank, (a, b) in enumerate(shard_bounds(self.n_rows, self.k)):
+                rows = ray.put(self.source.read(a, b)) if in_memory else None
+                self._refs.append(rows)
+                self.actors.append(actor_cls.options(
+                    num_cpus=self.num_cpus,
+                    max_restarts=self.max_restarts,
+                    max_task_retries=-1,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=self._pg, placement_group_bundle_index=rank),
+                ).remote(spec_ref, rank, a, b, rows))
+            # loading a shard and compiling take longer than a step: their own timeout
+            self._get([a.n_rows.remote() for a in self.actors], step=None,
+                      timeout=max(self.timeout_s, self.startup_timeout_s))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _get(self, refs, step: int | None, timeout: float | None = None):
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        timeout = self.timeout_s if timeout is None else timeout
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            hung = [r for r, ref in enumerate(refs) if ref not in ready]
+            what = "start (load the shard and compile)" if step is None else f"answer step {step}"
+            raise WorkerError(f"worker(s) {hung} did not {what} within {timeout:.0f} s") from None
+        except RayActorError as err:
+            raise WorkerError(f"a worker died and could not be restarted (step {step}): {err}") from None
+        except RayTaskError as err:
+            raise WorkerError(f"a worker failed at step {step}: {err.cause!r}") from None
+
+    def evaluate(self, points: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sum over shards, in rank order, of the scaled minibatch answers."""
+        # points are small: passed inline (a ray.put per step doubles the round trip)
+        answers = self._get([a.evaluate.remote(points, step) for a in self.actors], step)
+        logp = np.array(answers[0][0])  # results from Ray are read-only: copy, then add
+        grad = np.array(answers[0][1])
+        for lp, g, _ in answers[1:]:
+            logp += lp
+            grad += g
+        self.last_compute_s = max(a[2] for a in answers)
+        return logp, grad
+
+    def pids(self) -> list[int]:
+        return self._get([a.pid.remote() for a in self.actors], step=None)
+
+    def close(self) -> None:
+        """Stop the actors and the placement group; shut Ray down only if it was started here."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # already gone
+                pass
+        self.actors = []
+        self._refs = []
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+    def __enter__(self) -> RayBackend:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
