@@ -89,7 +89,9 @@ class Inference:
         and shut down again by :meth:`close`).
     backend_options
         For ``"ray"``: ``num_cpus`` per worker (1), ``max_restarts`` (3), ``timeout_s`` per
-        step (300), ``placement_timeout_s`` (60).
+        step (300), ``placement_timeout_s`` (60), ``startup_timeout_s`` (600), ``path``
+        (``"auto"``: a Ray Compiled Graph when it builds, else plain calls; ``"plain"``;
+        ``"compiled"``).
     random_seed
         Seeds the run: the driver's draws and every shard's minibatches.
     """
@@ -104,7 +106,7 @@ class Inference:
         self.backend_options = dict(backend_options or {})
         unknown = set(self.backend_options) - {"num_cpus", "max_restarts", "timeout_s",
                                                 "placement_timeout_s", "startup_timeout_s",
-                                                "actor_class"}
+                                                "actor_class", "path"}
         if unknown:
             raise TypeError(f"unknown backend_options {sorted(unknown)}")
         self.batch_size = _positive_int("batch_size", batch_size, allow_none=True)

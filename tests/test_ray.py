@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 
 def fit(lr, backend, n=120, data=None, method=dv.ADVI, **kw):
+    """A short minibatch fit on two shards."""
     inf = method(model=lr.factory, data=lr.data if data is None else data, batch_size=40,
                  num_workers=2, backend=backend, random_seed=21, **kw)
     with inf:
@@ -35,8 +36,9 @@ def local_run(lr):
     return fit(lr, "local")
 
 
-def test_ray_equals_local_for_the_same_seed_and_shards(lr, local_run):
-    remote = fit(lr, "ray")
+@pytest.mark.parametrize("path", ["plain", "compiled"])
+def test_ray_equals_local_for_the_same_seed_and_shards(lr, local_run, path):
+    remote = fit(lr, "ray", backend_options={"path": path})
     np.testing.assert_allclose(remote.hist, local_run.hist, rtol=1e-10)
     np.testing.assert_allclose(remote.approx.mean, local_run.approx.mean, rtol=1e-10)
 
@@ -49,9 +51,10 @@ def test_ray_equals_local_fullrank_from_zarr(lr, tmp_path):
     np.testing.assert_allclose(remote.approx.cov, local.approx.cov, rtol=1e-10, atol=1e-14)
 
 
-def test_a_killed_worker_changes_nothing(lr, local_run):
+@pytest.mark.parametrize("path", ["plain", "compiled"])
+def test_a_killed_worker_changes_nothing(lr, local_run, path):
     inf = dv.ADVI(model=lr.factory, data=lr.data, batch_size=40, num_workers=2, backend="ray",
-                  random_seed=21)
+                  random_seed=21, backend_options={"path": path})
     killed = []
 
     def kill_worker_one(approx, losses, i):
@@ -64,6 +67,7 @@ def test_a_killed_worker_changes_nothing(lr, local_run):
         inf.fit(120, obj_optimizer=dv.adam(learning_rate=0.05), callbacks=[kill_worker_one],
                 progressbar=False)
         assert inf._backend.pids()[1] != killed[0]  # a new process took over
+        assert inf._backend.compiled == (path == "compiled")  # the graph was rebuilt
     np.testing.assert_array_equal(inf.hist, local_run.hist)
     np.testing.assert_array_equal(inf.approx.mean, local_run.approx.mean)
 
@@ -75,13 +79,14 @@ class HangsAtStepFive(ShardActor):
         return super().evaluate(points, step)
 
 
-def test_a_hung_worker_is_named_and_the_last_good_parameters_kept(lr):
+@pytest.mark.parametrize("path", ["plain", "compiled"])
+def test_a_hung_worker_is_named_and_the_last_good_parameters_kept(lr, path):
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     inf = dv.ADVI(model=lr.factory, data=lr.data, batch_size=40, num_workers=2, backend="ray",
-                  random_seed=21,
-                  backend_options={"timeout_s": 3.0, "actor_class": HangsAtStepFive})
+                  random_seed=21, backend_options={"timeout_s": 3.0, "path": path,
+                                                   "actor_class": HangsAtStepFive})
     seen = []
     with inf, pytest.raises(WorkerError, match=r"worker\(s\) \[1\] did not answer step 5"):
         inf.fit(20, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False,
@@ -95,3 +100,91 @@ def test_placement_that_cannot_be_met_fails_clearly(lr):
                   backend_options={"num_cpus": 8, "placement_timeout_s": 2})
     with pytest.raises(WorkerError, match="could not place 2 workers"):
         inf.fit(5, progressbar=False)
+
+
+def test_exhausted_restarts_give_a_clear_error(lr):
+    inf = dv.ADVI(model=lr.factory, data=lr.data, batch_size=40, num_workers=2, backend="ray",
+                  random_seed=21, backend_options={"max_restarts": 0, "path": "plain"})
+
+    def kill(approx, losses, i):
+        if i == 3:
+            os.kill(inf._backend.pids()[0], signal.SIGKILL)
+
+    with inf, pytest.raises(WorkerError, match="died and could not be restarted"):
+        inf.fit(10, progressbar=False, callbacks=[kill])
+    assert len(inf.hist) == 3 and np.all(np.isfinite(inf.approx.mean))
+
+
+JOIN_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+import distvi as dv
+from conftest import LinearRegression
+lr = LinearRegression(n_rows=300, seed=5)
+inf = dv.ADVI(model=lr.factory, data=lr.data, batch_size=40, num_workers=2, backend="ray",
+              random_seed=21, backend_options={{"num_cpus": 0.5}})
+with inf:
+    inf.fit(120, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False)
+import ray
+print(json.dumps({{"mean": inf.approx.mean.tolist(), "still_connected": ray.is_initialized()}}))
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, deadline_s: float) -> None:
+    import socket
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {deadline_s} s")
+
+
+def test_joins_a_cluster_started_with_ray_start_and_leaves_it_running(lr, local_run, tmp_path):
+    import json
+    import subprocess
+
+    import shutil
+    import tempfile
+
+    port = _free_port()
+    short_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths: <= 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={short_dir}"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        try:
+            _wait_for_port(port, 90)
+        except TimeoutError:
+            raise AssertionError((tmp_path / "head.log").read_text()[-1200:]) from None
+        script = JOIN_SCRIPT.format(tests=os.path.dirname(__file__))
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        np.testing.assert_allclose(result["mean"], local_run.approx.mean, rtol=1e-10)
+        assert head.poll() is None  # the cluster distvi joined is still running
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(short_dir, ignore_errors=True)

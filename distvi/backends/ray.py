@@ -7,14 +7,19 @@ shard). A restarted actor re-runs ``__init__``, reloads its shard, and the step 
 minibatches depend only on (seed, rank, step), so the retried step answers exactly what
 the lost one would have.
 
-Plain actor calls are the path used here; results are summed on the driver in rank order,
-so the numbers equal the local backend's.
+Two paths carry a step, with identical numbers: plain actor calls (the reference) and a
+Ray Compiled Graph (the fast path: shared-memory channels instead of a task per call). With
+``path="auto"`` the graph is built after the workers have compiled (a plain warm-up call),
+and used when it builds; after an actor dies the graph tears itself down, the step is
+retried over plain calls (which wait for the restart), and the graph is rebuilt. Results
+are summed on the driver in rank order, so the numbers equal the local backend's.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +31,10 @@ from distvi.worker import ShardWorker
 
 class WorkerError(RuntimeError):
     """A shard worker failed, hung, or could not be started."""
+
+
+class _GraphTimeout(Exception):
+    """A compiled-graph step did not finish in time."""
 
 
 @dataclass
@@ -92,6 +101,9 @@ class RayBackend:
         Seconds a worker may take to load its shard and compile.
     actor_class
         The actor's class (a :class:`ShardActor` subclass); for tests and instrumentation.
+    path
+        ``"auto"`` (compiled graph when it builds, else plain calls), ``"plain"`` or
+        ``"compiled"`` (fail if the graph cannot be built).
     """
 
     name = "ray"
@@ -99,7 +111,12 @@ class RayBackend:
     def __init__(self, spec: WorkerSpec, source: Any, num_workers: int, address: str | None = None,
                  num_cpus: float = 1.0, max_restarts: int = 3, timeout_s: float = 300.0,
                  placement_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
-                 actor_class: type | None = None) -> None:
+                 actor_class: type | None = None, path: str = "auto") -> None:
+        if path not in ("auto", "plain", "compiled"):
+            raise ValueError(f"path must be 'auto', 'plain' or 'compiled', got {path!r}")
+        self.path = path
+        self._cdag = None
+        self._rebuild = False
         self.spec, self.source, self.k = spec, source, num_workers
         self.n_rows = source.n_rows
         self.address = address
@@ -160,6 +177,8 @@ class RayBackend:
             # loading a shard and compiling take longer than a step: their own timeout
             self._get([a.n_rows.remote() for a in self.actors], step=None,
                       timeout=max(self.timeout_s, self.startup_timeout_s))
+            if self.path != "plain":
+                self._build_graph()
         except BaseException:
             self.close()
             raise
@@ -182,10 +201,66 @@ class RayBackend:
         except RayTaskError as err:
             raise WorkerError(f"a worker failed at step {step}: {err.cause!r}") from None
 
+    # ------------------------------------------------------------------ compiled graph
+    def _build_graph(self) -> None:
+        from ray.dag import InputNode, MultiOutputNode
+
+        try:
+            with InputNode() as inp:
+                dag = MultiOutputNode([a.evaluate.bind(inp[0], inp[1]) for a in self.actors])
+            self._cdag = dag.experimental_compile()
+        except Exception as err:
+            self._cdag = None
+            if self.path == "compiled":
+                raise WorkerError(f"could not build the compiled graph: {err}") from err
+            warnings.warn(f"compiled graph unavailable, using plain actor calls: {err}",
+                          RuntimeWarning, stacklevel=2)
+            self.path = "plain"
+
+    def _teardown_graph(self) -> None:
+        if self._cdag is not None:
+            try:
+                self._cdag.teardown()
+            except Exception:  # an actor already gone takes the graph with it
+                pass
+            self._cdag = None
+
+    def _evaluate_compiled(self, points: np.ndarray, step: int):
+        import ray
+        from ray.exceptions import RayChannelTimeoutError
+
+        refs = self._cdag.execute(points, step)
+        deadline = time.monotonic() + self.timeout_s
+        answers = []
+        for ref in refs:
+            try:
+                answer = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
+            except (RayChannelTimeoutError, TimeoutError):
+                # the graph's outputs arrive together, so the hung worker is not known here;
+                # the caller retries the step over plain calls, which name it (or succeed)
+                raise _GraphTimeout from None
+            # zero-copy views into the graph's channel: copy before the next execution
+            answers.append((np.array(answer[0]), np.array(answer[1]), answer[2]))
+        return answers
+
     def evaluate(self, points: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Sum over shards, in rank order, of the scaled minibatch answers."""
-        # points are small: passed inline (a ray.put per step doubles the round trip)
-        answers = self._get([a.evaluate.remote(points, step) for a in self.actors], step)
+        if self._rebuild and self._cdag is None:
+            self._rebuild = False
+            self._build_graph()
+        answers = None
+        if self._cdag is not None:
+            try:
+                answers = self._evaluate_compiled(points, step)
+            except Exception:
+                # an actor died or hung: the graph is gone; retry this step over plain calls
+                # (they wait for a restart, and name a worker that hangs again) and rebuild
+                # the graph for the next step
+                self._teardown_graph()
+                self._rebuild = True
+        if answers is None:
+            # points are small: passed inline (a ray.put per step doubles the round trip)
+            answers = self._get([a.evaluate.remote(points, step) for a in self.actors], step)
         logp = np.array(answers[0][0])  # results from Ray are read-only: copy, then add
         grad = np.array(answers[0][1])
         for lp, g, _ in answers[1:]:
@@ -195,7 +270,13 @@ class RayBackend:
         return logp, grad
 
     def pids(self) -> list[int]:
+        """The actors' process ids (a plain call: allowed while a compiled graph runs)."""
         return self._get([a.pid.remote() for a in self.actors], step=None)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether steps currently go through the compiled graph."""
+        return self._cdag is not None
 
     def close(self) -> None:
         """Stop the actors and the placement group; shut Ray down only if it was started here."""
@@ -203,6 +284,7 @@ class RayBackend:
 
         if not ray.is_initialized():
             return
+        self._teardown_graph()
         for a in self.actors:
             try:
                 ray.kill(a)
