@@ -69,8 +69,11 @@ class MeanFieldFamily:
     def mean(self, p) -> np.ndarray:
         return p["mu"]
 
+    def var(self, p) -> np.ndarray:
+        return softplus(p["rho"]) ** 2
+
     def cov(self, p) -> np.ndarray:
-        return np.diag(softplus(p["rho"]) ** 2)
+        return np.diag(self.var(p))
 
     def draw_numeric(self, p, eps: np.ndarray, rng) -> np.ndarray:
         return p["mu"] + softplus(p["rho"]) * eps
@@ -142,6 +145,9 @@ class FullRankFamily:
         L = self.L_numeric(p)
         return L @ L.T
 
+    def var(self, p) -> np.ndarray:
+        return np.sum(self.L_numeric(p) ** 2, axis=1)
+
     def draw_numeric(self, p, eps: np.ndarray, rng) -> np.ndarray:
         return p["mu"] + eps @ self.L_numeric(p).T
 
@@ -164,6 +170,9 @@ class EmpiricalFamily:
     def cov(self, p) -> np.ndarray:
         h = p["histogram"]
         return np.atleast_2d(np.cov(h, rowvar=False, bias=True))
+
+    def var(self, p) -> np.ndarray:
+        return p["histogram"].var(axis=0)
 
     def draw_numeric(self, p, eps: np.ndarray, rng) -> np.ndarray:
         h = p["histogram"]
@@ -250,14 +259,15 @@ class Group:
         mean = adapter.flat_from_start(self.start)[self.indices]
         sigma = None
         if self.start_sigma:
-            sigma = softplus(np.zeros(d))
+            # variables not named keep the family's own default spread
+            sigma = np.sqrt(self.family.var(self.family.init(mean, None)))
             offset = {lay.name: i for lay, i in zip(self.layout, np.cumsum([0] + [l.size for l in self.layout]))}
             for key, value in self.start_sigma.items():
                 lay = adapter.var(key)
                 if lay.name not in offset:
                     raise KeyError(f"start_sigma names {key!r}, which is not in this group")
-                s = np.broadcast_to(np.abs(np.asarray(value, dtype="float64")), lay.shape).ravel()
-                if np.any(s <= 0):
+                s = np.broadcast_to(np.asarray(value, dtype="float64"), lay.shape).ravel()
+                if np.any(~(s > 0)):
                     raise ValueError(f"start_sigma for {key!r} must be > 0")
                 sigma[offset[lay.name]:offset[lay.name] + lay.size] = s
         self.params = self.family.init(mean, sigma)
@@ -278,7 +288,6 @@ class Approximation:
         self.groups = list(groups)
         self.model = model
         self.adapter = None
-        self.random_seed: int | None = None
 
     # -------------------------------------------------------------- binding
     def bind(self, adapter) -> None:
@@ -357,7 +366,8 @@ class Approximation:
         parts, offset = [], 0
         for g, p in zip(self.groups, sym):
             if g.vfam == "empirical":
-                raise TypeError("an Empirical group has no reparameterised draws; fit it with SVGD")
+                raise TypeError("an Empirical group has no reparameterised draws (particle "
+                                "methods such as SVGD fit one; they are not in this version)")
             parts.append(g.family.draw(p, eps[:, offset:offset + g.ndim]))
             offset += g.ndim
         z = parts[0] if len(parts) == 1 else pt.concatenate(parts, axis=1)
@@ -399,7 +409,12 @@ class Approximation:
 
     @property
     def std(self) -> ParamArray:
-        return _param(np.sqrt(np.diag(self.cov)))
+        """Standard deviations of q, flat, unconstrained (no D x D matrix for mean-field)."""
+        self._require_bound()
+        v = np.zeros(self.ndim)
+        for g in self.groups:
+            v[g.indices] = g.family.var(g.params)
+        return _param(np.sqrt(v))
 
     def _by_var(self, flat: np.ndarray) -> xr.Dataset:
         ad = self._require_bound()

@@ -37,10 +37,9 @@ def check_array(name: str, arr: np.ndarray, row_offset: int = 0) -> np.ndarray:
         raise DataError(f"data array {name!r} is a scalar; arrays need a leading row axis")
     if arr.shape[0] == 0:
         raise DataError(f"data array {name!r} has no rows")
+    _check_dtype(name, arr.dtype)
     if arr.dtype == bool:
         arr = arr.astype(np.int8)
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise DataError(f"data array {name!r} has non-numeric dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating):
         if arr.dtype != np.float32:
             arr = arr.astype(np.float64, copy=False)
@@ -114,7 +113,8 @@ def shard_bounds(n_rows: int, num_workers: int) -> list[tuple[int, int]]:
 
 
 def _check_dtype(name: str, dtype: np.dtype) -> None:
-    if not (np.issubdtype(dtype, np.number) or dtype == bool):
+    # the same rule as check_array, from the dtype alone (sources check before reading)
+    if not (dtype == bool or np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
         raise DataError(f"data array {name!r} has non-numeric dtype {dtype}")
 
 
@@ -249,10 +249,11 @@ class ParquetSource:
         return out
 
     def schema(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        sample = self._read_table(0, 1)
+        sample = self._read_table(0, 1)  # one row group of the first file, not the data
         return {k: (str(check_array(k, v).dtype), v.shape[1:]) for k, v in self._arrays(sample).items()}
 
     def _read_table(self, start: int, stop: int):
+        """Rows [start, stop), reading only the row groups that overlap them."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -261,7 +262,16 @@ class ParquetSource:
         for path, rows in zip(self.paths, self._rows):
             lo, hi = max(start - offset, 0), min(stop - offset, rows)
             if lo < hi:
-                pieces.append(pq.read_table(path, columns=wanted).slice(lo, hi - lo))
+                f = pq.ParquetFile(path)
+                groups, first, at = [], None, 0
+                for g in range(f.num_row_groups):
+                    n = f.metadata.row_group(g).num_rows
+                    if at < hi and at + n > lo:
+                        groups.append(g)
+                        first = at if first is None else first
+                    at += n
+                table = f.read_row_groups(groups, columns=wanted)
+                pieces.append(table.slice(lo - first, hi - lo))
             offset += rows
         return pa.concat_tables(pieces)
 

@@ -18,9 +18,8 @@ from distvi import optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
 from distvi.approximations import Approximation, FullRank, MeanField
 from distvi.operators import KL
-from distvi.step import CompiledStep, DriverState, StepInfo
+from distvi.step import CompiledStep, DriverState
 
-DEFAULT_OPTIMIZER_DOC = "adam(learning_rate=0.01)"
 DRAW_BLOCK = 256
 BACKENDS = ("local", "ray")
 
@@ -33,6 +32,23 @@ def default_optimizer() -> optimizers.Optimizer:
     data term is in full-data units.
     """
     return optimizers.adam(learning_rate=0.01)
+
+
+def _check_backend_options(options: dict | None) -> dict:
+    options = dict(options or {})
+    unknown = set(options) - {"num_cpus", "max_restarts", "timeout_s", "placement_timeout_s",
+                              "startup_timeout_s", "actor_class", "path"}
+    if unknown:
+        raise TypeError(f"unknown backend_options {sorted(unknown)}")
+    for key in ("num_cpus", "timeout_s", "placement_timeout_s", "startup_timeout_s"):
+        if key in options and not (isinstance(options[key], int | float) and options[key] > 0):
+            raise ValueError(f"backend_options[{key!r}] must be a number > 0, got {options[key]!r}")
+    if "max_restarts" in options and not (isinstance(options["max_restarts"], int)
+                                          and options["max_restarts"] >= 0):
+        raise ValueError(f"backend_options['max_restarts'] must be an int >= 0, got {options['max_restarts']!r}")
+    if options.get("path", "auto") not in ("auto", "plain", "compiled"):
+        raise ValueError(f"backend_options['path'] must be 'auto', 'plain' or 'compiled', got {options['path']!r}")
+    return options
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -103,12 +119,7 @@ class Inference:
                  **op_kwargs: Any) -> None:
         from distvi.model import adapt
 
-        self.backend_options = dict(backend_options or {})
-        unknown = set(self.backend_options) - {"num_cpus", "max_restarts", "timeout_s",
-                                                "placement_timeout_s", "startup_timeout_s",
-                                                "actor_class", "path"}
-        if unknown:
-            raise TypeError(f"unknown backend_options {sorted(unknown)}")
+        self.backend_options = _check_backend_options(backend_options)
         self.batch_size = _positive_int("batch_size", batch_size, allow_none=True)
         self.num_workers = _positive_int("num_workers", 1 if num_workers is None else num_workers)
         if backend is None:
@@ -124,12 +135,15 @@ class Inference:
             raise ValueError(
                 f"num_workers={self.num_workers} is more than the {self.source.n_rows} rows of data"
             )
+        self.objective = op(approx, **op_kwargs)  # checks its arguments before any binding
         if approx.adapter is None:
             approx.bind(adapter)
+        elif [(v.name, v.shape) for v in approx.adapter.layout] != [(v.name, v.shape) for v in adapter.layout]:
+            raise ValueError("the approximation was fitted to a model with other free variables")
+        else:
+            approx.adapter = adapter
         approx.model = model
-        approx.random_seed = self.random_seed
         self.approx = approx
-        self.objective = op(approx, **op_kwargs)
         self.hist = np.zeros(0)
         self.state: DriverState | None = None
         self._optimizer: optimizers.Optimizer | None = None
@@ -149,15 +163,10 @@ class Inference:
         if self._backend is not None:
             return self._backend
         from distvi.data import shard_bounds
-        from distvi.worker import ShardWorker
+        from distvi.worker import ShardWorker, compiled_by_points
 
         adapter = self.approx.adapter
-        cache: dict[int, Callable] = {}
-
-        def data_term(n_points: int):
-            if n_points not in cache:
-                cache[n_points] = adapter.compile_data_term(n_points)
-            return cache[n_points]
+        data_term = compiled_by_points(adapter.data_term())
 
         if self.backend_name == "ray":
             from distvi.backends.ray import RayBackend, WorkerSpec
@@ -190,30 +199,32 @@ class Inference:
 
     # ---------------------------------------------------------------- configuration
     def _configure(self, obj_n_mc: int, obj_optimizer, total_grad_norm_constraint, kwargs) -> None:
+        """Check every fit setting, then set them together (a bad one changes nothing)."""
         unsupported = {"tf_n_mc", "test_optimizer", "more_obj_params", "more_tf_params",
                        "more_updates", "more_replacements", "fn_kwargs"}
         for key in kwargs:
             if key in unsupported:
                 raise TypeError(f"fit() keyword {key!r} is not supported by distvi's {type(self).__name__}")
             raise TypeError(f"fit() got an unexpected keyword argument {key!r}")
-        self._n_mc = _positive_int("obj_n_mc", obj_n_mc)
+        n_mc = _positive_int("obj_n_mc", obj_n_mc)
         opt = default_optimizer() if obj_optimizer is None else obj_optimizer
         if not isinstance(opt, optimizers.Optimizer):
             raise TypeError(
                 "obj_optimizer must be an optimizer made without arguments, e.g. "
                 f"distvi.adam(learning_rate=0.01); got {type(opt).__name__}"
             )
-        self._optimizer = opt
+        max_norm = None
         if total_grad_norm_constraint is not None:
-            value = float(total_grad_norm_constraint)
-            if not value > 0 or not np.isfinite(value):
+            max_norm = float(total_grad_norm_constraint)
+            if not max_norm > 0 or not np.isfinite(max_norm):
                 raise ValueError(f"total_grad_norm_constraint must be > 0, got {total_grad_norm_constraint}")
-            self._max_norm = value
-        else:
-            self._max_norm = None
+        self._n_mc, self._optimizer, self._max_norm = n_mc, opt, max_norm
 
     def _compiled(self) -> CompiledStep:
-        key = (self._n_mc, id(self._optimizer), self._max_norm)
+        # keyed by what the compiled graph depends on (an optimizer is a frozen name +
+        # hyperparameters; a schedule enters as an input, so it is not part of the key)
+        hyper = tuple(sorted((k, v) for k, v in self._optimizer.hyper.items() if k != "learning_rate"))
+        key = (self._n_mc, self._optimizer.name, hyper, self._max_norm)
         if key not in self._steps:
             self._steps[key] = CompiledStep(self.approx, self.objective, self._optimizer,
                                             self._n_mc, self._max_norm)
@@ -444,11 +455,9 @@ class KLqp(Inference):
     def __init__(self, approx: Approximation, beta: float = 1.0, stl: bool = False, **kwargs: Any) -> None:
         for g in approx.groups:
             if g.vfam == "empirical":
-                raise TypeError("KLqp cannot fit an Empirical group (no density); use SVGD")
+                raise TypeError("KLqp cannot fit an Empirical group: it has no density (particle "
+                                "methods such as SVGD fit one; they are not in this version)")
         super().__init__(KL, approx, beta=beta, stl=stl, **kwargs)
-
-
-_DATA_KEYS = ("model", "data", "batch_size", "num_workers", "backend", "address", "random_seed")
 
 
 def _split(kwargs: dict) -> tuple[dict, dict]:
@@ -519,6 +528,14 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
     n = Inference._check_n(n)
     inf_kwargs = dict(inf_kwargs or {})
     if isinstance(method, Inference):
+        given = {k: v for k, v in dict(model=model, random_seed=random_seed, start=start,
+                                        start_sigma=start_sigma, inf_kwargs=inf_kwargs or None,
+                                        data=data, batch_size=batch_size, num_workers=num_workers,
+                                        backend=backend, address=address,
+                                        backend_options=backend_options).items() if v is not None}
+        if given:
+            raise TypeError(f"method is an Inference instance, which already has its settings; "
+                            f"{sorted(given)} would be ignored")
         inference = method
     elif isinstance(method, str):
         key = method.lower()

@@ -26,6 +26,7 @@ from pytensor.graph.basic import Constant, Variable
 from pytensor.graph.traversal import ancestors, io_toposort
 from pytensor.tensor.basic import Alloc
 from pytensor.graph.replace import graph_replace, vectorize_graph
+from pytensor.graph.rewriting.utils import rewrite_graph
 from pytensor.tensor.shape import SpecifyShape
 
 from distvi.data import check_array
@@ -73,7 +74,7 @@ class DataSchema:
 
     def inputs(self) -> dict[str, pt.TensorVariable]:
         return {
-            name: pt.tensor(name=name, dtype=dtype, shape=(None, *(None for _ in trailing)))
+            name: pt.tensor(name=name, dtype=dtype, shape=(None, *trailing))
             for name, dtype, trailing in self.columns
         }
 
@@ -141,6 +142,14 @@ class ModelAdapter:
         self.model = model
         self.data_inputs = data_inputs
         row_vars = set(replace) | set(data_inputs.values())
+        for obs in model.observed_RVs:
+            # PyMC would scale by total_size / B and the worker again by N_k / B_k
+            if "MinibatchRandomVariable" in type(obs.owner.op).__name__ or getattr(
+                    obs.tag, "total_size", None) is not None:
+                raise ModelError(
+                    f"observed variable {obs.name!r} uses pm.Minibatch/total_size: give distvi the "
+                    "full data, it draws and scales the minibatches itself"
+                )
         self._check_free_rvs(row_vars)
 
         point = model.initial_point()
@@ -196,14 +205,6 @@ class ModelAdapter:
         """
         if not model.observed_RVs:
             raise ModelError("the model has no observed variables: there is no data to shard")
-        for obs in model.observed_RVs:
-            if getattr(obs.tag, "total_size", None) is not None or "MinibatchRandomVariable" in str(
-                type(obs.owner.op)
-            ):
-                raise ModelError(
-                    f"observed variable {obs.name!r} uses pm.Minibatch/total_size: give distvi the "
-                    "full data, it draws and scales the minibatches itself"
-                )
         values = [model.rvs_to_values[o] for o in model.observed_RVs]
         rows = {int(_value_of(v).shape[0]) for v in values if _value_of(v).ndim >= 1}
         if len(rows) != 1:
@@ -228,8 +229,16 @@ class ModelAdapter:
                 name = f"{name}_{i}"
             seen.add(name)
             arr = check_array(name, np.asarray(_value_of(v)))
-            inp = pt.tensor(name=name, dtype=arr.dtype, shape=(None, *(None for _ in arr.shape[1:])))
+            inp = pt.tensor(name=name, dtype=arr.dtype, shape=(None, *arr.shape[1:]))
             arrays[name], replace[v], inputs[name] = arr, inp, inp
+        for rv in model.free_RVs:
+            shape = model.initial_point()[model.rvs_to_values[rv].name].shape
+            if n_rows > 1 and n_rows in shape:
+                raise ModelError(
+                    f"free variable {rv.name!r} has a dimension of length {n_rows}, the number of "
+                    "rows; distvi fits global parameters only (their number must not grow with "
+                    "the rows)"
+                )
         return cls(model, inputs, replace), arrays
 
     # ------------------------------------------------------------------ checks
@@ -242,7 +251,10 @@ class ModelAdapter:
                     "here needs continuous free variables"
                 )
             params = [i for i in rv.owner.inputs if not isinstance(i.type, pt.random.type.RandomType)]
-            if row_vars and any(_depends_on(p, row_vars) for p in params):
+            # a trailing dimension of the data (data["X"].shape[1]) is static: folding the
+            # graph removes it, while the row count or data values stay
+            if row_vars and any(_depends_on(p, row_vars) and _depends_on(
+                    rewrite_graph(p, include=("fast_run",)), row_vars) for p in params):
                 raise ModelError(
                     f"free variable {rv.name!r} has a size or parameters that depend on the data "
                     "rows; distvi fits global parameters only (their number must not grow with "

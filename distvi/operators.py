@@ -31,8 +31,6 @@ class KL:
         term whose expectation is zero. Lower variance as q approaches the posterior.
     """
 
-    returns_loss = True
-
     def __init__(self, approx, beta: float = 1.0, stl: bool = False) -> None:
         beta = float(beta)
         if not beta > 0 or beta != beta or beta == float("inf"):
@@ -42,7 +40,7 @@ class KL:
         self.stl = bool(stl)
 
     def objective(self, params, eps, datalogp, datagrad, prior_rows):
-        """Symbolic (loss, surrogate, points) for one step.
+        """Symbolic (loss, surrogate) for one step.
 
         ``prior_rows(points)`` gives the prior term at each point; ``datalogp`` (S,) and
         ``datagrad`` (S, D) are the summed worker answers at ``points``. The gradient of
@@ -61,4 +59,4 @@ class KL:
         data_surrogate = pt.sum(points * datagrad) / n_points
         loss = -data_value + self.beta * (logq - varlogp)
         surrogate = -data_surrogate + self.beta * (logq - varlogp)
-        return loss, surrogate, points
+        return loss, surrogate

@@ -36,13 +36,6 @@ class DriverState(NamedTuple):
     draw_position: int
 
 
-class StepInfo(NamedTuple):
-    """Per-step diagnostics (not state)."""
-
-    loss: float
-    grad_norm: float
-
-
 class CompiledStep:
     """The compiled pure step for one (approximation, operator, optimizer, obj_n_mc, clip).
 
@@ -70,7 +63,7 @@ class CompiledStep:
         def prior_rows(points):
             return adapter.rows_of(adapter.prior_logp, points, n_mc)
 
-        loss, surrogate, _ = operator.objective(params, eps, datalogp, datagrad, prior_rows)
+        loss, surrogate = operator.objective(params, eps, datalogp, datagrad, prior_rows)
         grads = pt.grad(surrogate, params)
         grad_norm = pt.sqrt(sum(pt.sum(g**2) for g in grads))
         if max_norm is not None:

@@ -88,3 +88,15 @@ class ShardWorker:
         fn = self._data_term(points.shape[0])
         logp, grad = fn(points, *self.minibatch(step), self.scale)
         return logp, grad
+
+
+def compiled_by_points(data_term) -> Callable[[int], DataTerm]:
+    """``f(n_points)``: the data term compiled once per number of points, then reused."""
+    cache: dict[int, DataTerm] = {}
+
+    def get(n_points: int) -> DataTerm:
+        if n_points not in cache:
+            cache[n_points] = data_term.compile(n_points)
+        return cache[n_points]
+
+    return get

@@ -60,14 +60,15 @@ def test_zarr_nan_is_reported_with_the_global_row(tmp_path, arrays):
 def test_parquet_source_maps_columns_to_arrays(tmp_path, arrays):
     table = pa.table({"a": arrays["X"][:, 0], "b": arrays["X"][:, 1], "c": arrays["X"][:, 2],
                       "y": arrays["y"]})
-    pq.write_table(table.slice(0, 120), tmp_path / "p0.parquet")
+    pq.write_table(table.slice(0, 120), tmp_path / "p0.parquet", row_group_size=50)
     pq.write_table(table.slice(120), tmp_path / "p1.parquet")
     src = ParquetSource([tmp_path / "p0.parquet", tmp_path / "p1.parquet"],
                         columns={"X": ["a", "b", "c"], "y": "y"})
     assert src.n_rows == 250
-    part = src.read(100, 150)  # spans both files
-    np.testing.assert_array_equal(part["X"], arrays["X"][100:150])
-    np.testing.assert_array_equal(part["y"], arrays["y"][100:150])
+    for a, b in [(100, 150), (60, 70), (0, 250)]:  # across files and row groups
+        part = src.read(a, b)
+        np.testing.assert_array_equal(part["X"], arrays["X"][a:b])
+        np.testing.assert_array_equal(part["y"], arrays["y"][a:b])
 
 
 def test_parquet_errors_name_the_problem(tmp_path, arrays):

@@ -297,3 +297,15 @@ def test_nan_during_fit_names_step_and_keeps_last_finite_state(linreg):
     assert np.all(np.isfinite(inference.hist))
     assert np.all(np.isfinite(approx.mean)) and np.all(np.isfinite(approx.std))
     np.testing.assert_array_equal(approx.mean, tracker["mean"][-1])
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"num_cpu": 1}, TypeError, "unknown backend_options"),
+    ({"num_cpus": 0}, ValueError, "num_cpus"),
+    ({"max_restarts": -1}, ValueError, "max_restarts"),
+    ({"path": "fast"}, ValueError, "path"),
+])
+def test_bad_backend_options_are_refused_at_construction(linreg, options, error, match):
+    with pytest.raises(error, match=match):
+        dv.ADVI(model=linreg.factory, data=linreg.data, backend="ray", num_workers=2,
+                backend_options=options)

@@ -99,11 +99,13 @@ def test_full_batch_one_shard_equals_four_shards(linreg):
 
 def test_refine_equals_one_longer_fit(linreg):
     opt = dv.adam(learning_rate=0.05)
+    # 300 + 1000 crosses the blocks in which normals (256 steps) and minibatch offsets
+    # (1024 steps) are drawn
     split = dv.ADVI(model=linreg.factory, data=linreg.data, batch_size=30, random_seed=4)
-    split.fit(150, obj_optimizer=opt, progressbar=False)
-    split.refine(100, progressbar=False)
+    split.fit(300, obj_optimizer=opt, progressbar=False)
+    split.refine(1000, progressbar=False)
     whole = dv.ADVI(model=linreg.factory, data=linreg.data, batch_size=30, random_seed=4)
-    whole.fit(250, obj_optimizer=opt, progressbar=False)
+    whole.fit(1300, obj_optimizer=opt, progressbar=False)
     np.testing.assert_array_equal(split.hist, whole.hist)
     np.testing.assert_array_equal(split.approx.mean, whole.approx.mean)
 
@@ -187,3 +189,24 @@ def test_run_profiling_reports_phases_and_leaves_the_fit_alone(linreg):
     assert prof.phases["workers"] > 0 and prof.phases["update"] > 0
     np.testing.assert_array_equal(inf.approx.mean, mean)
     np.testing.assert_array_equal(inf.hist, hist)
+
+
+def test_a_bad_fit_setting_changes_nothing(linreg):
+    inf = _short_fit(linreg)
+    before = (inf._optimizer, inf._n_mc, inf._max_norm)
+    with pytest.raises(ValueError, match="total_grad_norm_constraint"):
+        inf.fit(10, obj_optimizer=dv.sgd(learning_rate=0.1), obj_n_mc=3,
+                total_grad_norm_constraint=0)
+    assert (inf._optimizer, inf._n_mc, inf._max_norm) == before
+    inf.refine(5, progressbar=False)  # still the adam state of the first fit
+
+
+def test_fit_with_an_inference_refuses_settings_it_would_ignore(linreg):
+    inf = dv.ADVI(model=linreg.factory, data=linreg.data)
+    with pytest.raises(TypeError, match="random_seed"):
+        dv.fit(10, method=inf, random_seed=3)
+
+
+def test_std_equals_the_square_root_of_the_covariance_diagonal(exact_fullrank):
+    approx = exact_fullrank.approx
+    np.testing.assert_allclose(approx.std, np.sqrt(np.diag(approx.cov)), rtol=1e-12)

@@ -112,3 +112,37 @@ def test_start_takes_constrained_and_unconstrained_names(adapted):
     np.testing.assert_allclose(flat, [1.0, 2.0, 3.0, 0.0, np.log(2.0)])
     flat = adapted.flat_from_start({"s_log__": 0.5})
     assert flat[4] == 0.5
+
+
+def test_a_size_from_a_trailing_data_dimension_is_global(logistic_data):
+    def factory(data):
+        with pm.Model() as m:
+            w = pm.Normal("w", 0.0, 1.0, shape=data["X"].shape[1])
+            pm.Bernoulli("y", logit_p=data["X"] @ w, observed=data["y"])
+        return m
+
+    ad = ModelAdapter.from_factory(factory, DataSchema.of(logistic_data))
+    assert ad.layout[0].shape == (3,)
+
+
+def test_total_size_in_a_factory_is_refused(logistic_data):
+    from distvi.model import ModelError
+
+    def factory(data):
+        with pm.Model() as m:
+            w = pm.Normal("w", 0.0, 1.0, shape=3)
+            pm.Bernoulli("y", logit_p=data["X"] @ w, observed=data["y"], total_size=600)
+        return m
+
+    with pytest.raises(ModelError, match="'y' uses pm.Minibatch/total_size"):
+        ModelAdapter.from_factory(factory, DataSchema.of(logistic_data))
+
+
+def test_ready_model_with_a_per_row_free_variable_is_refused(logistic_data):
+    from distvi.model import ModelError
+
+    with pm.Model() as ready:
+        z = pm.Normal("z", 0.0, 1.0, shape=600)
+        pm.Normal("y", z, 1.0, observed=logistic_data["X"][:, 0])
+    with pytest.raises(ModelError, match="'z' has a dimension of length 600"):
+        ModelAdapter.from_model(ready)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from distvi.data import ArraySource, shard_bounds
-from distvi.worker import ShardWorker
+from distvi.worker import ShardWorker, compiled_by_points
 
 
 class WorkerError(RuntimeError):
@@ -52,13 +52,7 @@ class ShardActor:
     """One shard's worker inside an actor process."""
 
     def __init__(self, spec: WorkerSpec, rank: int, start: int, stop: int, rows: Any = None) -> None:
-        cache: dict[int, Any] = {}
-
-        def data_term(n_points: int):
-            if n_points not in cache:
-                cache[n_points] = spec.data_term.compile(n_points)
-            return cache[n_points]
-
+        data_term = compiled_by_points(spec.data_term)
         if rows is None:
             rows = spec.source.read(start, stop)
         self.worker = ShardWorker(rows, rank, spec.seed, spec.batch_size, data_term)
@@ -140,6 +134,8 @@ class RayBackend:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        if self.actors:  # already started
+            return self
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS")
             if address:

@@ -1,0 +1,196 @@
+"""Ray backend benchmarks: per-step overhead, compute scaling, driver memory.
+
+Three measurements (each prints a Markdown table; ratios are taken within one run):
+
+overhead
+    A tiny model (2 coefficients, 64 rows per shard, full shard per step): seconds per step
+    for 1, 2 and 4 workers on the local backend, on Ray with plain actor calls, and on Ray
+    with a compiled graph.
+scaling
+    Logistic regression, N x D from a Zarr store written once under ``--workdir``, batch of
+    ``--batch`` rows per worker per step: rows per second for 1 and 2 workers.
+memory
+    Peak RSS of the driver process (a fresh subprocess per size) for the scaling job with
+    10,000 and with ``--rows`` rows in the Zarr store: the driver reads only metadata.
+
+Usage
+-----
+    .venv/bin/python benchmarks/bench_ray.py overhead
+    .venv/bin/python benchmarks/bench_ray.py scaling --rows 2000000 --dim 100 --batch 20000
+    .venv/bin/python benchmarks/bench_ray.py memory --rows 2000000 --dim 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local benchmark cluster, loopback only
+
+
+def tiny_factory(data):
+    import pymc as pm
+
+    with pm.Model() as m:
+        w = pm.Normal("w", 0.0, 1.0, shape=2)
+        pm.Normal("y", data["X"] @ w, 1.0, observed=data["y"])
+    return m
+
+
+def logistic_factory(data):
+    import pymc as pm
+
+    d = data["X"].type.shape[1]
+    with pm.Model() as m:
+        w = pm.Normal("w", 0.0, 1.0, shape=d)
+        pm.Bernoulli("y", logit_p=data["X"] @ w, observed=data["y"])
+    return m
+
+
+def seconds_per_step(inference, n: int) -> float:
+    import distvi as dv
+
+    inference.fit(20, obj_optimizer=dv.adam(learning_rate=0.01), progressbar=False)  # warm
+    t0 = time.perf_counter()
+    inference.refine(n, progressbar=False)
+    return (time.perf_counter() - t0) / n
+
+
+def overhead(args) -> dict:
+    import ray
+
+    import distvi as dv
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rows = {}
+    for k in (1, 2, 4):
+        rng = np.random.default_rng(k)
+        X = rng.normal(size=(64 * k, 2))
+        data = {"X": X, "y": X @ [1.0, -1.0] + rng.normal(size=64 * k)}
+        row = {}
+        for name, backend, opts in [("local", "local", None),
+                                    ("ray plain", "ray", {"path": "plain", "num_cpus": 0.5}),
+                                    ("ray compiled", "ray", {"path": "compiled", "num_cpus": 0.5})]:
+            inf = dv.ADVI(model=tiny_factory, data=data, num_workers=k, backend=backend,
+                          random_seed=1, backend_options=opts)
+            with inf:
+                row[name] = seconds_per_step(inf, args.steps)
+        rows[k] = row
+        print(f"# {k} worker(s): " + ", ".join(f"{n} {1e3 * v:.2f} ms" for n, v in row.items()),
+              file=sys.stderr)
+    ray.shutdown()
+    print("\n| workers | local ms/step | ray plain ms/step | ray compiled ms/step | plain/compiled |")
+    print("|---:|---:|---:|---:|---:|")
+    for k, r in rows.items():
+        print(f"| {k} | {1e3 * r['local']:.3f} | {1e3 * r['ray plain']:.3f} | "
+              f"{1e3 * r['ray compiled']:.3f} | {r['ray plain'] / r['ray compiled']:.2f}x |")
+    return {"overhead_s_per_step": rows}
+
+
+def write_zarr(path: Path, rows: int, dim: int, chunk_rows: int = 10_000) -> str:
+    import zarr
+
+    if (path / "zarr.json").exists():
+        g = zarr.open_group(str(path), mode="r")
+        if g["X"].shape == (rows, dim):
+            return str(path)
+    g = zarr.open_group(str(path), mode="w")
+    X = g.create_array("X", shape=(rows, dim), chunks=(chunk_rows, dim), dtype="float64")
+    y = g.create_array("y", shape=(rows,), chunks=(chunk_rows,), dtype="int64")
+    w = np.random.default_rng(0).normal(0.0, 0.3, dim)
+    for start in range(0, rows, chunk_rows):
+        stop = min(start + chunk_rows, rows)
+        rng = np.random.default_rng(start)
+        block = rng.normal(size=(stop - start, dim))
+        X[start:stop] = block
+        y[start:stop] = (rng.random(stop - start) < 1 / (1 + np.exp(-block @ w))).astype("int64")
+    return str(path)
+
+
+def scaling(args) -> dict:
+    import ray
+
+    import distvi as dv
+
+    path = write_zarr(Path(args.workdir) / f"logreg_{args.rows}x{args.dim}.zarr", args.rows, args.dim)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    out = {}
+    for k in (1, 2):
+        inf = dv.ADVI(model=logistic_factory, data=dv.data.ZarrSource(path), batch_size=args.batch,
+                      num_workers=k, backend="ray", random_seed=1,
+                      backend_options={"num_cpus": 1, "path": "plain"})
+        with inf:
+            s = seconds_per_step(inf, args.steps)
+        out[k] = {"s_per_step": s, "rows_per_s": k * args.batch / s}
+        print(f"# {k} worker(s): {1e3 * s:.1f} ms/step, {k * args.batch / s:,.0f} rows/s", file=sys.stderr)
+    ray.shutdown()
+    ratio = out[2]["rows_per_s"] / out[1]["rows_per_s"]
+    print(f"\n| workers | ms/step | rows/s |\n|---:|---:|---:|")
+    for k, r in out.items():
+        print(f"| {k} | {1e3 * r['s_per_step']:.1f} | {r['rows_per_s']:,.0f} |")
+    print(f"\n2 vs 1 worker throughput: {ratio:.2f}x")
+    return {"scaling": out, "ratio": ratio}
+
+
+def memory_child(path: str, steps: int, batch: int) -> None:
+    import ray
+
+    import distvi as dv
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    inf = dv.ADVI(model=logistic_factory, data=dv.data.ZarrSource(path), batch_size=batch,
+                  num_workers=2, backend="ray", random_seed=1, backend_options={"num_cpus": 1})
+    with inf:
+        inf.fit(steps, progressbar=False)
+    ray.shutdown()
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory(args) -> dict:
+    out = {}
+    for rows in (10_000, args.rows):
+        path = write_zarr(Path(args.workdir) / f"logreg_{rows}x{args.dim}.zarr", rows, args.dim)
+        res = subprocess.run([sys.executable, __file__, "memory-child", path, str(args.steps),
+                              str(min(args.batch, rows // 2))],
+                             capture_output=True, text=True, check=True)
+        out[rows] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        print(f"# {rows:,} rows: driver peak RSS {out[rows]:.0f} MB", file=sys.stderr)
+    small, large = out[10_000], out[args.rows]
+    print(f"\n| rows in the store | driver peak RSS MB |\n|---:|---:|")
+    for rows, mb in out.items():
+        print(f"| {rows:,} | {mb:.0f} |")
+    print(f"\ndifference: {large - small:+.0f} MB")
+    return {"peak_rss_mb": out}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "memory-child":
+        memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["overhead", "scaling", "memory"])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rows", type=int, default=2_000_000)
+    ap.add_argument("--dim", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=20_000)
+    ap.add_argument("--workdir", default="benchmarks/data")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    result = {"overhead": overhead, "scaling": scaling, "memory": memory}[args.what](args)
+    result["date"] = time.strftime("%Y-%m-%d")
+    out = Path(args.out or f"benchmarks/results/ray_{args.what}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
