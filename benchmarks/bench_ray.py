@@ -126,10 +126,12 @@ def scaling(args) -> dict:
     for k in (1, 2):
         inf = dv.ADVI(model=logistic_factory, data=dv.data.ZarrSource(path), batch_size=args.batch,
                       num_workers=k, backend="ray", random_seed=1,
-                      backend_options={"num_cpus": 1, "path": "plain"})
+                      backend_options={"num_cpus": 1})
         with inf:
             s = seconds_per_step(inf, args.steps)
-        out[k] = {"s_per_step": s, "rows_per_s": k * args.batch / s}
+            chosen = {"path": inf._backend.path, "compute_s": inf._backend.compute_s}
+        out[k] = {"s_per_step": s, "rows_per_s": k * args.batch / s, **chosen}
+        print(f"# {k} worker(s): path {chosen}", file=sys.stderr)
         print(f"# {k} worker(s): {1e3 * s:.1f} ms/step, {k * args.batch / s:,.0f} rows/s", file=sys.stderr)
     ray.shutdown()
     ratio = out[2]["rows_per_s"] / out[1]["rows_per_s"]

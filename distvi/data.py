@@ -92,6 +92,11 @@ class ArraySource:
                 "arrays": {k: [d, list(s)] for k, (d, s) in self.schema().items()}}
 
 
+def source_bounds(source: Source, num_workers: int) -> list[tuple[int, int]]:
+    """The shards of a source: chunk-aligned where the source has chunks."""
+    return shard_bounds(source.n_rows, num_workers, getattr(source, "chunk_rows", 1))
+
+
 def as_source(data: Any) -> Source:
     """A :class:`Source` from a source, a mapping of arrays, or the path of a Zarr group."""
     if isinstance(data, Source):
@@ -101,8 +106,15 @@ def as_source(data: Any) -> Source:
     return ArraySource(data)
 
 
-def shard_bounds(n_rows: int, num_workers: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` row ranges of near-equal size (the first ones one row longer)."""
+def shard_bounds(n_rows: int, num_workers: int, align: int = 1) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` row ranges of near-equal size.
+
+    With ``align`` > 1 (a Zarr store's chunk rows) the inner boundaries are multiples of it,
+    so each worker reads whole chunks, as long as every shard still gets at least one chunk.
+    """
+    if align > 1 and n_rows // align >= num_workers:
+        chunks = shard_bounds(-(-n_rows // align), num_workers)
+        return [(a * align, min(b * align, n_rows)) for a, b in chunks]
     base, extra = divmod(n_rows, num_workers)
     bounds, start = [], 0
     for k in range(num_workers):

@@ -106,8 +106,8 @@ class Inference:
     backend_options
         For ``"ray"``: ``num_cpus`` per worker (1), ``max_restarts`` (3), ``timeout_s`` per
         step (300), ``placement_timeout_s`` (60), ``startup_timeout_s`` (600), ``path``
-        (``"auto"``: a Ray Compiled Graph when it builds, else plain calls; ``"plain"``;
-        ``"compiled"``).
+        (``"auto"``: a Ray Compiled Graph when steps compute for under 2 ms, else plain
+        actor calls; ``"plain"``; ``"compiled"``).
     random_seed
         Seeds the run: the driver's draws and every shard's minibatches.
     """
@@ -162,7 +162,7 @@ class Inference:
     def _ensure_backend(self):
         if self._backend is not None:
             return self._backend
-        from distvi.data import shard_bounds
+        from distvi.data import source_bounds
         from distvi.worker import ShardWorker, compiled_by_points
 
         adapter = self.approx.adapter
@@ -180,7 +180,7 @@ class Inference:
 
         workers = [
             ShardWorker(self.source.read(a, b), rank, self.random_seed, self.batch_size, data_term)
-            for rank, (a, b) in enumerate(shard_bounds(self.source.n_rows, self.num_workers))
+            for rank, (a, b) in enumerate(source_bounds(self.source, self.num_workers))
         ]
         self._backend = LocalBackend(workers)
         return self._backend

@@ -33,6 +33,12 @@ def test_shard_bounds_are_contiguous_and_near_equal():
     assert bounds == [(0, 3), (3, 6), (6, 8), (8, 10)]
 
 
+def test_shard_bounds_follow_chunks_when_they_can():
+    assert shard_bounds(250, 2, align=100) == [(0, 200), (200, 250)]
+    assert shard_bounds(1000, 3, align=100) == [(0, 400), (400, 700), (700, 1000)]
+    assert shard_bounds(150, 2, align=100) == [(0, 75), (75, 150)]  # too few chunks: rows
+
+
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_sum_over_shards_equals_full_data_gradient(adapter, logistic_data, k):
     points = np.random.default_rng(0).normal(size=(3, adapter.ndim))
