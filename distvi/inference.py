@@ -8,6 +8,7 @@ summed data term at the points, run the compiled pure step. The state between st
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,6 +152,7 @@ class Inference:
         self._n_mc = 1
         self._max_norm: float | None = None
         self._backend = None
+        self._finalizer = None
         self._draws = Stream(self.random_seed, DRIVER_STREAM)
 
     # ---------------------------------------------------------------- resources
@@ -175,6 +177,8 @@ class Inference:
                               self._n_mc)
             self._backend = RayBackend(spec, self.source, self.num_workers, address=self.address,
                                        **self.backend_options).start()
+            # an Inference dropped without close() still releases its actors
+            self._finalizer = weakref.finalize(self, self._backend.close)
             return self._backend
         from distvi.backends.local import LocalBackend
 
@@ -187,6 +191,9 @@ class Inference:
 
     def close(self) -> None:
         """Release the backend's workers."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         if self._backend is not None:
             self._backend.close()
             self._backend = None

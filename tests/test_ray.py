@@ -188,3 +188,20 @@ def test_joins_a_cluster_started_with_ray_start_and_leaves_it_running(lr, local_
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
         shutil.rmtree(short_dir, ignore_errors=True)
+
+
+def test_an_inference_dropped_without_close_releases_its_actors(lr):
+    import gc
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    inf = dv.ADVI(model=lr.factory, data=lr.data, num_workers=2, backend="ray",
+                  backend_options={"num_cpus": 0.5})
+    inf.fit(2, progressbar=False)
+    actors = list(inf._backend.actors)
+    del inf
+    gc.collect()
+    for actor in actors:
+        with pytest.raises(RayActorError):
+            ray.get(actor.pid.remote(), timeout=60)
