@@ -454,10 +454,11 @@ class Approximation:
 
         self._require_bound()
         pts = np.atleast_2d(np.asarray(points, dtype="float64"))
-        z = pt.matrix("z")
-        ins = [pt.tensor(dtype="float64", shape=np.shape(v)) for v in self.params_values]
-        fn = pytensor.function([z, *ins], self.symbolic_logq(ins, z))
-        return fn(pts, *self.params_values)
+        if getattr(self, "_logq_fn", None) is None:  # compiled once; parameters are inputs
+            z = pt.matrix("z")
+            ins = [pt.tensor(dtype="float64", shape=np.shape(v)) for v in self.params_values]
+            self._logq_fn = pytensor.function([z, *ins], self.symbolic_logq(ins, z))
+        return self._logq_fn(pts, *self.params_values)
 
     def sample(self, draws: int = 500, random_seed: int | None = None,
                return_inferencedata: bool = True, include_transformed: bool = False):

@@ -32,17 +32,31 @@ class Source(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def stored_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype distvi keeps: bool as int8, floats other than float32 as float64."""
+    dtype = np.dtype(dtype)
+    if dtype == bool:
+        return np.dtype(np.int8)
+    if np.issubdtype(dtype, np.floating) and dtype != np.float32:
+        return np.dtype(np.float64)
+    return dtype
+
+
+def _check_rows(rows: dict[str, int]) -> None:
+    if len(set(rows.values())) != 1:
+        raise DataError(f"data arrays have different row counts: {rows}")
+    if next(iter(rows.values())) == 0:
+        raise DataError("data has no rows")
+
+
 def check_array(name: str, arr: np.ndarray, row_offset: int = 0) -> np.ndarray:
     if arr.ndim == 0:
         raise DataError(f"data array {name!r} is a scalar; arrays need a leading row axis")
     if arr.shape[0] == 0:
         raise DataError(f"data array {name!r} has no rows")
     _check_dtype(name, arr.dtype)
-    if arr.dtype == bool:
-        arr = arr.astype(np.int8)
+    arr = arr.astype(stored_dtype(arr.dtype), copy=False)
     if np.issubdtype(arr.dtype, np.floating):
-        if arr.dtype != np.float32:
-            arr = arr.astype(np.float64, copy=False)
         finite = np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
         if not finite.all():
             row = int(np.argmin(finite))
@@ -70,11 +84,7 @@ class ArraySource:
             if not isinstance(name, str) or not name.isidentifier():
                 raise DataError(f"data array name {name!r} must be a valid identifier")
             checked[name] = check_array(name, np.asarray(value))
-        rows = {name: a.shape[0] for name, a in checked.items()}
-        if len(set(rows.values())) != 1:
-            raise DataError(f"data arrays have different row counts: {rows}")
-        if next(iter(rows.values())) == 0:
-            raise DataError("data has no rows")
+        _check_rows({name: a.shape[0] for name, a in checked.items()})
         self.arrays = checked
 
     @property
@@ -164,11 +174,7 @@ class ZarrSource:
                 raise DataError(f"data array {name!r} is a scalar; arrays need a leading row axis")
             _check_dtype(name, np.dtype(arr.dtype))
             meta[name] = (np.dtype(arr.dtype), tuple(arr.shape), tuple(arr.chunks))
-        rows = {k: v[1][0] for k, v in meta.items()}
-        if len(set(rows.values())) != 1:
-            raise DataError(f"Zarr arrays have different row counts: {rows}")
-        if next(iter(rows.values())) == 0:
-            raise DataError("data has no rows")
+        _check_rows({k: v[1][0] for k, v in meta.items()})
         self._meta = meta
 
     @property
@@ -180,13 +186,7 @@ class ZarrSource:
         return max(v[2][0] for v in self._meta.values())
 
     def schema(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        out = {}
-        for k, (dtype, shape, _) in self._meta.items():
-            dtype = np.dtype(np.int8) if dtype == bool else dtype
-            if np.issubdtype(dtype, np.floating) and dtype != np.float32:
-                dtype = np.dtype(np.float64)
-            out[k] = (str(dtype), shape[1:])
-        return out
+        return {k: (str(stored_dtype(dtype)), shape[1:]) for k, (dtype, shape, _) in self._meta.items()}
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         import zarr
