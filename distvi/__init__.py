@@ -9,11 +9,15 @@ from distvi.approximations import MeanField
 from distvi.callbacks import CheckParametersConvergence
 from distvi.callbacks import Tracker
 from distvi.inference import ADVI
+from distvi.inference import ASVGD
 from distvi.inference import FullRankADVI
+from distvi.inference import ImplicitGradient
 from distvi.inference import Inference
 from distvi.inference import KLqp
+from distvi.inference import SVGD
 from distvi.inference import fit
 from distvi.operators import KL
+from distvi.operators import KSD
 from distvi.optimizers import adadelta
 from distvi.optimizers import adagrad
 from distvi.optimizers import adagrad_window
@@ -28,21 +32,30 @@ from distvi.optimizers import rmsprop
 from distvi.optimizers import sgd
 from distvi.optimizers import total_norm_constraint
 from distvi.results import sample_approx
+from distvi.stein import RBF
+from distvi.stein import Stein
+from distvi.stein import rbf
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADVI",
+    "ASVGD",
     "Approximation",
     "CheckParametersConvergence",
     "Empirical",
     "FullRank",
     "FullRankADVI",
     "Group",
+    "ImplicitGradient",
     "Inference",
     "KL",
     "KLqp",
+    "KSD",
     "MeanField",
+    "RBF",
+    "SVGD",
+    "Stein",
     "Tracker",
     "adadelta",
     "adagrad",
@@ -56,6 +69,7 @@ __all__ = [
     "momentum",
     "nesterov_momentum",
     "norm_constraint",
+    "rbf",
     "rmsprop",
     "sample_approx",
     "sgd",

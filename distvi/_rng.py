@@ -14,6 +14,8 @@ import numpy as np
 from scipy.special import ndtri
 
 DRIVER_STREAM = 0
+# workers use stream rank + 1; initial particle jitter has its own stream
+INIT_STREAM = 2**31
 
 
 def fresh_seed() -> int:

@@ -153,16 +153,47 @@ class FullRankFamily:
 
 
 class EmpiricalFamily:
-    """A set of draws (``histogram``: T x d); q is their empirical distribution."""
+    """A set of draws or particles (``histogram``: T x d); q is their empirical distribution.
+
+    Without given draws, ``size`` particles start at the group's start point plus normal
+    noise of standard deviation ``jitter``, drawn from ``random_seed`` (None: fresh entropy).
+    """
 
     name = "empirical"
     param_names = ("histogram",)
+
+    def __init__(self, size: int | None = None, jitter: float = 1.0,
+                 random_seed: int | None = None) -> None:
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int | np.integer):
+                raise TypeError(f"size must be an int, got {type(size).__name__}")
+            if size < 1:
+                raise ValueError(f"size must be >= 1, got {size}")
+        jitter_ok = not isinstance(jitter, bool) and isinstance(jitter, int | float | np.integer | np.floating)
+        if not jitter_ok:
+            raise TypeError(f"jitter must be a number, got {type(jitter).__name__}")
+        if not (jitter >= 0 and np.isfinite(jitter)):
+            raise ValueError(f"jitter must be a finite number >= 0, got {jitter}")
+        from distvi._rng import check_seed
+
+        self.size = None if size is None else int(size)
+        self.jitter = float(jitter)
+        self.seed = check_seed(random_seed)
 
     def param_shapes(self, d: int) -> dict:
         return {"histogram": (None, d)}
 
     def init(self, mean, sigma):
-        raise ValueError("an Empirical group needs its draws: pass params={'histogram': ...}")
+        if self.size is None:
+            raise ValueError("an Empirical group needs its draws (params={'histogram': ...}) or a size")
+        from distvi._rng import INIT_STREAM, Stream
+
+        noise = Stream(self.seed, INIT_STREAM).normal((self.size, mean.shape[0]), 0)
+        return {"histogram": mean[None, :] + self.jitter * noise}
+
+    def draw(self, p, eps):
+        # the particles are the points (eps is not used)
+        return p["histogram"]
 
     def mean(self, p) -> np.ndarray:
         return p["histogram"].mean(axis=0)
@@ -204,6 +235,9 @@ class Group:
     start, start_sigma
         Initial mean (constrained values by variable name, or unconstrained by value-variable
         name) and initial standard deviations (unconstrained space, by variable name).
+    options
+        For ``"empirical"``: ``size`` (particles), ``jitter`` (their initial spread around
+        ``start``) and ``random_seed``.
     """
 
     def __init__(
@@ -213,10 +247,15 @@ class Group:
         params: Mapping[str, Any] | None = None,
         start: Mapping[str, Any] | None = None,
         start_sigma: Mapping[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> None:
         if vfam not in FAMILIES:
             raise KeyError(f"unknown vfam {vfam!r}; valid: {sorted(FAMILIES)}")
-        self.family = FAMILIES[vfam]()
+        try:
+            self.family = FAMILIES[vfam](**dict(options or {}))
+        except TypeError as err:
+            raise TypeError(f"options {sorted(options or {})} do not apply to a {vfam} group "
+                            f"(empirical takes size, jitter, random_seed): {err}") from None
         self.names = None if group is None else [getattr(v, "name", v) for v in group]
         if self.names is not None and not all(isinstance(n, str) for n in self.names):
             raise TypeError("group must list variables or their names")
@@ -288,6 +327,7 @@ class Approximation:
         self.groups = list(groups)
         self.model = model
         self.adapter = None
+        self.source = None  # the data it is fitted to (set by the Inference)
 
     # -------------------------------------------------------------- binding
     def bind(self, adapter) -> None:
@@ -350,6 +390,47 @@ class Approximation:
     def ndim(self) -> int:
         return self._require_bound().ndim
 
+    @property
+    def all_histograms(self) -> bool:
+        """Whether every group is Empirical (the points are then the particles)."""
+        return all(g.vfam == "empirical" for g in self.groups)
+
+    @property
+    def joint_histogram(self) -> np.ndarray:
+        """The particles of an all-Empirical approximation, (T, D) in the model's flat order."""
+        self._require_bound()
+        if not self.all_histograms:
+            raise TypeError("joint_histogram needs every group to be Empirical")
+        sizes = {g.params["histogram"].shape[0] for g in self.groups}
+        if len(sizes) != 1:
+            raise ValueError(f"Empirical groups hold different numbers of draws: {sorted(sizes)}")
+        out = np.empty((sizes.pop(), self.ndim))
+        for g in self.groups:
+            out[:, g.indices] = g.params["histogram"]
+        return out
+
+    @property
+    def histogram(self) -> np.ndarray:
+        """The particles (T, D), as PyMC's ``Empirical.histogram``."""
+        return self.joint_histogram
+
+    def full_logp_and_grad(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Log density of the model over all its data, and its gradient, at flat points (S, D).
+
+        Evaluated in this process (the data is read here): for inspection, e.g.
+        :class:`~distvi.stein.Stein`; fits evaluate the data term on their workers.
+        """
+        ad = self._require_bound()
+        source = getattr(self, "source", None)
+        if source is None:
+            raise RuntimeError("the approximation has no data attached: fit it, or build it "
+                               "with data=...")
+        pts = np.ascontiguousarray(np.atleast_2d(np.asarray(points, dtype="float64")))
+        rows = source.read(0, source.n_rows)
+        logp, grad = ad.data_term().compile(pts.shape[0])(pts, *rows.values(), np.array(1.0))
+        plogp, pgrad = ad.compile_prior_term(pts.shape[0])(pts)
+        return logp + plogp, grad + pgrad
+
     def param_names_flat(self) -> list[str]:
         """Variable names for each flat coordinate (for error messages)."""
         ad = self._require_bound()
@@ -361,13 +442,11 @@ class Approximation:
 
     # -------------------------------------------------------------- symbolic (driver step)
     def symbolic_points(self, params: Sequence, eps):
-        """Draws (S, D) in the model's flat order from symbolic params and standard normals."""
+        """Draws (S, D) in the model's flat order from symbolic params and standard normals
+        (for Empirical groups: their particles)."""
         sym = self._group_params(params)
         parts, offset = [], 0
         for g, p in zip(self.groups, sym):
-            if g.vfam == "empirical":
-                raise TypeError("an Empirical group has no reparameterised draws (particle "
-                                "methods such as SVGD fit one; they are not in this version)")
             parts.append(g.family.draw(p, eps[:, offset:offset + g.ndim]))
             offset += g.ndim
         z = parts[0] if len(parts) == 1 else pt.concatenate(parts, axis=1)
@@ -511,13 +590,27 @@ def FullRank(**kwargs) -> Approximation:
     return Approximation([Group(None, vfam="full_rank", **kwargs)], model=model)
 
 
-def Empirical(trace: Any, model: Any = None, data: Any = None) -> Approximation:
-    """An approximation made of draws: ``trace`` is InferenceData (posterior group) or a dict
-    of arrays with a leading draw axis, keyed by variable names (constrained values) or
-    value-variable names (unconstrained)."""
+def Empirical(trace: Any = None, size: int | None = None, jitter: float = 1.0,
+              start: Mapping[str, Any] | None = None, model: Any = None,
+              random_seed: int | None = None, data: Any = None) -> Approximation:
+    """An approximation made of draws or particles.
+
+    Either ``trace``: InferenceData (posterior group) or a dict of arrays with a leading draw
+    axis, keyed by variable names (constrained values) or value-variable names
+    (unconstrained); or ``size`` particles at ``start`` (default: the model's initial point)
+    plus normal noise of sd ``jitter`` drawn from ``random_seed``, as SVGD starts them.
+    """
+    if trace is None:
+        if size is None:
+            raise ValueError("Empirical needs a trace or a size")
+        group = Group(None, vfam="empirical", start=start,
+                      options={"size": size, "jitter": jitter, "random_seed": random_seed})
+        return Approximation([group], model=model)
+    if size is not None:
+        raise ValueError("give Empirical a trace or a size, not both")
     from distvi.model import adapt
 
-    adapter, _ = adapt(model, data)
+    adapter, source = adapt(model, data)
     if hasattr(trace, "posterior"):
         post = trace.posterior
         values = {k: np.asarray(post[k]).reshape(-1, *post[k].shape[2:]) for k in post.data_vars}
@@ -544,4 +637,5 @@ def Empirical(trace: Any, model: Any = None, data: Any = None) -> Approximation:
                 flat[:, lay.slice] = unc[:, lay.slice]
     approx = Approximation([Group(None, vfam="empirical", params={"histogram": flat})], model=model)
     approx.bind(adapter)
+    approx.source = source
     return approx

@@ -7,6 +7,7 @@ summed data term at the points, run the compiled pure step. The state between st
 
 from __future__ import annotations
 
+import inspect
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -17,9 +18,10 @@ import numpy as np
 
 from distvi import optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
-from distvi.approximations import Approximation, FullRank, MeanField
-from distvi.operators import KL
-from distvi.step import CompiledStep, DriverState
+from distvi.approximations import Approximation, Empirical, FullRank, MeanField
+from distvi.operators import KL, KSD
+from distvi.stein import RBF, as_kernel, particle_bounds
+from distvi.step import CompiledStep, DriverState, SteinStep
 
 DRAW_BLOCK = 256
 BACKENDS = ("local", "ray")
@@ -136,6 +138,10 @@ class Inference:
             raise ValueError(
                 f"num_workers={self.num_workers} is more than the {self.source.n_rows} rows of data"
             )
+        accepted = set(inspect.signature(op).parameters) - {"approx"}
+        for key in op_kwargs:
+            if key not in accepted:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
         self.objective = op(approx, **op_kwargs)  # checks its arguments before any binding
         if approx.adapter is None:
             approx.bind(adapter)
@@ -144,6 +150,7 @@ class Inference:
         else:
             approx.adapter = adapter
         approx.model = model
+        approx.source = self.source
         self.approx = approx
         self.hist = np.zeros(0)
         self.state: DriverState | None = None
@@ -174,7 +181,7 @@ class Inference:
             from distvi.backends.ray import RayBackend, WorkerSpec
 
             spec = WorkerSpec(adapter.data_term(), None, self.random_seed, self.batch_size,
-                              self._n_mc)
+                              self._points_per_step())
             self._backend = RayBackend(spec, self.source, self.num_workers, address=self.address,
                                        **self.backend_options).start()
             # an Inference dropped without close() still releases its actors
@@ -188,6 +195,10 @@ class Inference:
         ]
         self._backend = LocalBackend(workers)
         return self._backend
+
+    def _points_per_step(self) -> int:
+        """How many points the workers evaluate per step."""
+        return self._n_mc
 
     def close(self) -> None:
         """Release the backend's workers."""
@@ -333,7 +344,7 @@ class Inference:
         backend = self._ensure_backend()
         step_fn = self._compiled()
         opt = self._optimizer
-        D, S = self.approx.ndim, self._n_mc
+        D, S = self.approx.ndim, step_fn.n_draw
         per_draw = S * D
         st = self.state
         params, opt_state = st.params, st.opt_state
@@ -371,9 +382,12 @@ class Inference:
                 if not constant_lr:
                     lr = np.array(opt.learning_rate_at(opt_step), dtype="float64")
                 new_params, new_state, loss, gnorm, ok, next_points = step_fn(
-                    params, opt_state, lr, eps, datalogp, datagrad, eps_next)
+                    params, opt_state, lr, eps, points, datalogp, datagrad, eps_next)
                 if profile:
-                    profile.phases["update"] += clock() - t2
+                    kernel_s = getattr(step_fn, "last_kernel_s", 0.0)
+                    profile.phases["update"] += clock() - t2 - kernel_s
+                    if kernel_s:
+                        profile.phases["kernel"] = profile.phases.get("kernel", 0.0) + kernel_s
                 if not ok:
                     self._raise_not_finite(step, points, datalogp, datagrad, new_params)
                 params, opt_state, points, eps = new_params, new_state, next_points, eps_next
@@ -462,8 +476,8 @@ class KLqp(Inference):
     def __init__(self, approx: Approximation, beta: float = 1.0, stl: bool = False, **kwargs: Any) -> None:
         for g in approx.groups:
             if g.vfam == "empirical":
-                raise TypeError("KLqp cannot fit an Empirical group: it has no density (particle "
-                                "methods such as SVGD fit one; they are not in this version)")
+                raise TypeError("KLqp cannot fit an Empirical group: it has no density (fit "
+                                "particles with SVGD)")
         super().__init__(KL, approx, beta=beta, stl=stl, **kwargs)
 
 
@@ -494,7 +508,129 @@ class FullRankADVI(KLqp):
         super().__init__(FullRank(**family), beta=beta, stl=stl, **rest)
 
 
-METHODS: dict[str, type[Inference]] = {"advi": ADVI, "fullrank_advi": FullRankADVI}
+# n^2 D of the kernel work above which the shard workers compute phi by slices of particles:
+# below it the round trip costs more than the work (measured: benchmarks/bench_svgd.py)
+SHARD_KERNEL_ABOVE = 1e8
+
+
+class ImplicitGradient(Inference):
+    """Inference whose update direction is given by an operator rather than a loss's gradient.
+
+    The base of :class:`SVGD` and :class:`ASVGD`: the workers return the summed, scaled data
+    term's gradient at the points, the driver adds the prior's, and the Stein direction
+    ``phi`` (see :mod:`distvi.stein`) moves the points, the particles themselves or, through
+    the chain rule, the parameters of a parametric approximation.
+
+    Parameters
+    ----------
+    approx
+        An all-Empirical approximation (particles) or a reparameterisable one (mean-field,
+        full-rank groups).
+    estimator
+        The operator (:class:`~distvi.operators.KSD`).
+    kernel
+        The kernel class or instance (default :class:`~distvi.stein.RBF`).
+    shard_kernel_above
+        With several workers, the kernel work (n points, dimension D) is split across the
+        workers by slices of points when ``n * n * D`` is at least this (default 1e8);
+        ``0`` always splits it, ``float("inf")`` never does. The numbers do not depend on it
+        beyond rounding.
+    **kwargs
+        ``temperature`` (for KSD) and the data keywords of :class:`Inference`.
+    """
+
+    def __init__(self, approx: Approximation, estimator: type = KSD, kernel: Any = RBF,
+                 shard_kernel_above: float = SHARD_KERNEL_ABOVE, **kwargs: Any) -> None:
+        if not (isinstance(estimator, type) and issubclass(estimator, KSD)):
+            raise TypeError(f"estimator must be distvi.KSD (or a subclass), got {estimator!r}")
+        self.kernel = as_kernel(kernel)
+        if isinstance(shard_kernel_above, bool) or not isinstance(shard_kernel_above, int | float):
+            raise TypeError(f"shard_kernel_above must be a number, got {type(shard_kernel_above).__name__}")
+        if not shard_kernel_above >= 0:
+            raise ValueError(f"shard_kernel_above must be >= 0, got {shard_kernel_above}")
+        self.shard_kernel_above = float(shard_kernel_above)
+        kinds = {g.vfam == "empirical" for g in approx.groups}
+        if len(kinds) > 1:
+            raise TypeError("an approximation for Stein methods is either all Empirical groups "
+                            "(particles) or none (draws from q); this one mixes them")
+        super().__init__(estimator, approx, **kwargs)
+        self.kernel_sharded: bool | None = None
+
+    def _points_per_step(self) -> int:
+        if self.approx.all_histograms:
+            return self.approx.joint_histogram.shape[0]
+        return self._n_mc
+
+    def _compiled(self) -> SteinStep:
+        hyper = tuple(sorted((k, v) for k, v in self._optimizer.hyper.items() if k != "learning_rate"))
+        n = self._points_per_step()
+        key = ("stein", n, self._optimizer.name, hyper, self._max_norm)
+        if key not in self._steps:
+            self._steps[key] = SteinStep(self.approx, self.objective, self._optimizer, n,
+                                         self._max_norm, self.kernel, self._kernel_rows)
+        return self._steps[key]
+
+    def _kernel_rows(self, points: np.ndarray, grads: np.ndarray, h: float, temperature: float,
+                     H: np.ndarray):
+        n, d = points.shape
+        k = self._backend.num_workers
+        self.kernel_sharded = k > 1 and n >= k and n * n * d >= self.shard_kernel_above
+        if not self.kernel_sharded:
+            return self.kernel.phi_rows(points, grads, h, temperature, H=H)
+        parts = self._backend.stein_rows(self.kernel, points, grads, h, temperature,
+                                         particle_bounds(n, k))
+        return np.concatenate(parts, axis=0)
+
+
+class SVGD(ImplicitGradient):
+    """Stein variational gradient descent: ``n_particles`` particles moved by the Stein direction.
+
+    As PyMC's ``SVGD``, plus minibatches (the direction uses the workers' summed, scaled
+    gradient) and a seeded start: the particles begin at ``start`` (default the model's
+    initial point) plus normal noise of sd ``jitter`` drawn from ``random_seed``. The
+    approximation is :func:`~distvi.approximations.Empirical` over the particles.
+
+    ``hist`` records the mean over particles of the negative log density (full-data units);
+    KSD has no loss of its own.
+    """
+
+    def __init__(self, n_particles: int = 100, jitter: float = 1, model: Any = None,
+                 start: dict | None = None, random_seed: int | None = None, estimator: type = KSD,
+                 kernel: Any = RBF, **kwargs: Any) -> None:
+        if isinstance(n_particles, bool) or not isinstance(n_particles, int | np.integer):
+            raise TypeError(f"n_particles must be an int, got {type(n_particles).__name__}")
+        if n_particles < 2:
+            raise ValueError(f"n_particles must be >= 2 (the kernel needs pairs), got {n_particles}")
+        seed = check_seed(random_seed)
+        approx = Empirical(size=int(n_particles), jitter=jitter, start=start, random_seed=seed)
+        super().__init__(approx, estimator=estimator, kernel=kernel, model=model,
+                         random_seed=seed, **kwargs)
+
+
+class ASVGD(ImplicitGradient):
+    """Amortized SVGD: a parametric approximation (default :func:`FullRank`) whose draws are
+    moved along the Stein direction; ``fit`` draws ``obj_n_mc=500`` points per step.
+
+    As in PyMC, the starting point belongs to the approximation: ``start`` is refused here
+    (use ``approx=FullRank(start=...)``).
+    """
+
+    def __init__(self, approx: Approximation | None = None, estimator: type = KSD,
+                 kernel: Any = RBF, **kwargs: Any) -> None:
+        for key in ("start", "start_sigma"):
+            if key in kwargs:
+                raise TypeError(f"ASVGD() got an unexpected keyword argument {key!r}: give the "
+                                f"approximation its start, e.g. approx=FullRank({key}=...)")
+        super().__init__(FullRank() if approx is None else approx, estimator=estimator,
+                         kernel=kernel, **kwargs)
+
+    def fit(self, n: int = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,
+            progressbar: bool = True, *, obj_n_mc: int = 500, **kwargs: Any) -> Approximation:
+        return super().fit(n, score, callbacks, progressbar, obj_n_mc=obj_n_mc, **kwargs)
+
+
+METHODS: dict[str, type[Inference]] = {"advi": ADVI, "fullrank_advi": FullRankADVI,
+                                       "svgd": SVGD, "asvgd": ASVGD}
 
 
 def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
@@ -509,7 +645,8 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
     n
         Number of steps.
     method
-        ``"advi"``, ``"fullrank_advi"``, or an :class:`Inference` instance.
+        ``"advi"``, ``"fullrank_advi"``, ``"svgd"``, ``"asvgd"``, or an :class:`Inference`
+        instance.
     model
         A factory ``model(data) -> pm.Model``, a ready ``pm.Model``, or ``None`` for the
         model on the context stack.

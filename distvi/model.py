@@ -282,6 +282,16 @@ class ModelAdapter:
         """``f(points[S, D], *rows, scale) -> (scale * datalogp[S], scale * grad[S, D])``."""
         return self.data_term().compile(n_points)
 
+    def compile_prior_term(self, n_points: int) -> Callable:
+        """``f(points[S, D]) -> (varlogp[S], grad[S, D])``: the prior term at each point."""
+        points = pt.matrix("points", dtype="float64", shape=(n_points, self.ndim))
+        grad = pt.grad(self.prior_logp, self.z) if self.ndim else pt.zeros((0,))
+        return pytensor.function(
+            [points], [self.rows_of(self.prior_logp, points, n_points),
+                       self.rows_of(grad, points, n_points)],
+            mode=self.compile_mode, trust_input=True, on_unused_input="ignore",
+        )
+
     @property
     def compile_mode(self):
         return compile_mode(bool(self.model.check_bounds))

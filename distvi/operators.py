@@ -60,3 +60,32 @@ class KL:
         loss = -data_value + self.beta * (logq - varlogp)
         surrogate = -data_surrogate + self.beta * (logq - varlogp)
         return loss, surrogate
+
+
+class KSD:
+    """Kernelized Stein discrepancy: the operator of Stein variational gradient descent.
+
+    It has no loss: the update moves each point along the Stein direction ``phi`` (see
+    :mod:`distvi.stein`). For particles (an Empirical approximation) the parameters are the
+    points; for a parametric approximation (ASVGD) ``phi`` at the drawn points is carried to
+    the parameters by the chain rule.
+
+    Parameters
+    ----------
+    approx
+        The approximation.
+    temperature
+        Divides the density part of ``phi``; > 1 spreads the particles more.
+    """
+
+    def __init__(self, approx, temperature: float = 1) -> None:
+        from distvi.stein import check_temperature
+
+        self.approx = approx
+        self.temperature = check_temperature(temperature)
+
+    @staticmethod
+    def surrogate(points, phi):
+        """Its gradient with respect to the parameters is minus ``phi`` pulled back through
+        the points (``phi`` is an input, held constant)."""
+        return -pt.sum(points * phi)

@@ -8,6 +8,7 @@ Everything that changes during a run is in :class:`DriverState`, plain arrays an
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -39,8 +40,9 @@ class DriverState(NamedTuple):
 class CompiledStep:
     """The compiled pure step for one (approximation, operator, optimizer, obj_n_mc, clip).
 
-    ``__call__(params, opt_state, lr, eps, datalogp, datagrad, eps_next)`` returns
-    ``(new_params, new_opt_state, loss, grad_norm, ok, next_points)``.
+    ``__call__(params, opt_state, lr, eps, points, datalogp, datagrad, eps_next)`` returns
+    ``(new_params, new_opt_state, loss, grad_norm, ok, next_points)``; ``n_draw`` is the
+    number of normal rows a step draws.
     """
 
     def __init__(self, approx, operator, optimizer: Optimizer, n_mc: int,
@@ -49,6 +51,7 @@ class CompiledStep:
         D = adapter.ndim
         shapes = [np.shape(v) for v in approx.params_values]
         self.n_params = len(shapes)
+        self.n_draw = n_mc
         params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
         state0 = optimizer.init(shapes)
         self.n_state = len(state0)
@@ -89,8 +92,87 @@ class CompiledStep:
         """The points for ``eps`` at ``params``."""
         return self._draw(*params, eps)
 
-    def __call__(self, params, opt_state, lr: np.ndarray, eps, datalogp, datagrad, eps_next):
+    def __call__(self, params, opt_state, lr: np.ndarray, eps, points, datalogp, datagrad, eps_next):
         out = self._fn(*params, *opt_state, lr, eps, datalogp, datagrad, eps_next)
         p, s = self.n_params, self.n_state
         return (tuple(out[:p]), tuple(out[p:p + s]), out[p + s], out[p + s + 1],
                 out[p + s + 2], out[p + s + 3])
+
+
+class SteinStep:
+    """The driver's step for KSD (SVGD, ASVGD), with the same call as :class:`CompiledStep`.
+
+    Three parts: the prior term and its gradient at the points (compiled), the Stein
+    direction ``phi`` from the summed gradients (numpy; by the driver or, through
+    ``kernel_rows``, by the shard workers), and the compiled update that carries ``-phi`` to
+    the parameters, clips, and applies the optimizer. The recorded loss is the mean negative
+    log density of the points (full-data units); KSD itself has no loss.
+
+    ``kernel_rows(points, grads, h, temperature, H)`` returns ``phi`` (n x D), ``H`` being
+    the squared distances the driver computed for the bandwidth; ``last_kernel_s``
+    is the time the last step spent on the bandwidth and ``phi``.
+    """
+
+    def __init__(self, approx, operator, optimizer: Optimizer, n_points: int,
+                 max_norm: float | None, kernel, kernel_rows) -> None:
+        adapter = approx.adapter
+        D = adapter.ndim
+        self.n_draw = 0 if approx.all_histograms else n_points
+        self.kernel, self.kernel_rows = kernel, kernel_rows
+        self.temperature = operator.temperature
+        self.last_kernel_s = 0.0
+        shapes = [np.shape(v) for v in approx.params_values]
+        self.n_params = len(shapes)
+        params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
+        state0 = optimizer.init(shapes)
+        self.n_state = len(state0)
+        state = [pt.tensor(f"s{i}", dtype=np.asarray(a).dtype, shape=np.shape(a))
+                 for i, a in enumerate(state0)]
+        lr = pt.scalar("lr", dtype="float64")
+        eps = pt.matrix("eps", dtype="float64", shape=(self.n_draw, D))
+        eps_next = pt.matrix("eps_next", dtype="float64", shape=(self.n_draw, D))
+        phi = pt.matrix("phi", dtype="float64", shape=(n_points, D))
+        points = approx.symbolic_points(params, eps)
+        grads = pt.grad(operator.surrogate(points, phi), params)
+        grad_norm = pt.sqrt(sum(pt.sum(g**2) for g in grads))
+        if max_norm is not None:
+            grads = total_norm_constraint(grads, max_norm)
+        new_params, new_state = optimizer.update(params, grads, state, lr)
+        ok = pt.as_tensor(np.array(True))
+        for p in new_params:
+            ok = pt.and_(ok, pt.all(_finite(p)))
+        self._update = pytensor.function(
+            [*params, *state, lr, eps, phi, eps_next],
+            [*new_params, *new_state, grad_norm, ok,
+             approx.symbolic_points(new_params, eps_next)],
+            mode=adapter.compile_mode, trust_input=True, on_unused_input="ignore",
+        )
+        self._draw = pytensor.function([*params, eps], points, trust_input=True,
+                                       on_unused_input="ignore")
+        self._prior = adapter.compile_prior_term(n_points)
+
+    def draw(self, params, eps: np.ndarray) -> np.ndarray:
+        return self._draw(*params, eps)
+
+    def direction(self, points: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """The Stein direction ``phi`` at ``points`` with log-density gradients ``grads``."""
+        t0 = time.perf_counter()
+        H = self.kernel.sq_dists(points)
+        h = self.kernel.bandwidth(points, H)
+        phi = self.kernel_rows(points, grads, h, self.temperature, H)
+        self.last_kernel_s = time.perf_counter() - t0
+        return phi
+
+    def __call__(self, params, opt_state, lr: np.ndarray, eps, points, datalogp, datagrad, eps_next):
+        prior_logp, prior_grad = self._prior(points)
+        logp = datalogp + prior_logp
+        grads = datagrad + prior_grad
+        loss = -float(np.mean(logp))
+        if np.isfinite(loss) and np.all(np.isfinite(grads)):
+            phi = self.direction(points, grads)
+        else:  # reported as not finite below, with the parameters unchanged
+            return params, opt_state, loss, np.nan, False, points
+        out = self._update(*params, *opt_state, lr, eps, phi, eps_next)
+        p, s = self.n_params, self.n_state
+        return (tuple(out[:p]), tuple(out[p:p + s]), loss, out[p + s],
+                bool(out[p + s + 1]) and np.isfinite(loss), out[p + s + 2])

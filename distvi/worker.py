@@ -89,6 +89,12 @@ class ShardWorker:
         logp, grad = fn(points, *self.minibatch(step), self.scale)
         return logp, grad
 
+    @staticmethod
+    def stein_rows(kernel, points: np.ndarray, grads: np.ndarray, h: float, temperature: float,
+                   lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` of the Stein direction (the driver fixed the bandwidth ``h``)."""
+        return kernel.phi_rows(points, grads, h, temperature, lo, hi)
+
 
 def compiled_by_points(data_term) -> Callable[[int], DataTerm]:
     """``f(n_points)``: the data term compiled once per number of points, then reused."""

@@ -34,6 +34,11 @@ class LocalBackend:
             grad += g
         return logp, grad
 
+    def stein_rows(self, kernel, points, grads, h, temperature, bounds) -> list[np.ndarray]:
+        """Each worker's slice of the Stein direction, in rank order."""
+        return [w.stein_rows(kernel, points, grads, h, temperature, lo, hi)
+                for w, (lo, hi) in zip(self.workers, bounds)]
+
     def close(self) -> None:
         self.workers = []
 

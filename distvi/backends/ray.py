@@ -72,6 +72,9 @@ class ShardActor:
         logp, grad = self.worker.evaluate(points, step)
         return logp, grad, time.perf_counter() - t0
 
+    def stein_rows(self, kernel, points, grads, h, temperature, lo, hi):
+        return self.worker.stein_rows(kernel, points, grads, h, temperature, lo, hi)
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -131,6 +134,7 @@ class RayBackend:
         self._started_ray = False
         self._pg = None
         self.last_compute_s = 0.0
+        self._last_step = 0
         self._refs: list = []
 
     @property
@@ -197,7 +201,7 @@ class RayBackend:
             raise
         return self
 
-    def _get(self, refs, step: int | None, timeout: float | None = None):
+    def _get(self, refs, step: int | None, timeout: float | None = None, what: str = "answer"):
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -207,7 +211,7 @@ class RayBackend:
         except GetTimeoutError:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             hung = [r for r, ref in enumerate(refs) if ref not in ready]
-            what = "start (load the shard and compile)" if step is None else f"answer step {step}"
+            what = "start (load the shard and compile)" if step is None else f"{what} step {step}"
             raise WorkerError(f"worker(s) {hung} did not {what} within {timeout:.0f} s") from None
         except RayActorError as err:
             raise WorkerError(f"a worker died and could not be restarted (step {step}): {err}") from None
@@ -258,6 +262,7 @@ class RayBackend:
 
     def evaluate(self, points: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Sum over shards, in rank order, of the scaled minibatch answers."""
+        self._last_step = step
         if self._rebuild and self._cdag is None:
             self._rebuild = False
             self._build_graph()
@@ -282,6 +287,16 @@ class RayBackend:
             grad += g
         self.last_compute_s = max(a[2] for a in answers)
         return logp, grad
+
+    def stein_rows(self, kernel, points, grads, h, temperature, bounds) -> list[np.ndarray]:
+        """Each worker's slice of the Stein direction (plain calls; the points and gradients
+        go to the object store once and every worker reads them there)."""
+        import ray
+
+        pref, gref = ray.put(points), ray.put(grads)
+        refs = [a.stein_rows.remote(kernel, pref, gref, h, temperature, lo, hi)
+                for a, (lo, hi) in zip(self.actors, bounds)]
+        return self._get(refs, self._last_step, what="compute its Stein rows for")
 
     def pids(self) -> list[int]:
         """The actors' process ids (a plain call: allowed while a compiled graph runs)."""
