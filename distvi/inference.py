@@ -20,7 +20,7 @@ from distvi import optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
 from distvi.approximations import Approximation, Empirical, FullRank, MeanField
 from distvi.operators import KL, KSD
-from distvi.stein import RBF, as_kernel, particle_bounds
+from distvi.stein import RBF, as_kernel, median_bracket, median_from, particle_bounds
 from distvi.step import CompiledStep, DriverState, SteinStep
 
 DRAW_BLOCK = 256
@@ -115,6 +115,9 @@ class Inference:
         Seeds the run: the driver's draws and every shard's minibatches.
     """
 
+    # record the loss in ``hist`` when ``fit(score=None)``
+    _scores_by_default = True
+
     def __init__(self, op: type, approx: Approximation, *, model: Any = None, data: Any = None,
                  batch_size: int | None = None, num_workers: int | None = None,
                  backend: str | None = None, address: str | None = None,
@@ -181,7 +184,7 @@ class Inference:
             from distvi.backends.ray import RayBackend, WorkerSpec
 
             spec = WorkerSpec(adapter.data_term(), None, self.random_seed, self.batch_size,
-                              self._points_per_step())
+                              self._points_per_step(), self._scores_by_default)
             self._backend = RayBackend(spec, self.source, self.num_workers, address=self.address,
                                        **self.backend_options).start()
             # an Inference dropped without close() still releases its actors
@@ -271,7 +274,8 @@ class Inference:
         n
             Number of steps.
         score
-            Record the loss in ``hist`` (default True).
+            Record the loss in ``hist`` (default True; False for SVGD and ASVGD, whose
+            operator has no loss).
         callbacks
             Called as ``cb(approx, losses, i)`` after each step; ``StopIteration`` ends the fit.
         progressbar
@@ -337,12 +341,16 @@ class Inference:
     # ---------------------------------------------------------------- the loop
     def _run(self, n: int, score: bool | None, callbacks, progressbar: bool,
              profile: Profile | None = None) -> None:
-        score = True if score is None else bool(score)
+        score = self._scores_by_default if score is None else bool(score)
         callbacks = list(callbacks or [])
         if n == 0:
             return
         backend = self._ensure_backend()
         step_fn = self._compiled()
+        # a loss needs the data term's value; KSD's update does not, so unscored Stein steps
+        # skip it on the workers and the progress bar shows the gradient norm instead
+        with_logp = step_fn.needs_logp or score
+        step_fn.with_logp = with_logp
         opt = self._optimizer
         D, S = self.approx.ndim, step_fn.n_draw
         per_draw = S * D
@@ -351,6 +359,8 @@ class Inference:
         step, opt_step, pos = st.step, st.opt_step, st.draw_position
         points = None
         losses = np.empty(n)
+        norms = np.empty(n)
+        shown = losses if with_logp else norms
         done = 0
         bar = _progress(n, progressbar)
         clock = time.perf_counter
@@ -372,7 +382,7 @@ class Inference:
                 if profile:
                     t1 = clock()
                     profile.phases["draw"] += t1 - t0
-                datalogp, datagrad = backend.evaluate(points, step)
+                datalogp, datagrad = backend.evaluate(points, step, with_logp)
                 if profile:
                     t2 = clock()
                     # in-process backends have no transfer; remote ones report compute time
@@ -393,6 +403,7 @@ class Inference:
                 params, opt_state, points, eps = new_params, new_state, next_points, eps_next
                 step, opt_step, pos = step + 1, opt_step + 1, pos + per_draw
                 losses[i] = loss
+                norms[i] = gnorm
                 done = i + 1
                 if callbacks:
                     self.approx.params_values = params
@@ -400,7 +411,8 @@ class Inference:
                     for cb in callbacks:
                         cb(self.approx, losses[:done], step)
                 if bar is not None and (done % bar.every == 0 or done == n):
-                    bar.update(done, losses[max(0, done - bar.every):done].mean())
+                    bar.update(done, shown[max(0, done - bar.every):done].mean(),
+                               "loss" if with_logp else "|grad|")
         except (StopIteration, KeyboardInterrupt):
             pass
         finally:
@@ -433,7 +445,8 @@ class Inference:
 
 
 class _progress:
-    """A tqdm bar updated every ``every`` steps with the running loss (tqdm shows it/s)."""
+    """A tqdm bar updated every ``every`` steps with the running loss, or gradient norm when
+    no loss is computed (tqdm shows it/s)."""
 
     def __new__(cls, n: int, enabled: bool):
         if not enabled:
@@ -447,8 +460,8 @@ class _progress:
         self.bar = tqdm(total=n, unit="it", smoothing=0.1)
         self.shown = 0
 
-    def update(self, done: int, running_loss: float) -> None:
-        self.bar.set_postfix_str(f"loss={running_loss:.4g}", refresh=False)
+    def update(self, done: int, running: float, label: str = "loss") -> None:
+        self.bar.set_postfix_str(f"{label}={running:.4g}", refresh=False)
         self.bar.update(done - self.shown)
         self.shown = done
 
@@ -508,9 +521,10 @@ class FullRankADVI(KLqp):
         super().__init__(FullRank(**family), beta=beta, stl=stl, **rest)
 
 
-# n^2 D of the kernel work above which the shard workers compute phi by slices of particles:
-# below it the round trip costs more than the work (measured: benchmarks/bench_svgd.py)
-SHARD_KERNEL_ABOVE = 1e8
+# n^2 D of the kernel work from which the shard workers compute phi by slices of particles.
+# Measured on the 2-core development machine (benchmarks/bench_svgd.py, 2 workers): at
+# n^2 D = 1e8 the driver takes 32 ms against the workers' 63 ms; at 4.2e8, 187 ms against 150.
+SHARD_KERNEL_ABOVE = 3e8
 
 
 class ImplicitGradient(Inference):
@@ -531,9 +545,10 @@ class ImplicitGradient(Inference):
     kernel
         The kernel class or instance (default :class:`~distvi.stein.RBF`).
     shard_kernel_above
-        With several workers, the kernel work (n points, dimension D) is split across the
-        workers by slices of points when ``n * n * D`` is at least this (default 1e8);
-        ``0`` always splits it, ``float("inf")`` never does. The numbers do not depend on it
+        The kernel work (n points, dimension D) goes to the workers, by slices of points,
+        when ``n * n * D`` is at least this (default 3e8, measured); below it the driver
+        does it.
+        ``0`` always sends it, ``float("inf")`` never does. The numbers do not depend on it
         beyond rounding.
     **kwargs
         ``temperature`` (for KSD) and the data keywords of :class:`Inference`.
@@ -555,6 +570,12 @@ class ImplicitGradient(Inference):
                             "(particles) or none (draws from q); this one mixes them")
         super().__init__(estimator, approx, **kwargs)
         self.kernel_sharded: bool | None = None
+        self._token = 0
+
+    # as in PyMC, KSD has no loss: ``hist`` is recorded only with ``fit(score=True)``, which
+    # makes the workers compute the data term's value too (for a logistic likelihood that is
+    # most of their work)
+    _scores_by_default = False
 
     def _points_per_step(self) -> int:
         if self.approx.all_histograms:
@@ -567,18 +588,29 @@ class ImplicitGradient(Inference):
         key = ("stein", n, self._optimizer.name, hyper, self._max_norm)
         if key not in self._steps:
             self._steps[key] = SteinStep(self.approx, self.objective, self._optimizer, n,
-                                         self._max_norm, self.kernel, self._kernel_rows)
+                                         self._max_norm, self._direction)
         return self._steps[key]
 
-    def _kernel_rows(self, points: np.ndarray, grads: np.ndarray, h: float, temperature: float,
-                     H: np.ndarray):
+    def _direction(self, points: np.ndarray, grads: np.ndarray, temperature: float) -> np.ndarray:
+        """The Stein direction at ``points``: on the driver, or by slices of particles on the
+        workers (the driver then only brackets and selects the bandwidth's median)."""
         n, d = points.shape
-        k = self._backend.num_workers
-        self.kernel_sharded = k > 1 and n >= k and n * n * d >= self.shard_kernel_above
+        kernel, backend = self.kernel, self._backend
+        k = backend.num_workers
+        self.kernel_sharded = n >= k and n * n * d >= self.shard_kernel_above
         if not self.kernel_sharded:
-            return self.kernel.phi_rows(points, grads, h, temperature, H=H)
-        parts = self._backend.stein_rows(self.kernel, points, grads, h, temperature,
-                                         particle_bounds(n, k))
+            H = kernel.sq_dists(points)
+            return kernel.phi_rows(points, grads, kernel.bandwidth(points, H), temperature, H=H)
+        self._token += 1
+        own = [(lo, hi, self._token) for lo, hi in particle_bounds(n, k)]
+        X = backend.share(points)
+        a, b = median_bracket(backend.call("stein_sample", (kernel, X), own), n * n)
+        med = median_from(backend.call("stein_bracket", (kernel, X), [(*o, a, b) for o in own]), n * n)
+        if med is None:  # the sample misled the bracket: take every value
+            med = median_from(backend.call("stein_bracket", (kernel, X),
+                                           [(*o, -np.inf, np.inf) for o in own]), n * n)
+        h = kernel.bandwidth_from_median(med, n)
+        parts = backend.call("stein_rows", (kernel, X, backend.share(grads), h, temperature), own)
         return np.concatenate(parts, axis=0)
 
 
@@ -590,8 +622,8 @@ class SVGD(ImplicitGradient):
     initial point) plus normal noise of sd ``jitter`` drawn from ``random_seed``. The
     approximation is :func:`~distvi.approximations.Empirical` over the particles.
 
-    ``hist`` records the mean over particles of the negative log density (full-data units);
-    KSD has no loss of its own.
+    KSD has no loss of its own: with ``fit(score=True)``, ``hist`` records the mean over
+    particles of the negative log density (full-data units).
     """
 
     def __init__(self, n_particles: int = 100, jitter: float = 1, model: Any = None,

@@ -15,15 +15,70 @@ same functions, so the sharded and the driver-only directions agree to rounding.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 TINY = float(np.finfo("float64").tiny)
+# squared distances each worker samples for the bracket around the median
+SAMPLE_PER_WORKER = 2**16
 
 
 def particle_bounds(n: int, k: int) -> list[tuple[int, int]]:
     """``k`` contiguous, near-equal slices of ``n`` particle rows."""
     edges = np.linspace(0, n, k + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+# ------------------------------------------------------------------ the exact median by slices
+# With the particles split into row slices across workers, the median of all n^2 squared
+# distances is found without moving them: each worker samples its slice's distances, the
+# driver brackets the median from the pooled sample, each worker returns how many of its
+# distances fall below the bracket and those inside it, and the driver selects the exact
+# median from those (a bracket that missed, which the counts reveal, is widened to all values).
+
+def sample_stride(n_values: int, n_cols: int) -> int:
+    """A stride for sampling a slice's flattened distances, coprime with the row length so
+    the sample walks across columns."""
+    stride = max(1, n_values // SAMPLE_PER_WORKER)
+    while stride > 1 and math.gcd(stride, n_cols) != 1:
+        stride += 1
+    return stride
+
+
+def median_ranks(n_values: int) -> tuple[int, int]:
+    """0-based ranks whose mean is the median (equal when ``n_values`` is odd)."""
+    return (n_values - 1) // 2, n_values // 2
+
+
+def median_bracket(samples: list[np.ndarray], n_values: int) -> tuple[float, float]:
+    """An interval that holds the median of ``n_values`` values with near certainty, from
+    samples of them (the caller checks, by counts, that it did)."""
+    pooled = np.sort(np.concatenate(samples))
+    m = pooled.size
+    r1, r2 = median_ranks(n_values)
+    margin = 5.0 * math.sqrt(m) + 2
+    i = math.floor(r1 / n_values * m - margin)
+    j = math.ceil(r2 / n_values * m + margin)
+    return (pooled[i] if i > 0 else -np.inf), (pooled[j] if j < m - 1 else np.inf)
+
+
+def count_and_values(H: np.ndarray, a: float, b: float) -> tuple[int, np.ndarray]:
+    """How many of ``H`` are below ``a``, and those in ``[a, b]``."""
+    return int(np.count_nonzero(H < a)), H[(H >= a) & (H <= b)]
+
+
+def median_from(parts: list[tuple[int, np.ndarray]], n_values: int) -> float | None:
+    """The exact median from every slice's (count below, values inside) of one bracket, or
+    None when the bracket missed it."""
+    below = sum(c for c, _ in parts)
+    inside = np.concatenate([v for _, v in parts])
+    r1, r2 = median_ranks(n_values)
+    if not (below <= r1 and below + inside.size > r2):
+        return None
+    k1, k2 = r1 - below, r2 - below
+    vals = np.partition(inside, [k1, k2] if k1 != k2 else k1)
+    return 0.5 * (float(vals[k1]) + float(vals[k2]))
 
 
 class RBF:
@@ -46,12 +101,15 @@ class RBF:
         smallest positive double (no NaN: the kernel is then 1 between equal particles and
         0 otherwise).
         """
-        n = X.shape[0]
         flat = (self.sq_dists(X) if H is None else H).ravel()
         mid = flat.size // 2
         part = np.partition(flat, mid)
         med = part[mid] if flat.size % 2 else 0.5 * (part[:mid].max() + part[mid])
-        return max(0.5 * float(med) / np.log(n + 1.0), TINY)
+        return self.bandwidth_from_median(float(med), X.shape[0])
+
+    @staticmethod
+    def bandwidth_from_median(med: float, n: int) -> float:
+        return max(0.5 * med / np.log(n + 1.0), TINY)
 
     def phi_rows(self, X: np.ndarray, G: np.ndarray, h: float, temperature: float,
                  lo: int = 0, hi: int | None = None, H: np.ndarray | None = None) -> np.ndarray:
@@ -88,7 +146,8 @@ def as_kernel(kernel) -> RBF:
     """A kernel instance from a kernel class or instance."""
     if isinstance(kernel, type):
         kernel = kernel()
-    if not all(callable(getattr(kernel, m, None)) for m in ("sq_dists", "bandwidth", "phi_rows")):
+    needs = ("sq_dists", "bandwidth", "bandwidth_from_median", "phi_rows")
+    if not all(callable(getattr(kernel, m, None)) for m in needs):
         raise TypeError(f"kernel must provide sq_dists, bandwidth and phi_rows (as distvi.RBF "
                         f"does); got {kernel!r}")
     return kernel

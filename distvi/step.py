@@ -52,6 +52,7 @@ class CompiledStep:
         shapes = [np.shape(v) for v in approx.params_values]
         self.n_params = len(shapes)
         self.n_draw = n_mc
+        self.needs_logp = self.with_logp = True
         params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
         state0 = optimizer.init(shapes)
         self.n_state = len(state0)
@@ -105,20 +106,22 @@ class SteinStep:
     Three parts: the prior term and its gradient at the points (compiled), the Stein
     direction ``phi`` from the summed gradients (numpy; by the driver or, through
     ``kernel_rows``, by the shard workers), and the compiled update that carries ``-phi`` to
-    the parameters, clips, and applies the optimizer. The recorded loss is the mean negative
-    log density of the points (full-data units); KSD itself has no loss.
+    the parameters, clips, and applies the optimizer. KSD itself has no loss; with
+    ``with_logp`` the step reports the mean negative log density of the points (full-data
+    units), otherwise NaN.
 
-    ``kernel_rows(points, grads, h, temperature, H)`` returns ``phi`` (n x D), ``H`` being
-    the squared distances the driver computed for the bandwidth; ``last_kernel_s``
-    is the time the last step spent on the bandwidth and ``phi``.
+    ``direction_fn(points, grads, temperature)`` returns ``phi`` (n x D); ``last_kernel_s``
+    is the time the last step spent on it (bandwidth and ``phi``).
     """
 
     def __init__(self, approx, operator, optimizer: Optimizer, n_points: int,
-                 max_norm: float | None, kernel, kernel_rows) -> None:
+                 max_norm: float | None, direction_fn) -> None:
         adapter = approx.adapter
         D = adapter.ndim
         self.n_draw = 0 if approx.all_histograms else n_points
-        self.kernel, self.kernel_rows = kernel, kernel_rows
+        self.direction_fn = direction_fn
+        self.needs_logp = False
+        self.with_logp = True  # set per run: without it the loss is not computed (NaN)
         self.temperature = operator.temperature
         self.last_kernel_s = 0.0
         shapes = [np.shape(v) for v in approx.params_values]
@@ -157,22 +160,19 @@ class SteinStep:
     def direction(self, points: np.ndarray, grads: np.ndarray) -> np.ndarray:
         """The Stein direction ``phi`` at ``points`` with log-density gradients ``grads``."""
         t0 = time.perf_counter()
-        H = self.kernel.sq_dists(points)
-        h = self.kernel.bandwidth(points, H)
-        phi = self.kernel_rows(points, grads, h, self.temperature, H)
+        phi = self.direction_fn(points, grads, self.temperature)
         self.last_kernel_s = time.perf_counter() - t0
         return phi
 
     def __call__(self, params, opt_state, lr: np.ndarray, eps, points, datalogp, datagrad, eps_next):
         prior_logp, prior_grad = self._prior(points)
-        logp = datalogp + prior_logp
         grads = datagrad + prior_grad
-        loss = -float(np.mean(logp))
-        if np.isfinite(loss) and np.all(np.isfinite(grads)):
-            phi = self.direction(points, grads)
-        else:  # reported as not finite below, with the parameters unchanged
+        loss = -float(np.mean(datalogp + prior_logp)) if self.with_logp else np.nan
+        ok = (np.isfinite(loss) or not self.with_logp) and bool(np.all(np.isfinite(grads)))
+        if not ok:  # reported by the caller, with the parameters unchanged
             return params, opt_state, loss, np.nan, False, points
+        phi = self.direction(points, grads)
         out = self._update(*params, *opt_state, lr, eps, phi, eps_next)
         p, s = self.n_params, self.n_state
-        return (tuple(out[:p]), tuple(out[p:p + s]), loss, out[p + s],
-                bool(out[p + s + 1]) and np.isfinite(loss), out[p + s + 2])
+        return (tuple(out[:p]), tuple(out[p:p + s]), loss, out[p + s], bool(out[p + s + 1]),
+                out[p + s + 2])

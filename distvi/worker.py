@@ -40,7 +40,7 @@ class ShardWorker:
         Rows per minibatch; ``None``, or at least the shard's rows, uses the whole shard
         (an exact gradient).
     data_term
-        ``data_term(n_points)`` returns the compiled ``f(points, *rows, scale)``.
+        ``data_term(n_points, with_logp)`` returns the compiled ``f(points, *rows, scale)``.
     """
 
     def __init__(
@@ -60,6 +60,7 @@ class ShardWorker:
         self._stream = Stream(seed, rank + 1)
         self._data_term = data_term
         self._block, self._offsets = -1, []
+        self._stein = None
         if self.full:
             self.rows = [np.ascontiguousarray(a) for a in arrays]
         else:
@@ -83,26 +84,53 @@ class ShardWorker:
         stop = start + self.batch_size
         return [a[start:stop] for a in self.rows]
 
-    def evaluate(self, points: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scaled minibatch log-likelihood and its gradient at each point."""
-        fn = self._data_term(points.shape[0])
-        logp, grad = fn(points, *self.minibatch(step), self.scale)
-        return logp, grad
+    def evaluate(self, points: np.ndarray, step: int,
+                 with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Scaled minibatch log-likelihood and its gradient at each point (with
+        ``with_logp=False`` the log-likelihood is not computed and comes back as zeros)."""
+        fn = self._data_term(points.shape[0], with_logp)
+        out = fn(points, *self.minibatch(step), self.scale)
+        if with_logp:
+            return out[0], out[1]
+        return np.zeros(points.shape[0]), out[0]
 
-    @staticmethod
-    def stein_rows(kernel, points: np.ndarray, grads: np.ndarray, h: float, temperature: float,
-                   lo: int, hi: int) -> np.ndarray:
+    # -------------------------------------------------------------- Stein kernel work by slices
+    # Three calls per step, keyed by the driver's ``token``: the slice's squared distances are
+    # kept between them (and recomputed if this worker restarted in between).
+    def _distances(self, kernel, points: np.ndarray, lo: int, hi: int, token: int) -> np.ndarray:
+        if self._stein is None or self._stein[0] != token:
+            self._stein = (token, kernel.sq_dists(points, lo, hi))
+        return self._stein[1]
+
+    def stein_sample(self, kernel, points, lo: int, hi: int, token: int) -> np.ndarray:
+        """A sample of the squared distances from rows ``lo:hi`` to every particle."""
+        from distvi.stein import sample_stride
+
+        H = self._distances(kernel, points, lo, hi, token)
+        return H.ravel()[::sample_stride(H.size, points.shape[0])].copy()
+
+    def stein_bracket(self, kernel, points, lo: int, hi: int, token: int, a: float, b: float):
+        """How many of the slice's squared distances are below ``a``, and those in ``[a, b]``."""
+        from distvi.stein import count_and_values
+
+        return count_and_values(self._distances(kernel, points, lo, hi, token), a, b)
+
+    def stein_rows(self, kernel, points, grads, h: float, temperature: float, lo: int, hi: int,
+                   token: int) -> np.ndarray:
         """Rows ``lo:hi`` of the Stein direction (the driver fixed the bandwidth ``h``)."""
-        return kernel.phi_rows(points, grads, h, temperature, lo, hi)
+        H = self._distances(kernel, points, lo, hi, token)
+        self._stein = None
+        return kernel.phi_rows(points, grads, h, temperature, lo, hi, H=H)
 
 
-def compiled_by_points(data_term) -> Callable[[int], DataTerm]:
-    """``f(n_points)``: the data term compiled once per number of points, then reused."""
-    cache: dict[int, DataTerm] = {}
+def compiled_by_points(data_term) -> Callable[[int, bool], DataTerm]:
+    """``f(n_points, with_logp)``: the data term compiled once per variant, then reused."""
+    cache: dict[tuple[int, bool], DataTerm] = {}
 
-    def get(n_points: int) -> DataTerm:
-        if n_points not in cache:
-            cache[n_points] = data_term.compile(n_points)
-        return cache[n_points]
+    def get(n_points: int, with_logp: bool = True) -> DataTerm:
+        key = (n_points, bool(with_logp))
+        if key not in cache:
+            cache[key] = data_term.compile(n_points, with_logp)
+        return cache[key]
 
     return get

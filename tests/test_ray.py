@@ -73,10 +73,10 @@ def test_a_killed_worker_changes_nothing(lr, local_run, path):
 
 
 class HangsAtStepFive(ShardActor):
-    def evaluate(self, points, step):
+    def evaluate(self, points, step, with_logp=True):
         if step == 5 and self.worker.rank == 1:
             time.sleep(30)
-        return super().evaluate(points, step)
+        return super().evaluate(points, step, with_logp)
 
 
 @pytest.mark.parametrize("path", ["plain", "compiled"])

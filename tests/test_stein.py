@@ -1,10 +1,14 @@
 """Stein methods (SVGD, ASVGD, KSD, Stein, RBF) against PyMC and closed-form posteriors."""
 
+import os
+import sys
+
 import numpy as np
 import pymc as pm
 import pytest
 
 import distvi as dv
+from distvi.backends.ray import ShardActor
 from distvi.stein import particle_bounds
 
 from conftest import LinearRegression
@@ -156,7 +160,7 @@ def short_svgd(lr, n=40, **kw):
                    num_workers=2, backend="local"), **kw)
     inf = dv.SVGD(**kw)
     with inf:
-        inf.fit(n, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False)
+        inf.fit(n, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False, score=True)
     return inf
 
 
@@ -188,6 +192,45 @@ def test_ray_svgd_equals_local(linreg3, short_local, threshold):
     np.testing.assert_allclose(remote.approx.histogram, short_local.approx.histogram,
                                rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(remote.hist, short_local.hist, rtol=1e-10)
+
+
+def test_loss_is_recorded_only_when_asked(linreg3):
+    inf = dv.SVGD(n_particles=20, model=linreg3.factory, data=linreg3.data, random_seed=1)
+    inf.fit(5, progressbar=False)
+    assert inf.hist.size == 0  # as PyMC: KSD has no loss
+    inf.refine(3, progressbar=False)
+    inf.fit(4, progressbar=False, score=True)
+    # the loss is the mean negative log density of the particles before each step
+    before = inf.approx.histogram
+    assert inf.hist.size == 4 and np.all(np.isfinite(inf.hist))
+    logp, _ = inf.approx.full_logp_and_grad(before)
+    inf.fit(1, progressbar=False, score=True)
+    np.testing.assert_allclose(inf.hist[-1], -logp.mean(), rtol=1e-12)
+
+
+class DiesBeforeItsSteinRows(ShardActor):
+    """Worker 1 dies once, between computing its distances and its rows of phi."""
+
+    marker = ""
+
+    def stein_rows(self, *args):
+        if self.worker.rank == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os._exit(1)
+        return super().stein_rows(*args)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_worker_dying_inside_the_kernel_work_changes_nothing(linreg3, short_local, tmp_path):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    DiesBeforeItsSteinRows.marker = str(tmp_path / "died")
+    remote = short_svgd(linreg3, backend="ray", shard_kernel_above=0,
+                        backend_options={"actor_class": DiesBeforeItsSteinRows, "path": "plain"})
+    assert os.path.exists(DiesBeforeItsSteinRows.marker)
+    np.testing.assert_allclose(remote.approx.histogram, short_local.approx.histogram,
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_profile_reports_the_kernel_phase(linreg3):

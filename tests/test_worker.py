@@ -5,7 +5,7 @@ import pytest
 
 from distvi.data import ArraySource, shard_bounds
 from distvi.model import DataSchema, ModelAdapter
-from distvi.worker import ShardWorker
+from distvi.worker import ShardWorker, compiled_by_points
 
 from conftest import logistic_factory
 
@@ -17,13 +17,7 @@ def adapter(logistic_data):
 
 def _workers(adapter, data, k, batch_size, seed=7):
     src = ArraySource(data)
-    cache = {}
-
-    def term(n):
-        if n not in cache:
-            cache[n] = adapter.compile_data_term(n)
-        return cache[n]
-
+    term = compiled_by_points(adapter.data_term())
     return [ShardWorker(src.read(a, b), r, seed, batch_size, term)
             for r, (a, b) in enumerate(shard_bounds(src.n_rows, k))]
 
@@ -68,3 +62,14 @@ def test_minibatch_depends_only_on_seed_rank_and_step(adapter, logistic_data):
     assert not np.array_equal(a[0].minibatch(4)[0], a[0].minibatch(5)[0])
     c = _workers(adapter, logistic_data, 2, batch_size=20, seed=8)
     assert not np.array_equal(a[1].minibatch(3)[0], c[1].minibatch(3)[0])
+
+
+def test_gradient_only_evaluation_equals_the_full_one(adapter, logistic_data):
+    worker = _workers(adapter, logistic_data, 2, 50)[1]
+    points = np.random.default_rng(3).normal(size=(4, adapter.ndim))
+    logp, grad = worker.evaluate(points, 9)
+    no_logp, same_grad = worker.evaluate(points, 9, with_logp=False)
+    np.testing.assert_array_equal(same_grad, grad)
+    np.testing.assert_array_equal(no_logp, np.zeros(4))
+    assert np.all(logp < 0)
+

@@ -22,22 +22,26 @@ class LocalBackend:
     def num_workers(self) -> int:
         return len(self.workers)
 
-    def evaluate(self, points: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, points: np.ndarray, step: int,
+                 with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Sum over shards of the scaled minibatch log-likelihood and its gradient."""
-        logp, grad = self.workers[0].evaluate(points, step)
+        logp, grad = self.workers[0].evaluate(points, step, with_logp)
         if len(self.workers) == 1:
             return logp, grad
         logp, grad = logp.copy(), grad.copy()
         for w in self.workers[1:]:
-            lp, g = w.evaluate(points, step)
+            lp, g = w.evaluate(points, step, with_logp)
             logp += lp
             grad += g
         return logp, grad
 
-    def stein_rows(self, kernel, points, grads, h, temperature, bounds) -> list[np.ndarray]:
-        """Each worker's slice of the Stein direction, in rank order."""
-        return [w.stein_rows(kernel, points, grads, h, temperature, lo, hi)
-                for w, (lo, hi) in zip(self.workers, bounds)]
+    @staticmethod
+    def share(array: np.ndarray) -> np.ndarray:
+        return array
+
+    def call(self, method: str, shared: tuple, per_worker: list[tuple]) -> list:
+        """``worker.method(*shared, *own)`` on every worker, in rank order."""
+        return [getattr(w, method)(*shared, *own) for w, own in zip(self.workers, per_worker)]
 
     def close(self) -> None:
         self.workers = []

@@ -53,6 +53,7 @@ class WorkerSpec:
     seed: int = 0
     batch_size: int | None = None
     n_points: int = 1       # compiled in __init__ so the first step does not pay for it
+    with_logp: bool = True  # the variant compiled in __init__
 
 
 class ShardActor:
@@ -64,16 +65,22 @@ class ShardActor:
             rows = spec.source.read(start, stop)
         self.worker = ShardWorker(rows, rank, spec.seed, spec.batch_size, data_term)
         ndim = spec.data_term.z.type.shape[0]
-        self.worker.evaluate(np.zeros((spec.n_points, ndim)), 0)
+        self.worker.evaluate(np.zeros((spec.n_points, ndim)), 0, spec.with_logp)
 
-    def evaluate(self, points: np.ndarray, step: int):
+    def evaluate(self, points: np.ndarray, step: int, with_logp: bool = True):
         """The worker's answer and the seconds it computed (the rest of a call is transfer)."""
         t0 = time.perf_counter()
-        logp, grad = self.worker.evaluate(points, step)
+        logp, grad = self.worker.evaluate(points, step, with_logp)
         return logp, grad, time.perf_counter() - t0
 
-    def stein_rows(self, kernel, points, grads, h, temperature, lo, hi):
-        return self.worker.stein_rows(kernel, points, grads, h, temperature, lo, hi)
+    def stein_sample(self, *args):
+        return self.worker.stein_sample(*args)
+
+    def stein_bracket(self, *args):
+        return self.worker.stein_bracket(*args)
+
+    def stein_rows(self, *args):
+        return self.worker.stein_rows(*args)
 
     def pid(self) -> int:
         return os.getpid()
@@ -169,7 +176,8 @@ class RayBackend:
             # read by the actors themselves (the driver holds only its description)
             in_memory = isinstance(self.source, ArraySource)
             spec = WorkerSpec(self.spec.data_term, None if in_memory else self.source,
-                              self.spec.seed, self.spec.batch_size, self.spec.n_points)
+                              self.spec.seed, self.spec.batch_size, self.spec.n_points,
+                              self.spec.with_logp)
             spec_ref = ray.put(spec)
             # the driver keeps these references: a restarted actor re-runs __init__ with them
             self._refs = [spec_ref]
@@ -190,7 +198,8 @@ class RayBackend:
                 ndim = self.spec.data_term.z.type.shape[0]
                 points = np.zeros((self.spec.n_points, ndim))
                 self.compute_s = min(
-                    max(a[2] for a in self._get([w.evaluate.remote(points, 0) for w in self.actors], 0))
+                    max(a[2] for a in self._get([w.evaluate.remote(points, 0, self.spec.with_logp)
+                                                 for w in self.actors], 0))
                     for _ in range(3))
                 if self.compute_s >= AUTO_COMPILED_BELOW_S:
                     self.path = "plain"
@@ -224,7 +233,7 @@ class RayBackend:
 
         try:
             with InputNode() as inp:
-                dag = MultiOutputNode([a.evaluate.bind(inp[0], inp[1]) for a in self.actors])
+                dag = MultiOutputNode([a.evaluate.bind(inp[0], inp[1], inp[2]) for a in self.actors])
             self._cdag = dag.experimental_compile()
         except Exception as err:
             self._cdag = None
@@ -242,11 +251,11 @@ class RayBackend:
                 pass
             self._cdag = None
 
-    def _evaluate_compiled(self, points: np.ndarray, step: int):
+    def _evaluate_compiled(self, points: np.ndarray, step: int, with_logp: bool):
         import ray
         from ray.exceptions import RayChannelTimeoutError
 
-        refs = self._cdag.execute(points, step)
+        refs = self._cdag.execute(points, step, with_logp)
         deadline = time.monotonic() + self.timeout_s
         answers = []
         for ref in refs:
@@ -260,7 +269,8 @@ class RayBackend:
             answers.append((np.array(answer[0]), np.array(answer[1]), answer[2]))
         return answers
 
-    def evaluate(self, points: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, points: np.ndarray, step: int,
+                 with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Sum over shards, in rank order, of the scaled minibatch answers."""
         self._last_step = step
         if self._rebuild and self._cdag is None:
@@ -269,7 +279,7 @@ class RayBackend:
         answers = None
         if self._cdag is not None:
             try:
-                answers = self._evaluate_compiled(points, step)
+                answers = self._evaluate_compiled(points, step, with_logp)
             except Exception:
                 # an actor died or hung: the graph is gone; retry this step over plain calls
                 # (they wait for a restart, and name a worker that hangs again) and rebuild
@@ -278,7 +288,7 @@ class RayBackend:
                 self._rebuild = True
         if answers is None:
             # points are small: passed inline (a ray.put per step doubles the round trip)
-            answers = self._get([a.evaluate.remote(points, step) for a in self.actors], step)
+            answers = self._get([a.evaluate.remote(points, step, with_logp) for a in self.actors], step)
 
         logp = np.array(answers[0][0])  # results from Ray are read-only: copy, then add
         grad = np.array(answers[0][1])
@@ -288,15 +298,19 @@ class RayBackend:
         self.last_compute_s = max(a[2] for a in answers)
         return logp, grad
 
-    def stein_rows(self, kernel, points, grads, h, temperature, bounds) -> list[np.ndarray]:
-        """Each worker's slice of the Stein direction (plain calls; the points and gradients
-        go to the object store once and every worker reads them there)."""
+    @staticmethod
+    def share(array: np.ndarray):
+        """An array every worker reads from the object store (put once, not once per worker)."""
         import ray
 
-        pref, gref = ray.put(points), ray.put(grads)
-        refs = [a.stein_rows.remote(kernel, pref, gref, h, temperature, lo, hi)
-                for a, (lo, hi) in zip(self.actors, bounds)]
-        return self._get(refs, self._last_step, what="compute its Stein rows for")
+        return ray.put(array)
+
+    def call(self, method: str, shared: tuple, per_worker: list[tuple]) -> list:
+        """``worker.method(*shared, *own)`` on every worker as plain actor calls, in rank
+        order (``shared`` may hold :meth:`share` references)."""
+        refs = [getattr(actor, method).remote(*shared, *own)
+                for actor, own in zip(self.actors, per_worker)]
+        return self._get(refs, self._last_step, what=f"answer {method} for")
 
     def pids(self) -> list[int]:
         """The actors' process ids (a plain call: allowed while a compiled graph runs)."""
