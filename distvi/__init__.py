@@ -16,6 +16,7 @@ from distvi.inference import Inference
 from distvi.inference import KLqp
 from distvi.inference import SVGD
 from distvi.inference import fit
+from distvi.inference import resume
 from distvi.operators import KL
 from distvi.operators import KSD
 from distvi.optimizers import adadelta
@@ -35,6 +36,8 @@ from distvi.results import sample_approx
 from distvi.stein import RBF
 from distvi.stein import Stein
 from distvi.stein import rbf
+from distvi.store import open_run
+from distvi.tracking import MLflowTracking
 
 __version__ = "0.1.0"
 
@@ -52,6 +55,7 @@ __all__ = [
     "KL",
     "KLqp",
     "KSD",
+    "MLflowTracking",
     "MeanField",
     "RBF",
     "SVGD",
@@ -69,7 +73,9 @@ __all__ = [
     "momentum",
     "nesterov_momentum",
     "norm_constraint",
+    "open_run",
     "rbf",
+    "resume",
     "rmsprop",
     "sample_approx",
     "sgd",

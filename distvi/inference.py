@@ -24,6 +24,7 @@ from distvi.stein import RBF, as_kernel, median_bracket, median_from, particle_b
 from distvi.step import CompiledStep, DriverState, SteinStep
 
 DRAW_BLOCK = 256
+DRAWS_IN_STORE = 1000  # posterior draws written to a run store at the end
 BACKENDS = ("local", "ray")
 
 
@@ -266,7 +267,9 @@ class Inference:
     # ---------------------------------------------------------------- public loop
     def fit(self, n: int = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,
             progressbar: bool = True, *, obj_n_mc: int = 1, obj_optimizer=None,
-            total_grad_norm_constraint: float | None = None, **kwargs: Any) -> Approximation:
+            total_grad_norm_constraint: float | None = None, store: Any = None,
+            checkpoint_every: int | None = None, resume: bool = False, tracking: Any = None,
+            **kwargs: Any) -> Approximation:
         """Run ``n`` steps from the current parameters with a fresh optimizer.
 
         Parameters
@@ -286,6 +289,18 @@ class Inference:
             An optimizer such as ``distvi.adam(learning_rate=0.01)`` (the default).
         total_grad_norm_constraint
             Clip the summed gradient to this total norm.
+        store
+            A Zarr run store (local path or fsspec URL) to record the run in: config,
+            traces, checkpoints, and the posterior draws at the end (see
+            :mod:`distvi.store`). A store that exists is refused unless ``resume=True``.
+        checkpoint_every
+            Steps between checkpoints (default 500; needs ``store``).
+        resume
+            Continue the run in ``store`` from its last checkpoint until the run has ``n``
+            steps in all; the result equals an uninterrupted run. Without a store there yet,
+            the run starts.
+        tracking
+            ``True`` or a :class:`~distvi.tracking.MLflowTracking`: record the run in MLflow.
 
         Returns
         -------
@@ -297,11 +312,111 @@ class Inference:
             The loss or the parameters became NaN/inf; the approximation keeps the last
             finite parameters.
         """
+        from distvi.tracking import as_tracking
+
         n = self._check_n(n)
+        tracker = as_tracking(tracking)
+        every = _check_recording(store, checkpoint_every, resume)
         self._configure(obj_n_mc, obj_optimizer, total_grad_norm_constraint, kwargs)
-        self.state = self._fresh_state()
-        self._run(n, score, callbacks, progressbar)
+        if store is None and tracker is None:
+            self.state = self._fresh_state()
+            self._run(n, score, callbacks, progressbar)
+            return self.approx
+        return self._fit_recorded(n, score, callbacks, progressbar, store, every, resume, tracker)
+
+    # ---------------------------------------------------------------- recorded runs
+    def settings(self) -> dict[str, Any]:
+        """What rebuilds this Inference from a run store's config (see :func:`build_inference`)."""
+        return {"batch_size": self.batch_size, "num_workers": self.num_workers,
+                "backend": self.backend_name, "random_seed": self.random_seed}
+
+    def _fit_config(self, total: int, every: int | None) -> dict[str, Any]:
+        opt = self._optimizer
+        return {"n": total, "obj_n_mc": self._n_mc, "total_grad_norm_constraint": self._max_norm,
+                "checkpoint_every": every,
+                "optimizer": {"name": opt.name, "hyper": dict(opt.hyper)}}
+
+    def _fit_recorded(self, n, score, callbacks, progressbar, store, every, resume, tracker):
+        from distvi.store import (RunStore, StoreError, _jsonable, check_matches,
+                                  data_description, layout_of, versions)
+
+        rs, parent = None, None
+        if store is not None and resume and RunStore.exists(store):
+            rs = RunStore.open(store, mode="r+")
+            check_matches(rs, self)
+            recorded = rs.attrs["config"]["fit"]
+            mine = _jsonable(self._fit_config(recorded["n"], recorded["checkpoint_every"]))
+            for key in ("optimizer", "obj_n_mc", "total_grad_norm_constraint"):
+                if recorded.get(key) != mine.get(key):
+                    raise StoreError(f"run store {rs.url!r} was run with {key}={recorded.get(key)!r}; "
+                                     f"this fit has {mine.get(key)!r}: a resumed run must use the same")
+            every = recorded["checkpoint_every"]
+            ckpt = rs.last_checkpoint()
+            if ckpt is None:
+                self.state = self._fresh_state()
+                rs.truncate(0)
+            else:
+                self.state = DriverState(tuple(np.array(p) for p in ckpt.params),
+                                         tuple(np.array(s) for s in ckpt.opt_state),
+                                         ckpt.step, ckpt.opt_step, ckpt.draw_position)
+                self.approx.params_values = list(self.state.params)
+                rs.truncate(ckpt.n_trace)
+                if (self._scores_by_default if score is None else score):
+                    self.hist = rs.traces()["loss"]
+            parent = rs.attrs.get("mlflow_run_id")
+            rs.set_attrs(status="running", config={**rs.attrs["config"], "fit": {**recorded, "n": n}})
+            remaining = max(n - self.state.step, 0)
+            config = rs.attrs["config"]
+        else:
+            self.state = self._fresh_state()
+            remaining = n
+            config = {"method": type(self).__name__, "inference": self.settings(),
+                      "fit": self._fit_config(self.state.step + n, every)}
+            if store is not None:
+                rs = RunStore.create(store, {
+                    "config": config, "layout": layout_of(self.approx),
+                    "approximation": [{"vfam": g.vfam, "names": [lay.name for lay in g.layout]}
+                                      for g in self.approx.groups],
+                    "data": data_description(self), "versions": versions()})
+        if tracker is not None:
+            from distvi import __version__
+            from distvi.tracking import git_commit
+
+            tags = {"distvi.version": __version__, "distvi.method": type(self).__name__}
+            if rs is not None:
+                tags["distvi.store"] = rs.url
+            commit = git_commit()
+            if commit:
+                tags["git.commit"] = commit
+            run_id = tracker.start(_jsonable(config), tags, parent_run_id=parent)
+            if rs is not None and run_id is not None and parent is None:
+                rs.set_attrs(mlflow_run_id=run_id)
+        recorder = _Recorder(rs, every, tracker, self._rows_per_step())
+        status = "failed"
+        try:
+            self._run(remaining, score, callbacks, progressbar, recorder=recorder)
+            status = "finished" if self.state.step >= n else "stopped"
+        finally:
+            recorder.close(self.state)
+            idata = None
+            if status != "failed":
+                idata = self.approx.sample(DRAWS_IN_STORE, random_seed=self.random_seed)
+            if rs is not None:
+                if idata is not None:
+                    rs.write_posterior(idata)
+                rs.set_attrs(status=status)
+            if tracker is not None:
+                mlflow_status = {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
+                tracker.finish(mlflow_status, self.hist, idata,
+                               None if rs is None else rs.url.removeprefix("file://"),
+                               None if rs is None else rs.size_bytes())
         return self.approx
+
+    def _rows_per_step(self) -> int:
+        from distvi.data import source_bounds
+
+        sizes = [b - a for a, b in source_bounds(self.source, self.num_workers)]
+        return sum(sizes if self.batch_size is None else [min(self.batch_size, s) for s in sizes])
 
     def refine(self, n: int, progressbar: bool = True) -> Approximation:
         """Run ``n`` more steps keeping the optimizer state of the last fit."""
@@ -340,7 +455,7 @@ class Inference:
 
     # ---------------------------------------------------------------- the loop
     def _run(self, n: int, score: bool | None, callbacks, progressbar: bool,
-             profile: Profile | None = None) -> None:
+             profile: Profile | None = None, recorder: _Recorder | None = None) -> None:
         score = self._scores_by_default if score is None else bool(score)
         callbacks = list(callbacks or [])
         if n == 0:
@@ -360,6 +475,8 @@ class Inference:
         points = None
         losses = np.empty(n)
         norms = np.empty(n)
+        seconds = np.empty(n)
+        rates = np.empty(n)
         shown = losses if with_logp else norms
         done = 0
         bar = _progress(n, progressbar)
@@ -367,6 +484,9 @@ class Inference:
         lr = np.array(opt.learning_rate_at(opt_step), dtype="float64")
         constant_lr = not callable(opt.hyper.get("learning_rate"))
         block = None
+        if recorder is not None:
+            recorder.bind(step, losses if with_logp else None, norms, seconds, rates)
+        t_end = clock()
         try:
             for i in range(n):
                 t0 = clock() if profile else 0.0
@@ -404,7 +524,12 @@ class Inference:
                 step, opt_step, pos = step + 1, opt_step + 1, pos + per_draw
                 losses[i] = loss
                 norms[i] = gnorm
+                t_prev, t_end = t_end, clock()
+                seconds[i] = t_end - t_prev
+                rates[i] = lr
                 done = i + 1
+                if recorder is not None and recorder.due(step):
+                    recorder.record(done, DriverState(params, opt_state, step, opt_step, pos))
                 if callbacks:
                     self.approx.params_values = params
                     self.state = DriverState(params, opt_state, step, opt_step, pos)
@@ -469,6 +594,93 @@ class _progress:
         self.bar.close()
 
 
+class _Recorder:
+    """Traces, checkpoints and MLflow batches of a recorded fit, at step boundaries."""
+
+    def __init__(self, store, checkpoint_every: int | None, tracker, rows_per_step: int) -> None:
+        self.store, self.tracker = store, tracker
+        self.ckpt_every = checkpoint_every if store is not None else None
+        self.log_every = tracker.log_every if tracker is not None else None
+        self.rows_per_step = rows_per_step
+        self.arrays = None
+        self.start_step, self.written, self.logged = 0, 0, 0
+        self.last_ckpt_step = None
+
+    def bind(self, step0: int, losses, norms, seconds, rates) -> None:
+        self.start_step, self.written, self.logged = step0, 0, 0
+        self.arrays = (losses, norms, seconds, rates)
+
+    def due(self, step: int) -> bool:
+        return ((self.ckpt_every is not None and step % self.ckpt_every == 0)
+                or (self.log_every is not None and step % self.log_every == 0))
+
+    def _rows(self, lo: int, hi: int):
+        losses, norms, seconds, rates = self.arrays
+        steps = np.arange(self.start_step + lo + 1, self.start_step + hi + 1)
+        loss = np.full(hi - lo, np.nan) if losses is None else losses[lo:hi]
+        sec = seconds[lo:hi]
+        return steps, loss, norms[lo:hi], sec, rates[lo:hi], self.rows_per_step / np.maximum(sec, 1e-12)
+
+    def _log(self, done: int) -> None:
+        if self.tracker is None or done <= self.logged:
+            return
+        steps, loss, norm, sec, lr, _ = self._rows(self.logged, done)
+        window = {"grad_norm": float(norm.mean()), "step_seconds": float(sec.mean()),
+                  "rows_per_s": float(self.rows_per_step / max(float(sec.mean()), 1e-12)),
+                  "learning_rate": float(lr[-1])}
+        scored = self.arrays[0] is not None
+        if scored:
+            window["loss_running"] = float(np.mean(loss))
+        self.tracker.log_steps(steps, loss if scored else None, window)
+        self.logged = done
+
+    def _write(self, done: int) -> None:
+        if done > self.written:
+            steps, loss, norm, sec, lr, rows = self._rows(self.written, done)
+            self.store.append(steps, loss=loss, grad_norm=norm, step_seconds=sec,
+                              learning_rate=lr, rows_per_s=rows)
+            self.written = done
+
+    def record(self, done: int, state: DriverState) -> None:
+        if self.log_every is not None and state.step % self.log_every == 0:
+            self._log(done)
+        if self.ckpt_every is not None and state.step % self.ckpt_every == 0:
+            self._write(done)
+            self.store.checkpoint(state.params, state.opt_state, state.step, state.opt_step,
+                                  state.draw_position)
+            self.last_ckpt_step = state.step
+
+    def close(self, state: DriverState | None) -> None:
+        """At the end (or on an error): the remaining traces and a checkpoint of the last
+        good state."""
+        if self.arrays is None or state is None:
+            return
+        done = state.step - self.start_step
+        self._log(done)
+        if self.store is not None:
+            self._write(done)
+            if self.last_ckpt_step != state.step:
+                self.store.checkpoint(state.params, state.opt_state, state.step, state.opt_step,
+                                      state.draw_position)
+            self.store.flush()
+
+
+def _check_recording(store, checkpoint_every, resume) -> int | None:
+    """Validate the run keywords before any work; the checkpoint interval (None: no store)."""
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if store is None:
+        if resume:
+            raise ValueError("resume=True needs the store to resume from (store=...)")
+        if checkpoint_every is not None:
+            raise ValueError("checkpoint_every needs a store to write checkpoints to (store=...)")
+        return None
+    from distvi.store import _url
+
+    _url(store)
+    return _positive_int("checkpoint_every", 500 if checkpoint_every is None else checkpoint_every)
+
+
 class KLqp(Inference):
     """Variational inference minimising KL(q || p) for any approximation of reparameterisable
     groups (mean-field, full-rank, or several groups together).
@@ -492,6 +704,9 @@ class KLqp(Inference):
                 raise TypeError("KLqp cannot fit an Empirical group: it has no density (fit "
                                 "particles with SVGD)")
         super().__init__(KL, approx, beta=beta, stl=stl, **kwargs)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "beta": self.objective.beta, "stl": self.objective.stl}
 
 
 def _split(kwargs: dict) -> tuple[dict, dict]:
@@ -577,6 +792,10 @@ class ImplicitGradient(Inference):
     # most of their work)
     _scores_by_default = False
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "temperature": self.objective.temperature,
+                "shard_kernel_above": self.shard_kernel_above}
+
     def _points_per_step(self) -> int:
         if self.approx.all_histograms:
             return self.approx.joint_histogram.shape[0]
@@ -637,6 +856,10 @@ class SVGD(ImplicitGradient):
         approx = Empirical(size=int(n_particles), jitter=jitter, start=start, random_seed=seed)
         super().__init__(approx, estimator=estimator, kernel=kernel, model=model,
                          random_seed=seed, **kwargs)
+        self.n_particles, self.jitter = int(n_particles), float(jitter)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "n_particles": self.n_particles, "jitter": self.jitter}
 
 
 class ASVGD(ImplicitGradient):
@@ -731,3 +954,64 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
         return inference.fit(n, **kwargs)
     with inference:  # the workers of a one-shot fit are released on exit, error or Ctrl-C
         return inference.fit(n, **kwargs)
+
+
+REBUILDABLE = {"ADVI": ADVI, "FullRankADVI": FullRankADVI, "SVGD": SVGD, "ASVGD": ASVGD}
+
+
+def build_inference(config: dict[str, Any], model: Any, data: Any = None, **overrides: Any) -> Inference:
+    """The Inference a run store's ``config`` describes, on ``model`` and ``data``
+    (``overrides`` replace recorded settings, e.g. ``backend`` or ``address``)."""
+    from distvi.store import StoreError
+
+    method = config.get("method")
+    if method not in REBUILDABLE:
+        raise StoreError(f"a {method!r} run is not rebuilt from its store: build the Inference "
+                         f"yourself and call its fit(..., store=..., resume=True)")
+    settings = dict(config.get("inference", {}))
+    if isinstance(settings.get("shard_kernel_above"), str):
+        settings["shard_kernel_above"] = float(settings["shard_kernel_above"])
+    settings.update(overrides)
+    return REBUILDABLE[method](model=model, data=data, **settings)
+
+
+def _recorded_optimizer(fit_config: dict[str, Any]) -> optimizers.Optimizer:
+    from distvi.store import StoreError
+
+    opt = fit_config["optimizer"]
+    hyper = dict(opt["hyper"])
+    if isinstance(hyper.get("learning_rate"), str):
+        raise StoreError("the run used a learning-rate schedule, which a store cannot hold: "
+                         "pass the same obj_optimizer= to resume it")
+    return optimizers.Optimizer(opt["name"], hyper)
+
+
+def resume(store: Any, n: int | None = None, model: Any = None, data: Any = None, *,
+           obj_optimizer=None, callbacks: Sequence[Callable] | None = None,
+           progressbar: bool = True, tracking: Any = None, **overrides: Any) -> Approximation:
+    """Continue the run in ``store`` from its last checkpoint until it has ``n`` steps
+    (default: the ``n`` it was started with). The model (and, for a factory, the data) must
+    be given again; the store refuses others than it was written for.
+
+    Examples
+    --------
+    >>> approx = resume("runs/logreg.zarr", model=factory, data=source)   # doctest: +SKIP
+    """
+    from distvi.store import RunStore, StoreError
+
+    if model is None:
+        raise TypeError("resume() needs the model (a factory or a pm.Model) the run was fitted to")
+    rs = RunStore.open(store)
+    config = rs.attrs["config"]
+    fit_config = config["fit"]
+    total = fit_config["n"] if n is None else Inference._check_n(n)
+    opt = obj_optimizer if obj_optimizer is not None else _recorded_optimizer(fit_config)
+    if fit_config.get("checkpoint_every") is None:
+        raise StoreError(f"run store {rs.url!r} has no checkpoint interval recorded")
+    inference = build_inference(config, model, data, **overrides)
+    with inference:
+        return inference.fit(total, callbacks=callbacks, progressbar=progressbar,
+                             obj_n_mc=fit_config["obj_n_mc"], obj_optimizer=opt,
+                             total_grad_norm_constraint=fit_config["total_grad_norm_constraint"],
+                             store=store, resume=True, tracking=tracking)
+

@@ -1,0 +1,329 @@
+"""The run store: one Zarr v3 group per run, written as the run goes, readable by anyone.
+
+Layout (``store`` is a local path or an fsspec URL)::
+
+    zarr.json                  attributes: format marker, config, parameter layout, data,
+                               versions, status, the name of the last complete checkpoint
+    trace/<name>               1-D arrays appended in blocks: step, loss, grad_norm,
+                               step_seconds, learning_rate, rows_per_s
+    checkpoints/<cNNN>/        params/p<i>, opt/s<i> and attributes (step, opt_step,
+                               draw_position, trace length, seed)
+    posterior/                 at the end: InferenceData as a Zarr DataTree
+
+A checkpoint is written under a new name first; only then does the root attribute
+``checkpoint`` point to it (a single metadata write, atomic on local disks and object
+stores), and older checkpoints are removed. A crash mid-write leaves the previous checkpoint
+named and complete. Nothing in a store is pickled or executed: attributes are JSON and
+arrays are numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FORMAT = 1
+MARKER = "distvi_run_store"
+TRACES = ("step", "loss", "grad_norm", "step_seconds", "learning_rate", "rows_per_s")
+TRACE_CHUNK = 4096
+
+
+class StoreError(ValueError):
+    """A run store is missing, foreign, damaged, or does not match the run."""
+
+
+def _url(store: Any) -> str:
+    import os
+
+    if isinstance(store, os.PathLike):
+        store = os.fspath(store)
+    if not isinstance(store, str) or not store:
+        raise TypeError(f"store must be a path or an fsspec URL, got {store!r}")
+    return store.rstrip("/")
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON value for an attribute (numbers, strings, lists, dicts; repr otherwise)."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        return v if math.isfinite(v) else repr(v)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("distvi", "pymc", "pytensor", "ray", "zarr", "mlflow", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """The state a run can continue from."""
+
+    params: list[np.ndarray]
+    opt_state: list[np.ndarray]
+    step: int
+    opt_step: int
+    draw_position: int
+    n_trace: int
+    name: str
+
+
+class RunStore:
+    """A run's Zarr group (see the module docstring for the layout)."""
+
+    def __init__(self, url: str, group) -> None:
+        self.url, self.group = url, group
+        self._buffer: dict[str, list] = {k: [] for k in TRACES}
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def create(cls, store: Any, attrs: dict[str, Any]) -> RunStore:
+        """A new store; refuses a location that already holds one (nothing is overwritten)."""
+        import zarr
+
+        url = _url(store)
+        if cls.exists(url):
+            raise StoreError(f"a run store already exists at {url!r}: resume it (resume=True) "
+                             f"or give a new path")
+        try:
+            group = zarr.open_group(url, mode="w-", zarr_format=3)
+        except Exception as err:
+            raise StoreError(f"cannot create a run store at {url!r}: {err}") from err
+        group.attrs.update(_jsonable({MARKER: FORMAT, **attrs, "checkpoint": None,
+                                      "status": "running"}))
+        for name in TRACES:
+            group.create_array(f"trace/{name}", shape=(0,), chunks=(TRACE_CHUNK,),
+                               dtype="int64" if name == "step" else "float64")
+        return cls(url, group)
+
+    @staticmethod
+    def exists(store: Any) -> bool:
+        import zarr
+
+        try:
+            zarr.open_group(_url(store), mode="r")
+        except Exception:
+            return False
+        return True
+
+    @classmethod
+    def open(cls, store: Any, mode: str = "r") -> RunStore:
+        """An existing store, checked to be a distvi run store of this format."""
+        import zarr
+
+        url = _url(store)
+        try:
+            group = zarr.open_group(url, mode=mode)
+        except Exception as err:
+            raise StoreError(f"no run store at {url!r} ({type(err).__name__}: {err})") from None
+        attrs = dict(group.attrs)
+        if attrs.get(MARKER) != FORMAT:
+            raise StoreError(f"{url!r} is not a distvi run store (no {MARKER!r}={FORMAT} attribute)")
+        for key in ("config", "layout", "data"):
+            if not isinstance(attrs.get(key), dict | list):
+                raise StoreError(f"run store {url!r} is damaged: attribute {key!r} is missing")
+        try:
+            missing = [n for n in TRACES if f"trace/{n}" not in group]
+        except Exception as err:
+            raise StoreError(f"run store {url!r} is damaged: {err}") from None
+        if missing:
+            raise StoreError(f"run store {url!r} is damaged: traces {missing} are missing")
+        return cls(url, group)
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self.group.attrs.update(_jsonable(attrs))
+
+    # ------------------------------------------------------------------ traces
+    def append(self, step: np.ndarray, **values: np.ndarray) -> None:
+        """Buffer trace rows (written by :meth:`flush`)."""
+        self._buffer["step"].append(np.asarray(step, dtype="int64"))
+        for name in TRACES[1:]:
+            self._buffer[name].append(np.asarray(values[name], dtype="float64"))
+
+    def flush(self) -> None:
+        """Write buffered trace rows: one resize and one write per trace."""
+        if not self._buffer["step"]:
+            return
+        for name in TRACES:
+            block = np.concatenate(self._buffer[name])
+            arr = self.group[f"trace/{name}"]
+            n = arr.shape[0]
+            arr.resize((n + block.size,))
+            arr[n:] = block
+            self._buffer[name] = []
+
+    def traces(self) -> dict[str, np.ndarray]:
+        """Every trace as a numpy array, by name."""
+        return {name: self.group[f"trace/{name}"][:] for name in TRACES}
+
+    def truncate(self, n: int) -> None:
+        """Drop trace rows past ``n`` (steps redone after a resume)."""
+        for name in TRACES:
+            arr = self.group[f"trace/{name}"]
+            if arr.shape[0] > n:
+                arr.resize((n,))
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, params, opt_state, step: int, opt_step: int, draw_position: int) -> None:
+        """Flush the traces, write the state under a new name, then point to it."""
+        self.flush()
+        n_trace = int(self.group["trace/step"].shape[0])
+        name = f"c{step:012d}"
+        path = f"checkpoints/{name}"
+        if path in self.group:  # a checkpoint of this step that was never pointed to
+            del self.group[path]
+        for i, p in enumerate(params):
+            self._write(f"{path}/params/p{i}", p)
+        for i, s in enumerate(opt_state):
+            self._write(f"{path}/opt/s{i}", s)
+        self.group[path].attrs.update({"step": int(step), "opt_step": int(opt_step),
+                                       "draw_position": int(draw_position),
+                                       "n_trace": n_trace, "n_params": len(params),
+                                       "n_opt": len(opt_state)})
+        previous = self.group.attrs.get("checkpoint")
+        self.group.attrs["checkpoint"] = name  # the commit
+        if previous and previous != name and f"checkpoints/{previous}" in self.group:
+            del self.group[f"checkpoints/{previous}"]
+
+    def _write(self, path: str, value) -> None:
+        value = np.asarray(value)
+        arr = self.group.create_array(path, shape=value.shape, dtype=value.dtype,
+                                      chunks=tuple(max(1, d) for d in value.shape), overwrite=True)
+        arr[...] = value
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        name = self.group.attrs.get("checkpoint")
+        if name is None:
+            return None
+        try:
+            g = self.group[f"checkpoints/{name}"]
+            a = dict(g.attrs)
+            params = [g[f"params/p{i}"][...] for i in range(int(a["n_params"]))]
+            opt = [g[f"opt/s{i}"][...] for i in range(int(a["n_opt"]))]
+            return Checkpoint(params, opt, int(a["step"]), int(a["opt_step"]),
+                              int(a["draw_position"]), int(a["n_trace"]), name)
+        except Exception as err:
+            raise StoreError(f"run store {self.url!r}: checkpoint {name!r} is unreadable "
+                             f"({type(err).__name__}: {err})") from None
+
+    # ------------------------------------------------------------------ posterior
+    def write_posterior(self, idata) -> None:
+        """The posterior draws as a Zarr DataTree at ``<store>/posterior``."""
+        idata.to_datatree().to_zarr(f"{self.url}/posterior", mode="w")
+
+    def size_bytes(self) -> int | None:
+        """Bytes on disk for a local store (None for remote ones)."""
+        import os
+
+        if "://" in self.url and not self.url.startswith("file://"):
+            return None
+        root = self.url.removeprefix("file://")
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+
+
+@dataclass
+class Run:
+    """What :func:`open_run` returns."""
+
+    url: str
+    config: dict[str, Any]
+    layout: list
+    data: dict[str, Any]
+    versions: dict[str, str]
+    status: str
+    traces: dict[str, np.ndarray]
+    checkpoint: Checkpoint | None
+    approximation: Any = None
+
+    def posterior(self):
+        """The posterior draws written at the end of the run (InferenceData)."""
+        import arviz as az
+        import xarray as xr
+
+        try:
+            tree = xr.open_datatree(f"{self.url}/posterior", engine="zarr")
+        except Exception as err:
+            raise StoreError(f"run store {self.url!r} has no posterior draws yet "
+                             f"(status {self.status!r})") from err
+        return az.from_datatree(tree)
+
+
+def open_run(store: Any, model: Any = None, data: Any = None) -> Run:
+    """Read a run store: config, traces, last checkpoint, and (given the model, and the data
+    for a factory) the approximation at the last checkpoint.
+
+    Examples
+    --------
+    >>> run = open_run("runs/logreg.zarr", model=factory, data=source)   # doctest: +SKIP
+    >>> run.traces["loss"], run.approximation.mean                       # doctest: +SKIP
+    """
+    rs = RunStore.open(store)
+    attrs = rs.attrs
+    ckpt = rs.last_checkpoint()
+    run = Run(rs.url, attrs["config"], attrs["layout"], attrs["data"], attrs.get("versions", {}),
+              attrs.get("status", "unknown"), rs.traces(), ckpt)
+    if model is not None:
+        from distvi.inference import build_inference
+
+        inference = build_inference(attrs["config"], model=model, data=data)
+        check_matches(rs, inference)
+        if ckpt is not None:
+            inference.approx.params_values = [np.array(p) for p in ckpt.params]
+        run.approximation = inference.approx
+    return run
+
+
+def layout_of(approx) -> list[dict[str, Any]]:
+    return [{"name": lay.name, "rv_name": lay.rv_name, "shape": list(lay.shape),
+             "start": lay.start, "stop": lay.stop, "transform": lay.transform}
+            for lay in approx.adapter.layout]
+
+
+def check_matches(rs: RunStore, inference) -> None:
+    """Refuse a store recorded for another model layout or other data."""
+    attrs = rs.attrs
+    mine = _jsonable(layout_of(inference.approx))
+    if attrs["layout"] != mine:
+        raise StoreError(f"run store {rs.url!r} was written for another model: its free "
+                         f"variables are {_describe(attrs['layout'])}, this model's are "
+                         f"{_describe(mine)}")
+    theirs, ours = attrs["data"], _jsonable(data_description(inference))
+    for key in ("n_rows", "arrays", "shards"):
+        if theirs.get(key) != ours.get(key):
+            raise StoreError(f"run store {rs.url!r} was written for other data: {key} "
+                             f"{theirs.get(key)!r} there, {ours.get(key)!r} here")
+
+
+def _describe(layout) -> str:
+    return ", ".join(f"{v['name']}{tuple(v['shape'])}" for v in layout) or "none"
+
+
+def data_description(inference) -> dict[str, Any]:
+    from distvi.data import source_bounds
+
+    desc = dict(inference.source.describe())
+    desc["arrays"] = {k: [d, list(s)] for k, (d, s) in inference.source.schema().items()}
+    desc["shards"] = [list(b) for b in source_bounds(inference.source, inference.num_workers)]
+    return desc

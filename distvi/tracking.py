@@ -1,0 +1,229 @@
+"""MLflow tracking: one MLflow run per fit, logged by the driver only, never in the way.
+
+Metrics go to MLflow in batches from a background thread (``log_batch``, at most 1,000
+metrics a call), so a step never waits for the tracking server. If the server cannot be
+reached, or dies during the run, the fit goes on: one warning, and the Zarr run store is
+complete regardless.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_BATCH = 1000
+
+
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = str(value)[:6000]
+
+
+def git_commit(cwd: str | None = None) -> str | None:
+    """The current git commit of ``cwd``, when it is a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class MLflowTracking:
+    """Where and how a fit is recorded in MLflow.
+
+    Parameters
+    ----------
+    experiment
+        The experiment's name (created when missing).
+    run_name
+        The run's name (MLflow picks one when None).
+    tracking_uri
+        Default: MLflow's own default (``MLFLOW_TRACKING_URI``, else a SQLite file
+        ``mlflow.db`` in the working directory).
+    log_every
+        Steps per batch of metrics (the raw loss of every step is in the batch).
+    artifact_location
+        For an experiment this creates on a local store: where its artifacts go (default
+        ``./mlartifacts``), so nothing lands in a surprise ``./mlruns``.
+    max_store_mb
+        The run store is logged as an artifact when it is at most this large.
+    """
+
+    def __init__(self, experiment: str = "distvi", run_name: str | None = None,
+                 tracking_uri: str | None = None, log_every: int = 100,
+                 artifact_location: str | None = None, max_store_mb: float = 50.0) -> None:
+        if not isinstance(experiment, str) or not experiment:
+            raise TypeError(f"experiment must be a non-empty str, got {experiment!r}")
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
+        if not (isinstance(max_store_mb, int | float) and max_store_mb >= 0):
+            raise ValueError(f"max_store_mb must be a number >= 0, got {max_store_mb!r}")
+        self.experiment, self.run_name = experiment, run_name
+        self.tracking_uri, self.log_every = tracking_uri, log_every
+        self.artifact_location, self.max_store_mb = artifact_location, float(max_store_mb)
+        self.run_id: str | None = None
+        self.warned = False
+        self._client = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ failures
+    def _fail(self, what: str, err: BaseException) -> None:
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"MLflow tracking stopped ({what}: {type(err).__name__}: {err}); the "
+                          f"fit goes on and the run store is complete", RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, params: dict[str, Any], tags: dict[str, str],
+              parent_run_id: str | None = None) -> str | None:
+        """Create the run (a nested run under ``parent_run_id`` for a resume); None if MLflow
+        cannot be reached (warned once)."""
+        # fail fast on an unreachable server instead of MLflow's minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            import mlflow
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
+
+            uri = self.tracking_uri or mlflow.get_tracking_uri()
+            self._client = MlflowClient(tracking_uri=uri)
+            exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                location = self.artifact_location
+                if location is None and not uri.startswith(("http://", "https://", "databricks")):
+                    location = Path("mlartifacts").resolve().as_uri()
+                exp_id = self._client.create_experiment(self.experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            all_tags = dict(tags)
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self._client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+            flat: dict[str, str] = {}
+            _flat("", params, flat)
+            items = [Param(k, v) for k, v in flat.items()]
+            for i in range(0, len(items), 100):
+                self._client.log_batch(self.run_id, params=items[i:i + 100])
+        except Exception as err:  # unreachable server, bad URI, ...
+            self._fail("could not start the MLflow run", err)
+            self.run_id = None
+            return None
+        self._queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="distvi-mlflow", daemon=True)
+        self._thread.start()
+        return self.run_id
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self.warned:
+                continue  # the server failed once: drop the rest
+            try:
+                job()
+            except Exception as err:
+                self._fail("logging failed", err)
+
+    def log_steps(self, steps: np.ndarray, losses: np.ndarray | None, window: dict[str, float]) -> None:
+        """Queue one batch: the raw loss of each step, and the window's summary metrics at its
+        last step."""
+        if self.run_id is None or self.warned:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = []
+        if losses is not None:
+            metrics = [Metric("loss", float(v), now, int(s)) for s, v in zip(steps, losses)
+                       if np.isfinite(v)]
+        last = int(steps[-1])
+        metrics += [Metric(k, float(v), now, last) for k, v in window.items() if np.isfinite(v)]
+        client, run_id = self._client, self.run_id
+
+        def send():
+            for i in range(0, len(metrics), MAX_BATCH):
+                client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
+
+        self._queue.put(send)
+
+    def finish(self, status: str, hist: np.ndarray, idata=None, store_dir: str | None = None,
+               store_bytes: int | None = None, timeout_s: float = 120.0) -> None:
+        """Artifacts (loss curve, posterior summary, the store when small), then the run's
+        end status; waits up to ``timeout_s`` for the queue to drain."""
+        if self.run_id is None:
+            return
+        client, run_id = self._client, self.run_id
+
+        def artifacts():
+            with tempfile.TemporaryDirectory() as tmp:
+                if hist is not None and len(hist):
+                    png = Path(tmp) / "loss.png"
+                    _loss_plot(hist, png)
+                    client.log_artifact(run_id, str(png))
+                if idata is not None:
+                    import arviz as az
+
+                    csv = Path(tmp) / "posterior_summary.csv"
+                    az.summary(idata, kind="stats").to_csv(csv)
+                    client.log_artifact(run_id, str(csv))
+            if store_dir and store_bytes is not None and store_bytes <= self.max_store_mb * 2**20:
+                client.log_artifacts(run_id, store_dir, artifact_path="store")
+
+        def end():
+            client.set_terminated(run_id, status=status)
+
+        self._queue.put(artifacts)
+        self._queue.put(end)
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._fail("finishing", TimeoutError(f"MLflow did not answer within {timeout_s:.0f} s"))
+
+
+def _loss_plot(hist: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(1, len(hist) + 1)
+    ax.plot(steps, hist, lw=0.5, alpha=0.5, label="loss")
+    w = max(1, len(hist) // 100)
+    if w > 1:
+        run = np.convolve(hist, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], run, lw=1.5, label=f"running mean ({w})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (-ELBO estimate)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def as_tracking(tracking: Any) -> MLflowTracking | None:
+    """``tracking=`` of a fit: None/False (off), True (defaults) or an :class:`MLflowTracking`."""
+    if tracking is None or tracking is False:
+        return None
+    if tracking is True:
+        return MLflowTracking()
+    if isinstance(tracking, MLflowTracking):
+        return tracking
+    raise TypeError(f"tracking must be True, False or a distvi.MLflowTracking, got {type(tracking).__name__}")
