@@ -231,7 +231,11 @@ class RunStore:
     # ------------------------------------------------------------------ posterior
     def write_posterior(self, idata) -> None:
         """The posterior draws as a Zarr DataTree at ``<store>/posterior``."""
-        idata.to_datatree().to_zarr(f"{self.url}/posterior", mode="w")
+        import warnings
+
+        with warnings.catch_warnings():  # zarr notes that consolidated metadata is an extension
+            warnings.filterwarnings("ignore", message="Consolidated metadata")
+            idata.to_datatree().to_zarr(f"{self.url}/posterior", mode="w")
 
     def size_bytes(self) -> int | None:
         """Bytes on disk for a local store (None for remote ones)."""
