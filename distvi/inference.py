@@ -913,7 +913,8 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
         Where the rows are and how they are split (see :class:`Inference`).
     **kwargs
         Passed to :meth:`Inference.fit` (``obj_optimizer``, ``obj_n_mc``,
-        ``total_grad_norm_constraint``, ``callbacks``, ``progressbar``, ``score``).
+        ``total_grad_norm_constraint``, ``callbacks``, ``progressbar``, ``score``, and the
+        run keywords ``store``, ``checkpoint_every``, ``resume``, ``tracking``).
 
     Returns
     -------
