@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import pymc  # noqa: F401  (importing pymc sets its logger to INFO)
 
-    logging.getLogger("pymc").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     import mlflow
     import zarr
+
+    logging.getLogger("pymc").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which sets INFO
 
     env = environment()
     env.update(mlflow=mlflow.__version__, zarr=zarr.__version__)

@@ -37,6 +37,23 @@ class DriverState(NamedTuple):
     draw_position: int
 
 
+def _inputs(step, approx, optimizer: Optimizer, n_draw: int):
+    """The step's symbolic inputs: parameters, optimizer state, learning rate, this step's and
+    the next step's normals; sets ``step.n_params`` and ``step.n_state``."""
+    D = approx.adapter.ndim
+    shapes = [np.shape(v) for v in approx.params_values]
+    step.n_params = len(shapes)
+    params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
+    state0 = optimizer.init(shapes)
+    step.n_state = len(state0)
+    state = [pt.tensor(f"s{i}", dtype=np.asarray(a).dtype, shape=np.shape(a))
+             for i, a in enumerate(state0)]
+    lr = pt.scalar("lr", dtype="float64")
+    eps = pt.matrix("eps", dtype="float64", shape=(n_draw, D))
+    eps_next = pt.matrix("eps_next", dtype="float64", shape=(n_draw, D))
+    return params, state, lr, eps, eps_next
+
+
 class CompiledStep:
     """The compiled pure step for one (approximation, operator, optimizer, obj_n_mc, clip).
 
@@ -49,18 +66,9 @@ class CompiledStep:
                  max_norm: float | None) -> None:
         adapter = approx.adapter
         D = adapter.ndim
-        shapes = [np.shape(v) for v in approx.params_values]
-        self.n_params = len(shapes)
         self.n_draw = n_mc
         self.needs_logp = self.with_logp = True
-        params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
-        state0 = optimizer.init(shapes)
-        self.n_state = len(state0)
-        state = [pt.tensor(f"s{i}", dtype=np.asarray(a).dtype, shape=np.shape(a))
-                 for i, a in enumerate(state0)]
-        lr = pt.scalar("lr", dtype="float64")
-        eps = pt.matrix("eps", dtype="float64", shape=(n_mc, D))
-        eps_next = pt.matrix("eps_next", dtype="float64", shape=(n_mc, D))
+        params, state, lr, eps, eps_next = _inputs(self, approx, optimizer, n_mc)
         datalogp = pt.vector("datalogp", dtype="float64", shape=(n_mc,))
         datagrad = pt.matrix("datagrad", dtype="float64", shape=(n_mc, D))
 
@@ -124,16 +132,7 @@ class SteinStep:
         self.with_logp = True  # set per run: without it the loss is not computed (NaN)
         self.temperature = operator.temperature
         self.last_kernel_s = 0.0
-        shapes = [np.shape(v) for v in approx.params_values]
-        self.n_params = len(shapes)
-        params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
-        state0 = optimizer.init(shapes)
-        self.n_state = len(state0)
-        state = [pt.tensor(f"s{i}", dtype=np.asarray(a).dtype, shape=np.shape(a))
-                 for i, a in enumerate(state0)]
-        lr = pt.scalar("lr", dtype="float64")
-        eps = pt.matrix("eps", dtype="float64", shape=(self.n_draw, D))
-        eps_next = pt.matrix("eps_next", dtype="float64", shape=(self.n_draw, D))
+        params, state, lr, eps, eps_next = _inputs(self, approx, optimizer, self.n_draw)
         phi = pt.matrix("phi", dtype="float64", shape=(n_points, D))
         points = approx.symbolic_points(params, eps)
         grads = pt.grad(operator.surrogate(points, phi), params)
