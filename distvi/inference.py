@@ -8,6 +8,7 @@ summed data term at the points, run the compiled pure step. The state between st
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -165,6 +166,7 @@ class Inference:
         self._backend = None
         self._finalizer = None
         self._draws = Stream(self.random_seed, DRIVER_STREAM)
+        self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
 
     # ---------------------------------------------------------------- resources
     @property
@@ -282,7 +284,8 @@ class Inference:
         callbacks
             Called as ``cb(approx, losses, i)`` after each step; ``StopIteration`` ends the fit.
         progressbar
-            Show the running loss and it/s.
+            Show progress: a live bar in a terminal, plain lines otherwise (``"bar"`` or
+            ``"lines"`` to choose).
         obj_n_mc
             Points drawn from q per step.
         obj_optimizer
@@ -377,7 +380,7 @@ class Inference:
                     "config": config, "layout": layout_of(self.approx),
                     "approximation": [{"vfam": g.vfam, "names": [lay.name for lay in g.layout]}
                                       for g in self.approx.groups],
-                    "data": data_description(self), "versions": versions()})
+                    "data": data_description(self), "versions": versions(), "job": self.job})
         if tracker is not None:
             from distvi import __version__
             from distvi.tracking import git_commit
@@ -570,28 +573,54 @@ class Inference:
 
 
 class _progress:
-    """A tqdm bar updated every ``every`` steps with the running loss, or gradient norm when
-    no loss is computed (tqdm shows it/s)."""
+    """Progress every ``every`` steps with the running loss (or gradient norm when no loss is
+    computed): a live tqdm bar (it/s, ETA) in a terminal, plain lines otherwise (CI, Ray Jobs
+    logs), at most one every ``LINE_SECONDS``.
 
-    def __new__(cls, n: int, enabled: bool):
-        if not enabled:
+    ``mode``: True/"auto" (by whether stderr is a terminal), "bar", "lines", or False.
+    """
+
+    LINE_SECONDS = 10.0
+
+    def __new__(cls, n: int, mode):
+        if not mode:
             return None
         return super().__new__(cls)
 
-    def __init__(self, n: int, enabled: bool) -> None:
-        from tqdm.auto import tqdm
+    def __init__(self, n: int, mode) -> None:
+        import sys
 
+        if mode not in (True, "auto", "bar", "lines"):
+            raise ValueError(f"progressbar must be True, False, 'auto', 'bar' or 'lines', got {mode!r}")
+        if mode in (True, "auto"):
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.n, self.mode = n, mode
         self.every = max(1, min(100, n // 100))
-        self.bar = tqdm(total=n, unit="it", smoothing=0.1)
         self.shown = 0
+        self.t0 = self.t_line = time.perf_counter()
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=n, unit="it", smoothing=0.1)
 
     def update(self, done: int, running: float, label: str = "loss") -> None:
-        self.bar.set_postfix_str(f"{label}={running:.4g}", refresh=False)
-        self.bar.update(done - self.shown)
-        self.shown = done
+        if self.mode == "bar":
+            self.bar.set_postfix_str(f"{label}={running:.4g}", refresh=False)
+            self.bar.update(done - self.shown)
+            self.shown = done
+            return
+        now = time.perf_counter()
+        if now - self.t_line < self.LINE_SECONDS and done != self.n:
+            return
+        self.t_line = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.n - done) / rate if rate > 0 else float("inf")
+        print(f"step {done}/{self.n} ({done / self.n:.0%})  {label}={running:.6g}  "
+              f"{rate:.1f} it/s  ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.mode == "bar":
+            self.bar.close()
 
 
 class _Recorder:

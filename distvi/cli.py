@@ -1,0 +1,193 @@
+"""The ``distvi`` command: run a config, resume a run, summarise a run store.
+
+    distvi run CONFIG.yaml [--set key=value ...]
+    distvi resume STORE [--n N]
+    distvi summary STORE
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from distvi.config import ConfigError, build_source, load, resolve, validate
+
+EXIT_ERROR = 2
+
+
+def build(cfg: dict[str, Any]):
+    """The Inference and the fit keywords a validated config describes."""
+    from distvi import optimizers
+    from distvi.config import _defaults
+    from distvi.inference import METHODS
+    from distvi.tracking import MLflowTracking
+
+    model = resolve(cfg["model"], "model")
+    source = build_source(cfg["data"])
+    inference = METHODS[cfg["method"]](
+        model=model, data=source, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+        backend=cfg["backend"], address=cfg["address"], random_seed=cfg["seed"],
+        **cfg["method_options"])
+    inference.job = cfg
+    opt = dict(cfg["optimizer"])
+    name = opt.pop("name")
+    decay = opt.pop("decay", None)
+    if decay is not None:  # constant, then geometric decay over the rest of the run
+        lr0 = opt.get("learning_rate", _defaults(name)["learning_rate"])
+        opt["learning_rate"] = optimizers.GeometricDecay(
+            float(lr0), float(decay["to"]), int(decay.get("start", 0.5) * cfg["n"]), cfg["n"])
+    tracking = cfg["tracking"]
+    if isinstance(tracking, dict):
+        tracking = MLflowTracking(**tracking)
+    fit_kwargs = {
+        "obj_optimizer": optimizers.Optimizer(name, {**_defaults(name), **opt}),
+        "total_grad_norm_constraint": cfg["total_grad_norm_constraint"],
+        "store": cfg["store"], "checkpoint_every": cfg["checkpoint_every"],
+        "tracking": tracking,
+        "progressbar": {"auto": True, "off": False}.get(cfg["progress"], cfg["progress"]),
+    }
+    if cfg["obj_n_mc"] is not None:
+        fit_kwargs["obj_n_mc"] = cfg["obj_n_mc"]
+    return inference, fit_kwargs
+
+
+def run_config(cfg: dict[str, Any], resume: bool = False, n: int | None = None, **extra: Any):
+    """Fit as a validated config says; returns the Inference (closed)."""
+    inference, fit_kwargs = build(cfg)
+    fit_kwargs.update(extra)
+    with inference:
+        inference.fit(cfg["n"] if n is None else n, resume=resume, **fit_kwargs)
+    return inference
+
+
+def summary_text(store: str) -> str:
+    """Run info and a posterior summary table for a run store (finished or not)."""
+    import arviz as az
+    import numpy as np
+
+    from distvi.store import StoreError, open_run
+
+    run = open_run(store)
+    fit = run.config.get("fit", {})
+    traces = run.traces
+    done = int(traces["step"][-1]) if traces["step"].size else 0
+    lines = [f"run store   {run.url}",
+             f"method      {run.config.get('method')}   status {run.status}",
+             f"steps       {done} of {fit.get('n')} recorded; last checkpoint at step "
+             f"{run.checkpoint.step if run.checkpoint else 'none'}",
+             f"optimizer   {fit.get('optimizer', {}).get('name')} {fit.get('optimizer', {}).get('hyper')}",
+             f"data        {run.data.get('kind')} {run.data.get('n_rows')} rows in "
+             f"{len(run.data.get('shards', []))} shard(s)"]
+    loss = traces["loss"][np.isfinite(traces["loss"])]
+    if loss.size:
+        tail = loss[-max(1, min(100, loss.size // 10)):]
+        lines.append(f"loss        last {tail.size} steps: mean {tail.mean():.6g}")
+    try:
+        idata = run.posterior()
+        source = "posterior draws written at the end"
+    except StoreError:
+        idata, source = None, None
+        job = run.__dict__.get("job") or _job_of(store)
+        if job is not None and run.checkpoint is not None:
+            cfg = validate(job)
+            part = open_run(store, model=resolve(cfg["model"]), data=build_source(cfg["data"]))
+            idata = part.approximation.sample(1000, random_seed=0)
+            source = f"1000 draws from the approximation at the last checkpoint (step {run.checkpoint.step})"
+    if idata is None:
+        lines.append("posterior   none yet (no checkpoint)")
+    else:
+        lines.append(f"posterior   {source}:")
+        lines.append(az.summary(idata, kind="stats").to_string())
+    return "\n".join(lines)
+
+
+def job_main(doc: str, default_config: str, argv: list[str] | None = None, report=None):
+    """What a job script's ``main`` does: ``--config`` and ``--set`` as ``distvi run`` takes
+    them, the fit, then the summary, where the store is and how to open the MLflow UI;
+    ``report(inference, cfg)`` adds the job's own output. Returns the (closed) Inference."""
+    import arviz as az
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted for nested keys; the value is YAML)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load(args.config, args.set)
+    except ConfigError as err:
+        parser.exit(EXIT_ERROR, f"distvi: error: {err}\n")
+    inference = run_config(cfg)
+    if cfg["store"]:
+        print(summary_text(cfg["store"]))
+    else:
+        print(az.summary(inference.approx.sample(1000, random_seed=cfg["seed"]), kind="stats").to_string())
+    if report is not None:
+        report(inference, cfg)
+    print(_finished(cfg, inference))
+    return inference
+
+
+def _job_of(store: str):
+    from distvi.store import RunStore
+
+    return RunStore.open(store).attrs.get("job")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distvi", description="Variational inference for PyMC models on sharded data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,resume,summary}")
+    p_run = sub.add_parser("run", help="fit as a YAML config says",
+                           description="Fit as CONFIG says. A config names code that will be run "
+                                       "(model and data loader references): run only configs you trust.")
+    p_run.add_argument("config", help="the YAML config file")
+    p_run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (dotted for nested keys; the value is YAML)")
+    p_res = sub.add_parser("resume", help="continue a run from its store's last checkpoint",
+                           description="Continue the run recorded in STORE (written by 'distvi run').")
+    p_res.add_argument("store", help="the run store (path or fsspec URL)")
+    p_res.add_argument("--n", type=int, default=None, help="total steps of the run (default: as configured)")
+    p_sum = sub.add_parser("summary", help="run info and a posterior summary",
+                           description="Run info and a posterior summary table of STORE.")
+    p_sum.add_argument("store", help="the run store (path or fsspec URL)")
+    args = parser.parse_args(argv)
+
+    from distvi.store import StoreError
+
+    try:
+        if args.command == "run":
+            cfg = load(args.config, args.set)
+            inference = run_config(cfg)
+            print(_finished(cfg, inference))
+        elif args.command == "resume":
+            job = _job_of(args.store)
+            if job is None:
+                raise StoreError(f"{args.store!r} was not written by 'distvi run' (no job config "
+                                 f"in it): resume it from Python with distvi.resume(...)")
+            cfg = validate(job)
+            if args.n is not None and args.n < 1:
+                raise ConfigError(f"--n must be >= 1, got {args.n}")
+            inference = run_config(cfg, resume=True, n=args.n)
+            print(_finished(cfg, inference))
+        else:
+            print(summary_text(args.store))
+    except (ConfigError, StoreError) as err:
+        print(f"distvi: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def _finished(cfg: dict[str, Any], inference) -> str:
+    lines = [f"fitted {cfg['method']} for {inference.state.step} steps"]
+    if cfg["store"]:
+        lines.append(f"run store: {cfg['store']}  (distvi summary {cfg['store']})")
+    if cfg["tracking"]:
+        uri = cfg["tracking"].get("tracking_uri") if isinstance(cfg["tracking"], dict) else None
+        lines.append("MLflow UI: mlflow ui --backend-store-uri "
+                     f"{uri or 'sqlite:///mlflow.db'} --host 127.0.0.1")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

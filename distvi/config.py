@@ -1,0 +1,291 @@
+"""Run configs: a YAML file (or dict) that says what to fit, on what, how, and where to record it.
+
+Every key is checked before anything runs: an unknown or mistyped key, a wrong type, a
+value out of range or a missing file gives a :class:`ConfigError` naming the key and what it
+accepts. YAML is safe-loaded (no tags that build Python objects). A config names code that
+will be run: ``model`` (and a ``loader`` data source) are ``module:function`` references,
+imported when the run starts — run only configs you trust.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+METHODS = ("advi", "fullrank_advi", "svgd", "asvgd")
+OPTIMIZERS = ("sgd", "momentum", "nesterov_momentum", "adagrad", "adagrad_window", "rmsprop",
+              "adadelta", "adam", "adamax")
+DATA_KINDS = ("loader", "npz", "zarr", "parquet")
+PROGRESS = ("auto", "bar", "lines", "off")
+REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+class ConfigError(ValueError):
+    """A run config is not valid; the message names the key."""
+
+
+def _type_name(t) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return {int: "an int", float: "a number", str: "a string", bool: "true/false",
+            dict: "a mapping", list: "a list", type(None): "null"}.get(t, t.__name__)
+
+
+# key -> (types, default); None in types means optional null
+TOP: dict[str, tuple[tuple, Any]] = {
+    "model": ((str,), None),
+    "data": ((dict,), None),
+    "method": ((str,), "advi"),
+    "method_options": ((dict,), {}),
+    "n": ((int,), 10_000),
+    "optimizer": ((dict,), {"name": "adam", "learning_rate": 0.01}),
+    "obj_n_mc": ((int, type(None)), None),
+    "total_grad_norm_constraint": ((int, float, type(None)), None),
+    "batch_size": ((int, type(None)), None),
+    "num_workers": ((int,), 1),
+    "backend": ((str, type(None)), None),
+    "address": ((str, type(None)), None),
+    "store": ((str, type(None)), None),  # "{timestamp}" in it: a new store for each run
+    "checkpoint_every": ((int, type(None)), None),
+    "tracking": ((bool, dict), False),
+    "seed": ((int,), 1),
+    "progress": ((str,), "auto"),
+}
+DATA: dict[str, tuple[tuple, Any]] = {
+    "kind": ((str,), None),
+    "loader": ((str,), None),
+    "options": ((dict,), {}),
+    "path": ((str, list), None),
+    "arrays": ((list, type(None)), None),
+    "columns": ((dict, list, type(None)), None),
+}
+TRACKING: dict[str, tuple[tuple, Any]] = {
+    "experiment": ((str,), "distvi"),
+    "run_name": ((str, type(None)), None),
+    "tracking_uri": ((str, type(None)), None),
+    "log_every": ((int,), 100),
+    "max_store_mb": ((int, float), 50.0),
+}
+METHOD_OPTIONS = {
+    "advi": {"beta": (int, float), "stl": (bool,)},
+    "fullrank_advi": {"beta": (int, float), "stl": (bool,)},
+    "svgd": {"n_particles": (int,), "jitter": (int, float), "temperature": (int, float),
+             "shard_kernel_above": (int, float)},
+    "asvgd": {"temperature": (int, float), "shard_kernel_above": (int, float)},
+}
+
+
+def _is(value, types) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # YAML true is not an int here
+    return isinstance(value, types)
+
+
+def _check_keys(where: str, given: Mapping, allowed: Mapping) -> None:
+    for key in given:
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: keys must be strings, got {key!r}")
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _fill(where: str, given: Mapping, schema: Mapping[str, tuple[tuple, Any]]) -> dict[str, Any]:
+    _check_keys(where, given, schema)
+    out = {}
+    for key, (types, default) in schema.items():
+        value = given.get(key, default)
+        name = f"{where}.{key}" if where != "config" else key
+        if value is None and type(None) not in types and key in given:
+            raise ConfigError(f"{name} must be {_type_name(types)}, got null")
+        if value is not None and not _is(value, types):
+            raise ConfigError(f"{name} must be {_type_name(types)}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be finite, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _positive(name: str, value, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not value >= 1:
+        raise ConfigError(f"{name} must be >= 1, got {value!r}")
+
+
+def check_ref(name: str, ref: Any) -> str:
+    """A ``module:function`` reference (checked by form here, imported at run time)."""
+    if not isinstance(ref, str) or not REF.match(ref):
+        raise ConfigError(f"{name} must be a reference 'module:function' (e.g. "
+                          f"'jobs.quickstart:model'), got {ref!r}")
+    return ref
+
+
+def resolve(ref: str, name: str = "model") -> Callable:
+    """Import ``module:function``; the current directory is on the path (jobs/ live there)."""
+    import sys
+
+    module, _, attr = check_ref(name, ref).partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{name}: cannot import {ref!r} ({type(err).__name__}: {err})") from None
+    if not callable(obj):
+        raise ConfigError(f"{name}: {ref!r} is not callable")
+    return obj
+
+
+def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
+    """A complete, checked config from a parsed YAML mapping (paths relative to ``base_dir``
+    are kept as given but must exist)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config is a mapping of keys to values, got {type(raw).__name__}")
+    cfg = _fill("config", raw, TOP)
+    if cfg["model"] is None:
+        raise ConfigError("model is required: a reference 'module:function' to a model factory")
+    check_ref("model", cfg["model"])
+    if cfg["data"] is None:
+        raise ConfigError(f"data is required: a mapping with kind ({', '.join(DATA_KINDS)})")
+    data = _fill("data", cfg["data"], DATA)
+    if data["kind"] not in DATA_KINDS:
+        raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}, got {data['kind']!r}")
+    if data["kind"] == "loader":
+        if data["loader"] is None:
+            raise ConfigError("data.loader is required for kind 'loader': 'module:function'")
+        check_ref("data.loader", data["loader"])
+    else:
+        if data["path"] is None:
+            raise ConfigError(f"data.path is required for kind {data['kind']!r}")
+        paths = data["path"] if isinstance(data["path"], list) else [data["path"]]
+        for p in paths:
+            if not isinstance(p, str):
+                raise ConfigError(f"data.path must be a string or a list of strings, got {p!r}")
+            if "://" not in p and not (Path(base_dir) / p).exists():
+                raise ConfigError(f"data.path: {p!r} does not exist")
+    cfg["data"] = data
+    method = cfg["method"].lower()
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg['method']!r}")
+    cfg["method"] = method
+    allowed = METHOD_OPTIONS[method]
+    _check_keys(f"method_options (for {method})", cfg["method_options"], allowed)
+    for key, value in cfg["method_options"].items():
+        if not _is(value, allowed[key]):
+            raise ConfigError(f"method_options.{key} must be {_type_name(allowed[key])}, got {value!r}")
+    opt = dict(cfg["optimizer"])
+    name = opt.pop("name", "adam")
+    decay = opt.pop("decay", None)
+    if decay is not None:
+        if not isinstance(decay, dict):
+            raise ConfigError(f"optimizer.decay must be a mapping {{to: ..., start: ...}}, got {decay!r}")
+        _check_keys("optimizer.decay", decay, {"to": 0, "start": 0})
+        to, start = decay.get("to"), decay.get("start", 0.5)
+        if not (_is(to, (int, float)) and to > 0):
+            raise ConfigError(f"optimizer.decay.to must be a learning rate > 0, got {to!r}")
+        if not (_is(start, (int, float)) and 0 <= start < 1):
+            raise ConfigError(f"optimizer.decay.start must be a fraction of n in [0, 1), got {start!r}")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    from distvi import optimizers
+
+    try:
+        optimizers.Optimizer(name, {**_defaults(name), **opt})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"optimizer: {err}") from None
+    cfg["optimizer"] = {"name": name, **opt, **({"decay": decay} if decay is not None else {})}
+    _positive("n", cfg["n"], allow_none=False)
+    for key in ("obj_n_mc", "batch_size", "checkpoint_every"):
+        _positive(key, cfg[key])
+    _positive("num_workers", cfg["num_workers"], allow_none=False)
+    if cfg["total_grad_norm_constraint"] is not None and not cfg["total_grad_norm_constraint"] > 0:
+        raise ConfigError(f"total_grad_norm_constraint must be > 0, got {cfg['total_grad_norm_constraint']}")
+    if cfg["backend"] not in (None, "local", "ray"):
+        raise ConfigError(f"backend must be local or ray, got {cfg['backend']!r}")
+    if cfg["seed"] < 0:
+        raise ConfigError(f"seed must be >= 0, got {cfg['seed']}")
+    if cfg["progress"] not in PROGRESS:
+        raise ConfigError(f"progress must be one of {', '.join(PROGRESS)}, got {cfg['progress']!r}")
+    if cfg["checkpoint_every"] is not None and cfg["store"] is None:
+        raise ConfigError("checkpoint_every needs a store")
+    if isinstance(cfg["tracking"], dict):
+        cfg["tracking"] = _fill("tracking", cfg["tracking"], TRACKING)
+        _positive("tracking.log_every", cfg["tracking"]["log_every"], allow_none=False)
+    return cfg
+
+
+def _defaults(name: str) -> dict[str, Any]:
+    """The optimizer's own defaults (as ``distvi.<name>()`` sets them)."""
+    from distvi import optimizers
+
+    return dict(getattr(optimizers, name)().hyper)
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read, safe-load, apply ``--set key=value`` overrides (dotted keys, YAML values) and
+    validate a config file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML for safe loading: {err}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values, got {type(raw).__name__}")
+    for item in overrides or []:
+        apply_override(raw, item)
+    cfg = validate(raw, base_dir=".")
+    if cfg["store"] and "{timestamp}" in cfg["store"]:  # a new store for each run of a config
+        import time
+
+        cfg["store"] = cfg["store"].replace("{timestamp}", time.strftime("%Y%m%d-%H%M%S"))
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``key.sub=value`` with a YAML value (``--set n=500``, ``--set optimizer.learning_rate=0.02``)."""
+    import yaml
+
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set takes key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: not a valid YAML value: {err}") from None
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a mapping")
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def build_source(data: dict[str, Any]):
+    """The data source a validated ``data`` section names (a loader is imported and called)."""
+    from distvi.data import ArraySource, ParquetSource, ZarrSource
+
+    kind = data["kind"]
+    if kind == "loader":
+        arrays = resolve(data["loader"], "data.loader")(**data["options"])
+        return ArraySource(arrays)
+    if kind == "npz":
+        import numpy as np
+
+        with np.load(data["path"], allow_pickle=False) as f:
+            names = data["arrays"] or list(f.files)
+            return ArraySource({k: f[k] for k in names})
+    if kind == "zarr":
+        return ZarrSource(data["path"], arrays=data["arrays"])
+    return ParquetSource(data["path"], columns=data["columns"])
