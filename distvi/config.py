@@ -100,7 +100,7 @@ def _fill(where: str, given: Mapping, schema: Mapping[str, tuple[tuple, Any]]) -
     for key, (types, default) in schema.items():
         value = given.get(key, default)
         name = f"{where}.{key}" if where != "config" else key
-        if value is None and type(None) not in types and key in given:
+        if value is None and type(None) not in types and key in given and default is not None:
             raise ConfigError(f"{name} must be {_type_name(types)}, got null")
         if value is not None and not _is(value, types):
             raise ConfigError(f"{name} must be {_type_name(types)}, got {type(value).__name__} {value!r}")

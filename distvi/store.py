@@ -6,8 +6,9 @@ Layout (``store`` is a local path or an fsspec URL)::
                                versions, status, the name of the last complete checkpoint
     trace/<name>               1-D arrays appended in blocks: step, loss, grad_norm,
                                step_seconds, learning_rate, rows_per_s
-    checkpoints/<cNNN>/        params/p<i>, opt/s<i> and attributes (step, opt_step,
-                               draw_position, trace length, seed)
+    checkpoints/<cNNN>         the parameters and optimizer state as one float64 array, with
+                               attributes (shapes, dtypes, step, opt_step, draw_position,
+                               trace length)
     posterior/                 at the end: InferenceData as a Zarr DataTree
 
 A checkpoint is written under a new name first; only then does the root attribute
@@ -187,21 +188,23 @@ class RunStore:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, params, opt_state, step: int, opt_step: int, draw_position: int) -> None:
-        """Flush the traces, write the state under a new name, then point to it."""
+        """Flush the traces, write the state under a new name, then point to it.
+
+        The state is one float64 array (parameters, then optimizer state, flattened; integer
+        counters are exact in float64) with the pieces' shapes and dtypes as attributes: one
+        array write and two metadata writes per checkpoint.
+        """
         self.flush()
         n_trace = int(self.group["trace/step"].shape[0])
         name = f"c{step:012d}"
         path = f"checkpoints/{name}"
-        if path in self.group:  # a checkpoint of this step that was never pointed to
-            del self.group[path]
-        for i, p in enumerate(params):
-            self._write(f"{path}/params/p{i}", p)
-        for i, s in enumerate(opt_state):
-            self._write(f"{path}/opt/s{i}", s)
-        self.group[path].attrs.update({"step": int(step), "opt_step": int(opt_step),
-                                       "draw_position": int(draw_position),
-                                       "n_trace": n_trace, "n_params": len(params),
-                                       "n_opt": len(opt_state)})
+        pieces = [np.asarray(p) for p in (*params, *opt_state)]
+        flat = np.concatenate([p.astype("float64").ravel() for p in pieces]) if pieces else np.zeros(0)
+        self._write(path, flat)
+        self.group[path].attrs.update({
+            "step": int(step), "opt_step": int(opt_step), "draw_position": int(draw_position),
+            "n_trace": n_trace, "n_params": len(params),
+            "shapes": [list(p.shape) for p in pieces], "dtypes": [str(p.dtype) for p in pieces]})
         previous = self.group.attrs.get("checkpoint")
         self.group.attrs["checkpoint"] = name  # the commit
         if previous and previous != name and f"checkpoints/{previous}" in self.group:
@@ -218,11 +221,20 @@ class RunStore:
         if name is None:
             return None
         try:
-            g = self.group[f"checkpoints/{name}"]
-            a = dict(g.attrs)
-            params = [g[f"params/p{i}"][...] for i in range(int(a["n_params"]))]
-            opt = [g[f"opt/s{i}"][...] for i in range(int(a["n_opt"]))]
-            return Checkpoint(params, opt, int(a["step"]), int(a["opt_step"]),
+            arr = self.group[f"checkpoints/{name}"]
+            a = dict(arr.attrs)
+            flat = arr[...]
+            pieces, offset = [], 0
+            for shape, dtype in zip(a["shapes"], a["dtypes"]):
+                if np.dtype(dtype).kind not in "biuf":
+                    raise ValueError(f"dtype {dtype!r} is not numeric")
+                size = int(np.prod(shape))
+                pieces.append(flat[offset:offset + size].reshape(shape).astype(np.dtype(dtype)))
+                offset += size
+            if offset != flat.size:
+                raise ValueError(f"{flat.size} values for pieces of {offset}")
+            k = int(a["n_params"])
+            return Checkpoint(pieces[:k], pieces[k:], int(a["step"]), int(a["opt_step"]),
                               int(a["draw_position"]), int(a["n_trace"]), name)
         except Exception as err:
             raise StoreError(f"run store {self.url!r}: checkpoint {name!r} is unreadable "

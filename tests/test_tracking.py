@@ -181,9 +181,10 @@ def test_sqlite_run_holds_config_every_loss_windows_tags_and_artifacts(lr, tmp_p
     assert int(p["inference.random_seed"]) == SEED
     assert int(p["fit.n"]) == N and int(p["fit.checkpoint_every"]) == 100
 
+    # MLflow gets the loss at each window's end; every step's loss is in the store
     steps, loss = history(client, tracker.run_id, "loss")
-    np.testing.assert_array_equal(steps, np.arange(1, N + 1))
-    np.testing.assert_array_equal(loss, inf.hist)
+    np.testing.assert_array_equal(steps, np.arange(LOG_EVERY, N + 1, LOG_EVERY))
+    np.testing.assert_array_equal(loss, inf.hist[steps - 1])
 
     # window metrics at the log_every steps, against the per-step traces in the store
     traces = assert_store_complete(store, inf.hist).traces
@@ -246,8 +247,8 @@ def test_live_server_receives_metrics_params_and_artifacts(lr, server, tmp_path,
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "over-http"
     steps, loss = history(client, tracker.run_id, "loss")
-    np.testing.assert_array_equal(steps, np.arange(1, N + 1))
-    np.testing.assert_array_equal(loss, inf.hist)
+    np.testing.assert_array_equal(steps, np.arange(LOG_EVERY, N + 1, LOG_EVERY))
+    np.testing.assert_array_equal(loss, inf.hist[steps - 1])
     s, v = history(client, tracker.run_id, "loss_running")
     np.testing.assert_array_equal(s, np.arange(LOG_EVERY, N + 1, LOG_EVERY))
     np.testing.assert_allclose(v, inf.hist.reshape(-1, LOG_EVERY).mean(axis=1), rtol=1e-12)
@@ -302,7 +303,7 @@ def test_server_dying_mid_run_warns_once_and_the_store_equals_the_fit(lr, dying_
         # the batches up to this step are queued; let them land so the cut is exact
         client = MlflowClient(dying_server.url)
         end = time.monotonic() + 30
-        while len(client.get_metric_history(tracker.run_id, "loss")) < kill_at:
+        while len(client.get_metric_history(tracker.run_id, "loss")) < kill_at // LOG_EVERY:
             assert time.monotonic() < end, "the first batches never reached the server"
             time.sleep(0.1)
         dying_server.kill()
@@ -322,8 +323,8 @@ def test_server_dying_mid_run_warns_once_and_the_store_equals_the_fit(lr, dying_
     # what the server had written before it died, read from its database directly
     db = MlflowClient(f"sqlite:///{dying_server.db}")
     steps, loss = history(db, tracker.run_id, "loss")
-    np.testing.assert_array_equal(steps, np.arange(1, kill_at + 1))
-    np.testing.assert_array_equal(loss, inf.hist[:kill_at])
+    np.testing.assert_array_equal(steps, np.arange(LOG_EVERY, kill_at + 1, LOG_EVERY))
+    np.testing.assert_array_equal(loss, inf.hist[steps - 1])
     assert db.get_run(tracker.run_id).info.status == "RUNNING"  # never told the end
 
 

@@ -1,0 +1,157 @@
+"""The distvi command: configs checked before anything runs, run/resume/summary end to end."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import distvi as dv
+from distvi.cli import main
+from distvi.config import ConfigError, load
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "model": "jobs.quickstart:model",
+    "data": {"kind": "loader", "loader": "jobs.quickstart:load", "options": {"rows": 3000}},
+    "method": "advi",
+    "n": 60,
+    "optimizer": {"name": "adam", "learning_rate": 0.05},
+    "batch_size": 500,
+    "backend": "local",
+    "seed": 4,
+    "progress": "off",
+}
+
+
+@pytest.fixture(autouse=True)
+def at_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # jobs.* references resolve from the working directory
+
+
+def write(tmp_path, cfg, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg) if isinstance(cfg, dict) else cfg)
+    return str(path)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"optimiser": {"name": "adam"}}, r"unknown key 'optimiser'; allowed: .*optimizer"),
+    ({"n": "100"}, r"n must be an int, got str '100'"),
+    ({"n": True}, r"n must be an int, got bool"),
+    ({"n": 0}, r"n must be >= 1"),
+    ({"n": float("inf")}, r"n must be an int, got float"),
+    ({"model": "os.system"}, r"model must be a reference 'module:function'"),
+    ({"model": "jobs.quickstart:model; rm -rf /"}, r"model must be a reference"),
+    ({"method": "nuts"}, r"method must be one of advi, fullrank_advi, svgd, asvgd"),
+    ({"method_options": {"n_particles": 10}}, r"method_options \(for advi\): unknown key 'n_particles'"),
+    ({"optimizer": {"name": "adamw"}}, r"optimizer.name must be one of"),
+    ({"optimizer": {"name": "adam", "lr": 0.1}}, r"optimizer: adam\(\) got an unexpected keyword argument 'lr'"),
+    ({"optimizer": {"name": "adam", "decay": {"to": -1}}}, r"optimizer.decay.to must be a learning rate > 0"),
+    ({"data": {"kind": "zarr", "path": "no/such.zarr"}}, r"data.path: 'no/such.zarr' does not exist"),
+    ({"data": {"kind": "csv", "path": "x"}}, r"data.kind must be one of loader, npz, zarr, parquet"),
+    ({"data": {"kind": "loader"}}, r"data.loader is required"),
+    ({"checkpoint_every": 10}, r"checkpoint_every needs a store"),
+    ({"tracking": {"experimnt": "x"}}, r"tracking: unknown key 'experimnt'"),
+    ({"progress": "fancy"}, r"progress must be one of auto, bar, lines, off"),
+    ({"backend": "dask"}, r"backend must be local or ray"),
+    ({"seed": -1}, r"seed must be >= 0"),
+])
+def test_config_errors_name_the_key_before_anything_runs(tmp_path, capsys, change, match):
+    store = tmp_path / "never.zarr"
+    cfg = {**BASE, "store": str(store), **change}
+    if "checkpoint_every" in change:
+        cfg.pop("store")
+    assert main(["run", write(tmp_path, cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distvi: error: ")
+    import re
+
+    assert re.search(match, err), err
+    assert not store.exists()
+
+
+def test_yaml_is_safe_loaded_and_overrides_are_checked(tmp_path, capsys):
+    evil = "model: !!python/object/apply:os.system ['echo pwned > pwned.txt']\n"
+    assert main(["run", write(tmp_path, evil)]) == 2
+    assert "not valid YAML for safe loading" in capsys.readouterr().err
+    assert not Path("pwned.txt").exists()
+    path = write(tmp_path, BASE)
+    assert main(["run", path, "--set", "n"]) == 2
+    assert "--set takes key=value" in capsys.readouterr().err
+    assert main(["run", path, "--set", "optimizer.name=nope"]) == 2
+    assert "optimizer.name must be one of" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    cfg = load(path, ["optimizer.learning_rate=0.02", "n=7", "data.options.rows=100"])
+    assert cfg["optimizer"]["learning_rate"] == 0.02 and cfg["n"] == 7
+    assert cfg["data"]["options"] == {"rows": 100}
+    with pytest.raises(ConfigError, match="'n' is not a mapping"):
+        load(path, ["n.x=1"])
+
+
+def test_help_for_each_command():
+    for argv in (["--help"], ["run", "--help"], ["resume", "--help"], ["summary", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+
+
+def test_run_then_summary_equals_the_python_api(tmp_path, capsys):
+    store = tmp_path / "run.zarr"
+    cfg = {**BASE, "store": str(store), "checkpoint_every": 20}
+    assert main(["run", write(tmp_path, cfg)]) == 0
+    out = capsys.readouterr().out
+    assert f"run store: {store}" in out
+    # the same fit through the Python API gives the same numbers
+    from jobs.quickstart import load as load_data, model
+
+    inf = dv.ADVI(model=model, data=load_data(rows=3000), batch_size=500, random_seed=4)
+    inf.fit(60, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False)
+    run = dv.open_run(store)
+    np.testing.assert_array_equal(run.traces["loss"], inf.hist)
+    assert run.status == "finished"
+    assert main(["summary", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert "status finished" in text and "60 of 60 recorded" in text
+    assert "beta[same_sex]" in text and "intercept" in text and "posterior draws written at the end" in text
+
+
+def test_summary_and_resume_of_a_killed_run(tmp_path, capsys):
+    store = tmp_path / "killed.zarr"
+    cfg = {**BASE, "n": 100_000, "store": str(store), "checkpoint_every": 25, "progress": "lines"}
+    path = write(tmp_path, cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "distvi.cli", "run", path], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                ckpt = dv.open_run(store).checkpoint
+            except dv.store.StoreError:
+                ckpt = None
+            if ckpt is not None and ckpt.step >= 50:
+                break
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    step = dv.open_run(store).checkpoint.step
+    assert step >= 50
+    assert main(["summary", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert "status running" in text and f"last checkpoint at step {step}" in text
+    assert f"from the approximation at the last checkpoint (step {step})" in text
+    assert "beta[work]" in text
+    assert main(["resume", str(store), "--n", str(step + 30)]) == 0
+    run = dv.open_run(store)
+    assert run.status == "finished"
+    np.testing.assert_array_equal(run.traces["step"], np.arange(1, step + 31))
+    assert main(["resume", str(tmp_path / "nothing.zarr")]) == 2
+    assert "no run store at" in capsys.readouterr().err
