@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             if job is None:
                 raise StoreError(f"{args.store!r} was not written by 'distvi run' (no job config "
                                  f"in it): resume it from Python with distvi.resume(...)")
-            cfg = validate(job)
+            cfg = {**validate(job), "store": args.store}  # where the store is now
             if args.n is not None and args.n < 1:
                 raise ConfigError(f"--n must be >= 1, got {args.n}")
             inference = run_config(cfg, resume=True, n=args.n)
