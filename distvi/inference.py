@@ -26,6 +26,7 @@ from distvi.step import CompiledStep, DriverState, SteinStep
 
 DRAW_BLOCK = 256
 DRAWS_IN_STORE = 1000  # posterior draws written to a run store at the end
+CHECKPOINT_SECONDS = 60.0  # checkpoint cadence when no checkpoint_every is given
 BACKENDS = ("local", "ray")
 
 
@@ -297,7 +298,8 @@ class Inference:
             traces, checkpoints, and the posterior draws at the end (see
             :mod:`distvi.store`). A store that exists is refused unless ``resume=True``.
         checkpoint_every
-            Steps between checkpoints (default 500; needs ``store``).
+            Steps between checkpoints (needs ``store``); by default one every 60 s of wall
+            time (a checkpoint costs milliseconds; fast steps would pay for it many times).
         resume
             Continue the run in ``store`` from its last checkpoint until the run has ``n``
             steps in all; the result equals an uninterrupted run. Without a store there yet,
@@ -629,6 +631,9 @@ class _Recorder:
     def __init__(self, store, checkpoint_every: int | None, tracker, rows_per_step: int) -> None:
         self.store, self.tracker = store, tracker
         self.ckpt_every = checkpoint_every if store is not None else None
+        # without an interval in steps: a checkpoint every CHECKPOINT_SECONDS of wall time
+        self.by_time = store is not None and checkpoint_every is None
+        self.next_ckpt_time = time.monotonic() + CHECKPOINT_SECONDS
         self.log_every = tracker.log_every if tracker is not None else None
         self.rows_per_step = rows_per_step
         self.arrays = None
@@ -641,7 +646,8 @@ class _Recorder:
 
     def due(self, step: int) -> bool:
         return ((self.ckpt_every is not None and step % self.ckpt_every == 0)
-                or (self.log_every is not None and step % self.log_every == 0))
+                or (self.log_every is not None and step % self.log_every == 0)
+                or (self.by_time and time.monotonic() >= self.next_ckpt_time))
 
     def _rows(self, lo: int, hi: int):
         losses, norms, seconds, rates = self.arrays
@@ -673,7 +679,9 @@ class _Recorder:
     def record(self, done: int, state: DriverState) -> None:
         if self.log_every is not None and state.step % self.log_every == 0:
             self._log(done)
-        if self.ckpt_every is not None and state.step % self.ckpt_every == 0:
+        if ((self.ckpt_every is not None and state.step % self.ckpt_every == 0)
+                or (self.by_time and time.monotonic() >= self.next_ckpt_time)):
+            self.next_ckpt_time = time.monotonic() + CHECKPOINT_SECONDS
             self._write(done)
             self.store.checkpoint(state.params, state.opt_state, state.step, state.opt_step,
                                   state.draw_position)
@@ -707,7 +715,7 @@ def _check_recording(store, checkpoint_every, resume) -> int | None:
     from distvi.store import _url
 
     _url(store)
-    return _positive_int("checkpoint_every", 500 if checkpoint_every is None else checkpoint_every)
+    return _positive_int("checkpoint_every", checkpoint_every, allow_none=True)
 
 
 class KLqp(Inference):

@@ -293,7 +293,8 @@ def test_server_dying_mid_run_warns_once_and_the_store_equals_the_fit(lr, dying_
     """The server is SIGKILLed at step 150 of 300, after it has the first 150 losses."""
     fail_fast_defaults(monkeypatch)
     store = tmp_path / "run.zarr"
-    tracker = dv.MLflowTracking(experiment="dying", tracking_uri=dying_server.url, log_every=LOG_EVERY)
+    tracker = dv.MLflowTracking(experiment="dying", tracking_uri=dying_server.url, log_every=LOG_EVERY,
+                                min_interval_s=0)  # one call per window, so the cut is exact
     kill_at = N // 2
     seen = []
 
