@@ -121,6 +121,8 @@ class MLflowTracking:
             from mlflow.entities import Param
 
             uri = self.tracking_uri or mlflow.get_tracking_uri()
+            if uri.startswith("sqlite:///"):  # SQLite does not create the file's directory
+                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(tracking_uri=uri)
             exp = self._client.get_experiment_by_name(self.experiment)
             if exp is None:
