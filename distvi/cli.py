@@ -61,8 +61,9 @@ def run_config(cfg: dict[str, Any], resume: bool = False, n: int | None = None, 
     return inference
 
 
-def summary_text(store: str) -> str:
-    """Run info and a posterior summary table for a run store (finished or not)."""
+def summary_text(store: str, max_rows: int | None = None) -> str:
+    """Run info and a posterior summary table for a run store (finished or not); with
+    ``max_rows``, the table's first rows only."""
     import arviz as az
     import numpy as np
 
@@ -98,7 +99,12 @@ def summary_text(store: str) -> str:
         lines.append("posterior   none yet (no checkpoint)")
     else:
         lines.append(f"posterior   {source}:")
-        lines.append(az.summary(idata, kind="stats").to_string())
+        table = az.summary(idata, kind="stats")
+        if max_rows is not None and len(table) > max_rows:
+            lines.append(table.iloc[:max_rows].to_string())
+            lines.append(f"... {len(table) - max_rows} more rows: distvi summary {store}")
+        else:
+            lines.append(table.to_string())
     return "\n".join(lines)
 
 
@@ -119,9 +125,10 @@ def job_main(doc: str, default_config: str, argv: list[str] | None = None, repor
         parser.exit(EXIT_ERROR, f"distvi: error: {err}\n")
     inference = run_config(cfg)
     if cfg["store"]:
-        print(summary_text(cfg["store"]))
+        print(summary_text(cfg["store"], max_rows=30))
     else:
-        print(az.summary(inference.approx.sample(1000, random_seed=cfg["seed"]), kind="stats").to_string())
+        table = az.summary(inference.approx.sample(1000, random_seed=cfg["seed"]), kind="stats")
+        print(table.iloc[:30].to_string() + (f"\n... {len(table) - 30} more rows" if len(table) > 30 else ""))
     if report is not None:
         report(inference, cfg)
     print(_finished(cfg, inference))

@@ -54,7 +54,7 @@ TOP: dict[str, tuple[tuple, Any]] = {
     "checkpoint_every": ((int, type(None)), None),
     "tracking": ((bool, dict), False),
     "seed": ((int,), 1),
-    "progress": ((str,), "auto"),
+    "progress": ((str, bool), "auto"),  # YAML reads off/on as false/true
 }
 DATA: dict[str, tuple[tuple, Any]] = {
     "kind": ((str,), None),
@@ -210,6 +210,8 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
         raise ConfigError(f"backend must be local or ray, got {cfg['backend']!r}")
     if cfg["seed"] < 0:
         raise ConfigError(f"seed must be >= 0, got {cfg['seed']}")
+    if isinstance(cfg["progress"], bool):
+        cfg["progress"] = "auto" if cfg["progress"] else "off"
     if cfg["progress"] not in PROGRESS:
         raise ConfigError(f"progress must be one of {', '.join(PROGRESS)}, got {cfg['progress']!r}")
     if cfg["checkpoint_every"] is not None and cfg["store"] is None:
