@@ -337,3 +337,22 @@ def test_bad_tracking_arguments_are_refused_before_any_work(lr, tmp_path):
     assert len(inf.hist) == 0
     with pytest.raises(ValueError, match="log_every"):
         dv.MLflowTracking(log_every=0)
+
+
+def test_one_tracker_serves_two_fits(lr, tmp_path, monkeypatch):
+    """A tracker that failed once (unreachable server) still records the next fit in full."""
+    monkeypatch.chdir(tmp_path)
+    fail_fast_defaults(monkeypatch)
+    tracker = dv.MLflowTracking(experiment="reuse", tracking_uri=f"http://127.0.0.1:{free_port()}",
+                                log_every=LOG_EVERY)
+    with pytest.warns(RuntimeWarning, match="MLflow tracking stopped"):
+        fit(lr, tracker, tmp_path / "first.zarr")
+    assert tracker.warned
+    tracker.tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    inf = fit(lr, tracker, tmp_path / "second.zarr")
+    assert not tracker.warned
+    client = MlflowClient(tracker.tracking_uri)
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    steps, loss = history(client, tracker.run_id, "loss")
+    np.testing.assert_array_equal(loss, inf.hist[steps - 1])
+    assert steps[-1] == N
