@@ -155,3 +155,18 @@ def test_summary_and_resume_of_a_killed_run(tmp_path, capsys):
     np.testing.assert_array_equal(run.traces["step"], np.arange(1, step + 31))
     assert main(["resume", str(tmp_path / "nothing.zarr")]) == 2
     assert "no run store at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["configs/quickstart.yaml", "configs/quickstart_fullrank.yaml"])
+def test_the_quickstart_configs_run_end_to_end_on_a_slice(tmp_path, capsys, config):
+    from jobs.quickstart import main as quickstart
+
+    store = tmp_path / "q.zarr"
+    quickstart(["--config", config, "--set", "n=40", "--set", "backend=local", "--set", "num_workers=1",
+                "--set", "tracking=false", "--set", f"store={store}", "--set", "data.options={rows: 4000}",
+                "--set", "progress=off"])
+    out = capsys.readouterr().out
+    assert f"run store   {store}" in out and "status finished" in out and "beta[same_sex]" in out
+    run = dv.open_run(store)
+    assert run.config["method"] == ("FullRankADVI" if "fullrank" in config else "ADVI")
+    assert run.traces["step"].size == 40 and run.data["n_rows"] == 4000
