@@ -89,7 +89,7 @@ def summary_text(store: str, max_rows: int | None = None) -> str:
         source = "posterior draws written at the end"
     except StoreError:
         idata, source = None, None
-        job = run.__dict__.get("job") or _job_of(store)
+        job = _job_of(store)
         if job is not None and run.checkpoint is not None:
             cfg = validate(job)
             part = open_run(store, model=resolve(cfg["model"]), data=build_source(cfg["data"]))

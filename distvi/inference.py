@@ -349,7 +349,8 @@ class Inference:
         if store is not None and resume and RunStore.exists(store):
             rs = RunStore.open(store, mode="r+")
             check_matches(rs, self)
-            recorded = rs.attrs["config"]["fit"]
+            attrs = rs.attrs  # one metadata read
+            recorded = attrs["config"]["fit"]
             mine = _jsonable(self._fit_config(recorded["n"], recorded["checkpoint_every"]))
             for key in ("optimizer", "obj_n_mc", "total_grad_norm_constraint"):
                 if recorded.get(key) != mine.get(key):
@@ -368,10 +369,10 @@ class Inference:
                 rs.truncate(ckpt.n_trace)
                 if (self._scores_by_default if score is None else score):
                     self.hist = rs.traces()["loss"]
-            parent = rs.attrs.get("mlflow_run_id")
-            rs.set_attrs(status="running", config={**rs.attrs["config"], "fit": {**recorded, "n": n}})
+            parent = attrs.get("mlflow_run_id")
+            config = {**attrs["config"], "fit": {**recorded, "n": n}}
+            rs.set_attrs(status="running", config=config)
             remaining = max(n - self.state.step, 0)
-            config = rs.attrs["config"]
         else:
             self.state = self._fresh_state()
             remaining = n
