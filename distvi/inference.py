@@ -69,20 +69,37 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None
 
 @dataclass
 class Profile:
-    """Seconds spent per phase over a profiled run (see :meth:`Inference.run_profiling`)."""
+    """Seconds spent per phase over a profiled run (see :meth:`Inference.run_profiling`).
+
+    ``phases`` holds ``draw``, ``workers``, ``transfer``, ``kernel`` (Stein methods only),
+    ``update`` and ``logging``; ``wall`` is the whole loop, so ``wall - sum(phases)`` (shown as
+    ``other``) is the loop's own Python bookkeeping.
+    """
 
     n: int
     phases: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
 
     @property
     def per_step_us(self) -> dict[str, float]:
-        return {k: 1e6 * v / max(self.n, 1) for k, v in self.phases.items()}
+        return {k: 1e6 * v / max(self.n, 1) for k, v in self.rows().items()}
+
+    def rows(self) -> dict[str, float]:
+        """The phases, then ``other`` (wall time not in any phase) when the wall was timed."""
+        rows = dict(self.phases)
+        if self.wall:
+            rows["other"] = max(self.wall - sum(self.phases.values()), 0.0)
+        return rows
 
     def __str__(self) -> str:
-        total = sum(self.phases.values()) or 1.0
+        rows = self.rows()
+        total = self.wall or sum(rows.values()) or 1.0
         lines = [f"{'phase':<10} {'total s':>9} {'us/step':>9} {'share':>6}"]
-        for k, v in self.phases.items():
+        for k, v in rows.items():
             lines.append(f"{k:<10} {v:9.3f} {1e6 * v / max(self.n, 1):9.1f} {v / total:6.1%}")
+        if self.wall:
+            lines.append(f"{'step':<10} {self.wall:9.3f} {1e6 * self.wall / max(self.n, 1):9.1f} "
+                         f"{self.n / self.wall:6.0f} it/s")
         return "\n".join(lines)
 
 
@@ -432,10 +449,17 @@ class Inference:
         self._run(n, None, None, progressbar)
         return self.approx
 
-    def run_profiling(self, n: int = 1000, obj_n_mc: int | None = None, **kwargs: Any) -> Profile:
-        """Time ``n`` steps by phase: ``draw`` (normals on the driver), ``workers`` (data term
-        on the shards), ``transfer`` (moving points and answers; 0 in process), ``update``
-        (the compiled driver step). The fit's state is left as it was."""
+    def run_profiling(self, n: int = 1000, obj_n_mc: int | None = None, callbacks=None,
+                      progressbar: bool = False, tracking: Any = None, **kwargs: Any) -> Profile:
+        """Time ``n`` steps by phase; the fit's state is left as it was.
+
+        Phases: ``draw`` (the normals, on the driver), ``workers`` (the data term on the
+        shards: their own compute time), ``transfer`` (the rest of the round trip to the
+        workers: messages and waiting; 0 in process), ``kernel`` (the Stein direction, SVGD and
+        ASVGD only), ``update`` (the compiled driver step), ``logging`` (the traces, the
+        ``callbacks``, the progress bar and, with ``tracking``, queueing MLflow batches; the
+        sending runs in a background thread), and ``other`` (the loop itself).
+        """
         n = self._check_n(n)
         saved = (self.state, self._optimizer, self._n_mc, self._max_norm, self.hist, self.approx.params_values)
         if self._optimizer is None or obj_n_mc is not None or kwargs:
@@ -443,10 +467,24 @@ class Inference:
                             kwargs.pop("total_grad_norm_constraint", self._max_norm), kwargs)
         if self.state is None or saved[1] is not self._optimizer:
             self.state = self._fresh_state()
-        profile = Profile(n, {"draw": 0.0, "workers": 0.0, "transfer": 0.0, "update": 0.0})
+        from distvi.tracking import as_tracking
+
+        tracker = as_tracking(tracking)
+        recorder = None
+        if tracker is not None:
+            tracker.start({"profiling_steps": n, "method": type(self).__name__},
+                          {"distvi.profiling": "true"})
+            recorder = _Recorder(None, None, tracker, self._rows_per_step())
+        profile = Profile(n, {"draw": 0.0, "workers": 0.0, "transfer": 0.0, "update": 0.0,
+                              "logging": 0.0})
+        t0 = time.perf_counter()
         try:
-            self._run(n, False, None, False, profile=profile)
+            self._run(n, False, callbacks, progressbar, profile=profile, recorder=recorder)
         finally:
+            profile.wall = time.perf_counter() - t0
+            if tracker is not None:
+                recorder.close(self.state)
+                tracker.finish("FINISHED", np.zeros(0))
             self.state, self._optimizer, self._n_mc, self._max_norm, self.hist, params = saved
             self.approx.params_values = params
         return profile
@@ -526,6 +564,8 @@ class Inference:
                         profile.phases["kernel"] = profile.phases.get("kernel", 0.0) + kernel_s
                 if not ok:
                     self._raise_not_finite(step, points, datalogp, datagrad, new_params)
+                if profile:
+                    t3 = clock()
                 params, opt_state, points, eps = new_params, new_state, next_points, eps_next
                 step, opt_step, pos = step + 1, opt_step + 1, pos + per_draw
                 losses[i] = loss
@@ -544,6 +584,8 @@ class Inference:
                 if bar is not None and (done % bar.every == 0 or done == n):
                     bar.update(done, shown[max(0, done - bar.every):done].mean(),
                                "loss" if with_logp else "|grad|")
+                if profile:
+                    profile.phases["logging"] += clock() - t3
         except (StopIteration, KeyboardInterrupt):
             pass
         finally:

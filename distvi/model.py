@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 import pymc as pm
-import pytensor
 import pytensor.tensor as pt
-from pytensor.compile.mode import get_mode
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Constant, Variable
 from pytensor.graph.traversal import ancestors, io_toposort
@@ -29,6 +27,7 @@ from pytensor.graph.replace import graph_replace, vectorize_graph
 from pytensor.graph.rewriting.utils import rewrite_graph
 from pytensor.tensor.shape import SpecifyShape
 
+from distvi._compile import compile_mode, function
 from distvi.data import check_array
 
 ModelFactory = Callable[[Mapping[str, Any]], pm.Model]
@@ -79,14 +78,6 @@ class DataSchema:
         }
 
 
-def compile_mode(check_bounds: bool):
-    """PyMC's treatment of parameter checks: an invalid parameter gives a -inf log density
-    (not an exception), or no check at all when the model has ``check_bounds=False``."""
-    rewrite = ("local_check_parameter_to_ninf_switch" if check_bounds
-               else "local_remove_check_parameter")
-    return get_mode(None).including(rewrite)
-
-
 def rows_of(graph: Variable, z: Variable, points: Variable, n_points: int):
     """``graph`` of the flat vector ``z`` evaluated at each row of ``points`` (S, D).
 
@@ -117,7 +108,7 @@ class DataTerm:
         outputs = [scale * rows_of(grad, self.z, points, n_points)]
         if with_logp:
             outputs.insert(0, scale * rows_of(self.logp, self.z, points, n_points))
-        return pytensor.function(
+        return function(
             [points, *self.inputs, scale],
             outputs,
             mode=compile_mode(self.check_bounds),
@@ -290,7 +281,7 @@ class ModelAdapter:
         """``f(points[S, D]) -> (varlogp[S], grad[S, D])``: the prior term at each point."""
         points = pt.matrix("points", dtype="float64", shape=(n_points, self.ndim))
         grad = pt.grad(self.prior_logp, self.z) if self.ndim else pt.zeros((0,))
-        return pytensor.function(
+        return function(
             [points], [self.rows_of(self.prior_logp, points, n_points),
                        self.rows_of(grad, points, n_points)],
             mode=self.compile_mode, trust_input=True, on_unused_input="ignore",
@@ -361,7 +352,7 @@ class ModelAdapter:
             used.append(lay)
         outs = graph_replace(outs, dict(holders), strict=False)
         inputs = [holders[rvs[name]] for name in rvs]
-        fn = pytensor.function(inputs, outs, on_unused_input="ignore")
+        fn = function(inputs, outs, on_unused_input="ignore")
 
         def one(values: Mapping[str, np.ndarray]) -> np.ndarray:
             flat = (self.initial_point() if base is None else base).copy()
@@ -406,7 +397,7 @@ class ModelAdapter:
         graphs = graph_replace(graphs, self._value_replacements(self.z), strict=False)
         points = pt.matrix("points", dtype="float64")
         batched = vectorize_graph(graphs, {self.z: points})
-        f = pytensor.function([points], batched, on_unused_input="ignore")
+        f = function([points], batched, on_unused_input="ignore")
         names = [n for n, _ in named]
 
         def fn(values: np.ndarray) -> dict[str, np.ndarray]:

@@ -12,9 +12,9 @@ import time
 from typing import NamedTuple
 
 import numpy as np
-import pytensor
 import pytensor.tensor as pt
 
+from distvi._compile import function
 from distvi.optimizers import Optimizer, total_norm_constraint
 
 
@@ -85,14 +85,14 @@ class CompiledStep:
         for p in new_params:
             ok = pt.and_(ok, pt.all(_finite(p)))
         next_points = approx.symbolic_points(new_params, eps_next)
-        self._fn = pytensor.function(
+        self._fn = function(
             [*params, *state, lr, eps, datalogp, datagrad, eps_next],
             [*new_params, *new_state, loss, grad_norm, ok, next_points],
             mode=adapter.compile_mode,
             trust_input=True,
             on_unused_input="ignore",
         )
-        self._draw = pytensor.function(
+        self._draw = function(
             [*params, eps], approx.symbolic_points(params, eps), trust_input=True,
             on_unused_input="ignore",
         )
@@ -143,13 +143,13 @@ class SteinStep:
         ok = pt.as_tensor(np.array(True))
         for p in new_params:
             ok = pt.and_(ok, pt.all(_finite(p)))
-        self._update = pytensor.function(
+        self._update = function(
             [*params, *state, lr, eps, phi, eps_next],
             [*new_params, *new_state, grad_norm, ok,
              approx.symbolic_points(new_params, eps_next)],
             mode=adapter.compile_mode, trust_input=True, on_unused_input="ignore",
         )
-        self._draw = pytensor.function([*params, eps], points, trust_input=True,
+        self._draw = function([*params, eps], points, trust_input=True,
                                        on_unused_input="ignore")
         self._prior = adapter.compile_prior_term(n_points)
 

@@ -185,10 +185,29 @@ def test_run_profiling_reports_phases_and_leaves_the_fit_alone(linreg):
     inf = _short_fit(linreg)
     mean, hist = inf.approx.mean.copy(), inf.hist.copy()
     prof = inf.run_profiling(100)
-    assert set(prof.phases) == {"draw", "workers", "transfer", "update"}
+    assert set(prof.phases) == {"draw", "workers", "transfer", "update", "logging"}
     assert prof.phases["workers"] > 0 and prof.phases["update"] > 0
+    assert 0 < sum(prof.phases.values()) <= prof.wall
+    assert set(prof.per_step_us) == set(prof.phases) | {"other"}
+    assert "it/s" in str(prof) and "other" in str(prof)
     np.testing.assert_array_equal(inf.approx.mean, mean)
     np.testing.assert_array_equal(inf.hist, hist)
+
+
+def test_run_profiling_counts_callbacks_as_logging(linreg):
+    import time
+
+    inf = _short_fit(linreg)
+    calls = []
+
+    def slow(approx, losses, i):
+        calls.append(i)
+        time.sleep(0.002)
+
+    prof = inf.run_profiling(50, callbacks=[slow])
+    assert len(calls) == 50
+    assert prof.phases["logging"] >= 50 * 0.002
+    assert prof.phases["logging"] > prof.phases["update"]
 
 
 def test_a_bad_fit_setting_changes_nothing(linreg):

@@ -356,3 +356,20 @@ def test_one_tracker_serves_two_fits(lr, tmp_path, monkeypatch):
     steps, loss = history(client, tracker.run_id, "loss")
     np.testing.assert_array_equal(loss, inf.hist[steps - 1])
     assert steps[-1] == N
+
+
+def test_run_profiling_with_tracking_times_the_logging_and_logs_a_run(lr, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = dv.MLflowTracking(experiment="profiling", tracking_uri=uri, log_every=10,
+                                min_interval_s=0)
+    inf = dv.ADVI(model=lr.factory, data=lr.data, random_seed=SEED, batch_size=BATCH)
+    inf.fit(10, obj_optimizer=dv.adam(learning_rate=LR), progressbar=False)
+    mean = inf.approx.mean.copy()
+    profile = inf.run_profiling(100, tracking=tracker)
+    assert profile.phases["logging"] > 0
+    np.testing.assert_array_equal(inf.approx.mean, mean)
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["distvi.profiling"] == "true"
+    steps, _ = history(MlflowClient(uri), tracker.run_id, "grad_norm")
+    np.testing.assert_array_equal(steps, np.arange(20, 111, 10))
