@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_advi.py
+	$(PY) benchmarks/suite.py
 
 clean:
 	rm -rf $(VENV) runs mlflow.db mlruns .pytest_cache

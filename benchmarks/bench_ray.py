@@ -158,7 +158,7 @@ def memory_child(path: str, steps: int, batch: int) -> None:
 
 def memory(args) -> dict:
     out = {}
-    for rows in (10_000, args.rows):
+    for rows in sorted({10_000, max(args.rows // 10, 10_000), args.rows}):
         path = write_zarr(Path(args.workdir) / f"logreg_{rows}x{args.dim}.zarr", rows, args.dim)
         res = subprocess.run([sys.executable, __file__, "memory-child", path, str(args.steps),
                               str(min(args.batch, rows // 2))],
@@ -166,11 +166,13 @@ def memory(args) -> dict:
         out[rows] = json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"]
         print(f"# {rows:,} rows: driver peak RSS {out[rows]:.0f} MB", file=sys.stderr)
     small, large = out[10_000], out[args.rows]
+    sizes = np.array(list(out), dtype=float)
+    slope = float(np.polyfit(sizes / 1e6, np.array(list(out.values())), 1)[0])
     print(f"\n| rows in the store | driver peak RSS MB |\n|---:|---:|")
     for rows, mb in out.items():
         print(f"| {rows:,} | {mb:.0f} |")
-    print(f"\ndifference: {large - small:+.0f} MB")
-    return {"peak_rss_mb": out}
+    print(f"\ndifference: {large - small:+.0f} MB; slope {slope:+.2f} MB per million rows")
+    return {"peak_rss_mb": out, "slope_mb_per_million_rows": slope}
 
 
 def main() -> None:

@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--kernel-particles", type=int, default=2048)
     ap.add_argument("--kernel-steps", type=int, default=8)
     ap.add_argument("--sweep", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--no-kernel", action="store_true",
+                    help="only the step speed against pymc (skip the Ray kernel measurements)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     if args.quick:
@@ -189,12 +191,13 @@ def main() -> None:
     results = {"date": started, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                             "platform": platform.platform()},
                "svgd_vs_pymc": part1(args)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        results["kernel_sharding"] = part2(args)
-        results["threshold_sweep"] = part3(args)
-    finally:
-        ray.shutdown()
+    if not args.no_kernel:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            results["kernel_sharding"] = part2(args)
+            results["threshold_sweep"] = part3(args)
+        finally:
+            ray.shutdown()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

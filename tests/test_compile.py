@@ -73,3 +73,19 @@ def test_fit_with_and_without_the_linked_blas_agree(monkeypatch):
             means.append((approx.mean, approx.cov, inference.hist))
     for a, b in zip(*means):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_bundled_blas_runs_on_one_thread(monkeypatch):
+    pytest.importorskip("scipy_openblas32")
+    from threadpoolctl import threadpool_info
+
+    _data_term(monkeypatch, "auto", 1)
+    bundled = [i for i in threadpool_info() if i["filepath"].endswith("libscipy_openblas.so")]
+    assert bundled and all(i["num_threads"] == 1 for i in bundled)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_is_refused_by_name(monkeypatch, value):
+    monkeypatch.setenv("DISTVI_BLAS_THREADS", value)
+    with pytest.raises(ValueError, match="DISTVI_BLAS_THREADS must be an integer >= 1"):
+        _compile.blas_threads()
