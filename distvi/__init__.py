@@ -6,7 +6,10 @@ from distvi.approximations import Empirical
 from distvi.approximations import FullRank
 from distvi.approximations import Group
 from distvi.approximations import MeanField
+from distvi.callbacks import CheckLossConvergence
 from distvi.callbacks import CheckParametersConvergence
+from distvi.diagnostics import Diagnosis
+from distvi.diagnostics import diagnose
 from distvi.callbacks import Tracker
 from distvi.inference import ADVI
 from distvi.inference import ASVGD
@@ -45,7 +48,9 @@ __all__ = [
     "ADVI",
     "ASVGD",
     "Approximation",
+    "CheckLossConvergence",
     "CheckParametersConvergence",
+    "Diagnosis",
     "Empirical",
     "FullRank",
     "FullRankADVI",
@@ -69,6 +74,7 @@ __all__ = [
     "apply_momentum",
     "apply_nesterov_momentum",
     "data",
+    "diagnose",
     "fit",
     "momentum",
     "nesterov_momentum",

@@ -542,8 +542,16 @@ class Approximation:
         return self._logq_fn(pts, *self.params_values)
 
     def sample(self, draws: int = 500, random_seed: int | None = None,
-               return_inferencedata: bool = True, include_transformed: bool = False):
+               return_inferencedata: bool = True, include_transformed: bool = False,
+               psis: bool = False, psis_draws: int | None = None):
         """Draws from q in the constrained space, with the model's deterministics.
+
+        With ``psis=True``: importance-resampled draws. ``psis_draws`` (default
+        ``max(draws, 1000)``) draws of q are weighted by their Pareto-smoothed importance
+        ratios against the full-data posterior (see :meth:`diagnose`) and ``draws`` of them
+        are picked by weight, with replacement; refused when k̂ > 0.7. The picked draws'
+        normalized weights are in ``sample_stats["psis_weight"]`` and k̂, the weights' ESS and
+        the verdict in the group's attributes.
 
         Returns
         -------
@@ -552,16 +560,39 @@ class Approximation:
         """
         import arviz as az
 
-        if not isinstance(draws, int | np.integer) or draws < 1:
+        if isinstance(draws, bool) or not isinstance(draws, int | np.integer) or draws < 1:
             raise ValueError(f"draws must be a positive int, got {draws!r}")
         ad = self._require_bound()
         rng = np.random.default_rng(random_seed)
-        values = ad.constrained_fn(include_transformed)(self.draw_flat(int(draws), rng))
+        stats = None
+        if psis:
+            from distvi import diagnostics
+
+            pool = diagnostics.check_draws(max(int(draws), 1000) if psis_draws is None else psis_draws)
+            diag = diagnostics.diagnose(self, pool, random_seed=int(rng.integers(2**62)))
+            picked = diagnostics.resample(self, int(draws), diag, rng)
+            flat = diag.points[picked]
+            weights = diag.weights / diag.weights.sum()
+            stats = {"psis_weight": weights[picked][None]}
+        else:
+            flat = self.draw_flat(int(draws), rng)
+        values = ad.constrained_fn(include_transformed)(flat)
         if not return_inferencedata:
             return values
         dims, coords = ad.dims_and_coords(values)
         posterior = {k: np.asarray(v)[None] for k, v in values.items()}
-        return az.from_dict(posterior=posterior, dims=dims, coords=coords)
+        idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=dims, coords=coords)
+        if psis:
+            idata.sample_stats.attrs.update({"psis_khat": diag.khat, "psis_ess": diag.ess,
+                                             "psis_draws": diag.draws, "psis_verdict": diag.verdict})
+        return idata
+
+    def diagnose(self, draws: int = 1000, random_seed: int | None = None):
+        """PSIS k̂ of q against the full-data posterior (Yao et al. 2018): see
+        :func:`distvi.diagnostics.diagnose`. The shard workers evaluate the whole data."""
+        from distvi.diagnostics import diagnose
+
+        return diagnose(self, draws, random_seed)
 
     def sample_node(self, node, size: int | None = None, random_seed: int | None = None):
         """``node`` (an expression of the model's variables) with the free variables drawn from q.

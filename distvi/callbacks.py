@@ -59,6 +59,49 @@ class CheckParametersConvergence:
             raise StopIteration(f"parameters converged at step {i}")
 
 
+class CheckLossConvergence:
+    """Stop when the running mean of the loss stops changing.
+
+    Every ``every`` steps (default ``window // 10``), once ``2 * window`` losses of this fit are
+    in, the mean of the last ``window`` losses is compared with the mean of the ``window``
+    before them; the fit stops when they differ by less than ``tolerance`` relative to the
+    older mean. A loss that keeps falling, or one that keeps growing (a diverging fit), moves
+    its running mean and is left alone. ``stopped_at`` is the step the fit stopped at (None
+    while it runs on) and ``changes`` the (step, relative change) of every comparison.
+    """
+
+    def __init__(self, window: int = 1000, tolerance: float = 1e-3, every: int | None = None) -> None:
+        for name, value in (("window", window), ("every", every)):
+            if value is None and name == "every":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+            raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
+        self.window, self.tolerance = int(window), float(tolerance)
+        self.every = max(1, self.window // 10) if every is None else int(every)
+        self.stopped_at: int | None = None
+        self.changes: list[tuple[int, float]] = []
+
+    def __call__(self, approx, losses, i: int) -> None:
+        w = self.window
+        if len(losses) < 2 * w or i % self.every:
+            return
+        recent, before = losses[-w:], losses[-2 * w:-w]
+        if not (np.all(np.isfinite(recent)) and np.all(np.isfinite(before))):
+            if np.isnan(recent).all():
+                raise ValueError("CheckLossConvergence needs the loss: this fit does not compute "
+                                 "it (fit(..., score=True))")
+            return  # a non-finite loss is not convergence
+        old, new = float(np.mean(before)), float(np.mean(recent))
+        change = abs(new - old) / max(abs(old), np.finfo(float).tiny)
+        self.changes.append((i, change))
+        if change < self.tolerance:
+            self.stopped_at = i
+            raise StopIteration(f"the running mean of the loss changed by {change:.2e} "
+                                f"(< {self.tolerance:g}) at step {i}")
+
+
 class Tracker:
     """Record values every step: ``Tracker(mean=lambda: approx.mean.copy())``.
 

@@ -46,6 +46,7 @@ def build(cfg: dict[str, Any]):
         "store": cfg["store"], "checkpoint_every": cfg["checkpoint_every"],
         "tracking": tracking,
         "progressbar": {"auto": True, "off": False}.get(cfg["progress"], cfg["progress"]),
+        "average_from": cfg["average_from"],
     }
     if cfg["obj_n_mc"] is not None:
         fit_kwargs["obj_n_mc"] = cfg["obj_n_mc"]
@@ -58,6 +59,8 @@ def run_config(cfg: dict[str, Any], resume: bool = False, n: int | None = None, 
     fit_kwargs.update(extra)
     with inference:
         inference.fit(cfg["n"] if n is None else n, resume=resume, **fit_kwargs)
+        if cfg["diagnose"]:
+            print(inference.approx.diagnose(cfg["diagnose"], random_seed=cfg["seed"]), flush=True)
     return inference
 
 
@@ -84,6 +87,13 @@ def summary_text(store: str, max_rows: int | None = None) -> str:
     if loss.size:
         tail = loss[-max(1, min(100, loss.size // 10)):]
         lines.append(f"loss        last {tail.size} steps: mean {tail.mean():.6g}")
+    if fit.get("average_from") is not None:
+        lines.append(f"averaging   iterates after step {fit.get('average_start')} "
+                     f"(average_from={fit['average_from']})")
+    diag = run.diagnosis
+    if diag is not None:
+        lines.append(f"PSIS        k-hat {float(diag.get('khat', np.nan)):.3f} ({diag.get('verdict')}), "
+                     f"ESS {float(diag.get('ess', np.nan)):.0f} of {diag.get('draws')} draws")
     try:
         idata = run.posterior()
         source = "posterior draws written at the end"

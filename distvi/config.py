@@ -55,6 +55,8 @@ TOP: dict[str, tuple[tuple, Any]] = {
     "tracking": ((bool, dict), False),
     "seed": ((int,), 1),
     "progress": ((str, bool), "auto"),  # YAML reads off/on as false/true
+    "average_from": ((float, int, type(None)), None),  # fraction of n (float) or steps (int)
+    "diagnose": ((int, bool), False),  # PSIS draws after the fit (true: 1000)
 }
 DATA: dict[str, tuple[tuple, Any]] = {
     "kind": ((str,), None),
@@ -216,6 +218,18 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
         raise ConfigError(f"progress must be one of {', '.join(PROGRESS)}, got {cfg['progress']!r}")
     if cfg["checkpoint_every"] is not None and cfg["store"] is None:
         raise ConfigError("checkpoint_every needs a store")
+    from distvi.inference import _check_average_from
+
+    try:
+        _check_average_from(cfg["average_from"], cfg["n"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if cfg["diagnose"] is True:
+        cfg["diagnose"] = 1000
+    if cfg["diagnose"] is not False and cfg["diagnose"] < 100:
+        raise ConfigError(f"diagnose must be true/false or a number of draws >= 100, got {cfg['diagnose']}")
+    if cfg["diagnose"] and cfg["method"] in ("svgd", "asvgd"):
+        raise ConfigError("diagnose needs the density of q: SVGD's particles have none")
     if isinstance(cfg["tracking"], dict):
         cfg["tracking"] = _fill("tracking", cfg["tracking"], TRACKING)
         _positive("tracking.log_every", cfg["tracking"]["log_every"], allow_none=False)

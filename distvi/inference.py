@@ -174,6 +174,8 @@ class Inference:
             approx.adapter = adapter
         approx.model = model
         approx.source = self.source
+        approx._inference = self  # what approx.diagnose() evaluates the full data with
+        self._recorded: tuple[str | None, Any] = (None, None)  # the last fit's store, tracker
         self.approx = approx
         self.hist = np.zeros(0)
         self.state: DriverState | None = None
@@ -219,6 +221,30 @@ class Inference:
         ]
         self._backend = LocalBackend(workers)
         return self._backend
+
+    def full_data_logp(self, points: np.ndarray) -> np.ndarray:
+        """The log-likelihood of all the rows at each flat point (S, D): every shard worker
+        sums its whole shard (no minibatch); workers are started for it if they were closed,
+        and closed again after."""
+        was_open = self._backend is not None
+        backend = self._ensure_backend()
+        try:
+            shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
+            parts = backend.call("full_logp", (shared,), [()] * self.num_workers)
+        finally:
+            if not was_open:
+                self.close()
+        return np.sum(parts, axis=0)
+
+    def _record_diagnosis(self, diagnosis) -> None:
+        """The diagnostic into the last fit's run store and MLflow run, when it had them."""
+        url, tracker = self._recorded
+        if url is not None:
+            from distvi.store import RunStore
+
+            RunStore.open(url, mode="r+").set_attrs(diagnosis=diagnosis.as_dict())
+        if tracker is not None:
+            tracker.log_diagnosis(diagnosis)
 
     def _points_per_step(self) -> int:
         """How many points the workers evaluate per step."""
@@ -289,7 +315,7 @@ class Inference:
             progressbar: bool = True, *, obj_n_mc: int = 1, obj_optimizer=None,
             total_grad_norm_constraint: float | None = None, store: Any = None,
             checkpoint_every: int | None = None, resume: bool = False, tracking: Any = None,
-            **kwargs: Any) -> Approximation:
+            average_from: float | int | None = None, **kwargs: Any) -> Approximation:
         """Run ``n`` steps from the current parameters with a fresh optimizer.
 
         Parameters
@@ -323,6 +349,13 @@ class Inference:
             the run starts.
         tracking
             ``True`` or a :class:`~distvi.tracking.MLflowTracking`: record the run in MLflow.
+        average_from
+            Polyak-Ruppert averaging: the approximation gets the mean of the parameters over
+            the steps after this point instead of the last iterate, which minibatch and Monte
+            Carlo noise leave scattered around the optimum. A float in ``[0, 1)`` is a
+            fraction of ``n`` (0.5: the second half), an int a number of steps. The optimizer
+            itself goes on from the last iterate (so ``refine`` continues the same average);
+            the average is checkpointed with the state.
 
         Returns
         -------
@@ -339,12 +372,16 @@ class Inference:
         n = self._check_n(n)
         tracker = as_tracking(tracking)
         every = _check_recording(store, checkpoint_every, resume)
+        average_after = _check_average_from(average_from, n)
         self._configure(obj_n_mc, obj_optimizer, total_grad_norm_constraint, kwargs)
+        self._average_from = average_from
         if store is None and tracker is None:
             self.state = self._fresh_state()
+            self._average_start = None if average_after is None else self.state.step + average_after
             self._run(n, score, callbacks, progressbar)
             return self.approx
-        return self._fit_recorded(n, score, callbacks, progressbar, store, every, resume, tracker)
+        return self._fit_recorded(n, score, callbacks, progressbar, store, every, resume, tracker,
+                                  average_after)
 
     # ---------------------------------------------------------------- recorded runs
     def settings(self) -> dict[str, Any]:
@@ -355,10 +392,11 @@ class Inference:
     def _fit_config(self, total: int, every: int | None) -> dict[str, Any]:
         opt = self._optimizer
         return {"n": total, "obj_n_mc": self._n_mc, "total_grad_norm_constraint": self._max_norm,
-                "checkpoint_every": every,
+                "checkpoint_every": every, "average_from": self._average_from,
                 "optimizer": {"name": opt.name, "hyper": dict(opt.hyper)}}
 
-    def _fit_recorded(self, n, score, callbacks, progressbar, store, every, resume, tracker):
+    def _fit_recorded(self, n, score, callbacks, progressbar, store, every, resume, tracker,
+                      average_after=None):
         from distvi.store import (RunStore, StoreError, _jsonable, check_matches,
                                   data_description, layout_of, versions)
 
@@ -369,11 +407,13 @@ class Inference:
             attrs = rs.attrs  # one metadata read
             recorded = attrs["config"]["fit"]
             mine = _jsonable(self._fit_config(recorded["n"], recorded["checkpoint_every"]))
-            for key in ("optimizer", "obj_n_mc", "total_grad_norm_constraint"):
+            recorded.setdefault("average_from", None)  # stores written before averaging
+            for key in ("optimizer", "obj_n_mc", "total_grad_norm_constraint", "average_from"):
                 if recorded.get(key) != mine.get(key):
                     raise StoreError(f"run store {rs.url!r} was run with {key}={recorded.get(key)!r}; "
                                      f"this fit has {mine.get(key)!r}: a resumed run must use the same")
             every = recorded["checkpoint_every"]
+            self._average_start = recorded.get("average_start")  # counted from the run's start
             ckpt = rs.last_checkpoint()
             if ckpt is None:
                 self.state = self._fresh_state()
@@ -381,8 +421,9 @@ class Inference:
             else:
                 self.state = DriverState(tuple(np.array(p) for p in ckpt.params),
                                          tuple(np.array(s) for s in ckpt.opt_state),
-                                         ckpt.step, ckpt.opt_step, ckpt.draw_position)
-                self.approx.params_values = list(self.state.params)
+                                         ckpt.step, ckpt.opt_step, ckpt.draw_position,
+                                         tuple(np.array(a) for a in ckpt.average), ckpt.n_averaged)
+                self.approx.params_values = list(self.state.average or self.state.params)
                 rs.truncate(ckpt.n_trace)
                 if (self._scores_by_default if score is None else score):
                     self.hist = rs.traces()["loss"]
@@ -393,8 +434,10 @@ class Inference:
         else:
             self.state = self._fresh_state()
             remaining = n
+            self._average_start = None if average_after is None else self.state.step + average_after
             config = {"method": type(self).__name__, "inference": self.settings(),
-                      "fit": self._fit_config(self.state.step + n, every)}
+                      "fit": {**self._fit_config(self.state.step + n, every),
+                              "average_start": self._average_start}}
             if store is not None:
                 rs = RunStore.create(store, {
                     "config": config, "layout": layout_of(self.approx),
@@ -415,6 +458,7 @@ class Inference:
             if rs is not None and run_id is not None and parent is None:
                 rs.set_attrs(mlflow_run_id=run_id)
         recorder = _Recorder(rs, every, tracker, self._rows_per_step())
+        self._recorded = (None if rs is None else rs.url, tracker)
         status = "failed"
         try:
             self._run(remaining, score, callbacks, progressbar, recorder=recorder)
@@ -516,6 +560,8 @@ class Inference:
         st = self.state
         params, opt_state = st.params, st.opt_state
         step, opt_step, pos = st.step, st.opt_step, st.draw_position
+        avg, n_avg = st.average, st.n_averaged
+        avg_start = getattr(self, "_average_start", None)
         points = None
         losses = np.empty(n)
         norms = np.empty(n)
@@ -568,6 +614,10 @@ class Inference:
                     t3 = clock()
                 params, opt_state, points, eps = new_params, new_state, next_points, eps_next
                 step, opt_step, pos = step + 1, opt_step + 1, pos + per_draw
+                if avg_start is not None and step > avg_start:
+                    n_avg += 1
+                    avg = (tuple(np.array(p) for p in params) if n_avg == 1 else
+                           tuple(a + (p - a) / n_avg for a, p in zip(avg, params)))
                 losses[i] = loss
                 norms[i] = gnorm
                 t_prev, t_end = t_end, clock()
@@ -575,10 +625,11 @@ class Inference:
                 rates[i] = lr
                 done = i + 1
                 if recorder is not None and recorder.due(step):
-                    recorder.record(done, DriverState(params, opt_state, step, opt_step, pos))
+                    recorder.record(done, DriverState(params, opt_state, step, opt_step, pos,
+                                                      avg, n_avg))
                 if callbacks:
                     self.approx.params_values = params
-                    self.state = DriverState(params, opt_state, step, opt_step, pos)
+                    self.state = DriverState(params, opt_state, step, opt_step, pos, avg, n_avg)
                     for cb in callbacks:
                         cb(self.approx, losses[:done], step)
                 if bar is not None and (done % bar.every == 0 or done == n):
@@ -591,8 +642,8 @@ class Inference:
         finally:
             if bar is not None:
                 bar.close()
-            self.state = DriverState(params, opt_state, step, opt_step, pos)
-            self.approx.params_values = params
+            self.state = DriverState(params, opt_state, step, opt_step, pos, avg, n_avg)
+            self.approx.params_values = avg if n_avg else params
             if score:
                 self.hist = np.concatenate([self.hist, losses[:done]])
 
@@ -727,7 +778,7 @@ class _Recorder:
             self.next_ckpt_time = time.monotonic() + CHECKPOINT_SECONDS
             self._write(done)
             self.store.checkpoint(state.params, state.opt_state, state.step, state.opt_step,
-                                  state.draw_position)
+                                  state.draw_position, state.average, state.n_averaged)
             self.last_ckpt_step = state.step
 
     def close(self, state: DriverState | None) -> None:
@@ -741,8 +792,24 @@ class _Recorder:
             self._write(done)
             if self.last_ckpt_step != state.step:
                 self.store.checkpoint(state.params, state.opt_state, state.step, state.opt_step,
-                                      state.draw_position)
+                                      state.draw_position, state.average, state.n_averaged)
             self.store.flush()
+
+
+def _check_average_from(average_from: Any, n: int) -> int | None:
+    """Steps of the fit before averaging starts, from ``average_from`` (None: no averaging)."""
+    if average_from is None:
+        return None
+    if isinstance(average_from, bool) or not isinstance(average_from, int | float | np.integer | np.floating):
+        raise TypeError(f"average_from must be a fraction of n (float) or a number of steps (int), "
+                        f"got {type(average_from).__name__}")
+    if isinstance(average_from, float | np.floating):
+        if not 0.0 <= average_from < 1.0:
+            raise ValueError(f"average_from as a fraction of n must be in [0, 1), got {average_from}")
+        return int(round(float(average_from) * n))
+    if not 0 <= average_from < max(n, 1):
+        raise ValueError(f"average_from as a number of steps must be in [0, n={n}), got {average_from}")
+    return int(average_from)
 
 
 def _check_recording(store, checkpoint_every, resume) -> int | None:
@@ -1094,5 +1161,6 @@ def resume(store: Any, n: int | None = None, model: Any = None, data: Any = None
         return inference.fit(total, callbacks=callbacks, progressbar=progressbar,
                              obj_n_mc=fit_config["obj_n_mc"], obj_optimizer=opt,
                              total_grad_norm_constraint=fit_config["total_grad_norm_constraint"],
+                             average_from=fit_config.get("average_from"),
                              store=store, resume=True, tracking=tracking)
 

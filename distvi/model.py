@@ -97,15 +97,20 @@ class DataTerm:
     inputs: list
     check_bounds: bool
 
-    def compile(self, n_points: int, with_logp: bool = True) -> Callable:
+    def compile(self, n_points: int, with_logp: bool = True, with_grad: bool = True) -> Callable:
         """``f(points[S, D], *rows, scale) -> (scale * datalogp[S], scale * grad[S, D])``;
         with ``with_logp=False`` only ``[scale * grad]`` (the log density's elementwise work,
-        e.g. two softplus per row for a logistic likelihood, is then not done)."""
+        e.g. two softplus per row for a logistic likelihood, is then not done), with
+        ``with_grad=False`` only ``[scale * datalogp]``."""
+        if not (with_logp or with_grad):
+            raise ValueError("a data term computes the log density, its gradient, or both")
         ndim = self.z.type.shape[0]
         points = pt.matrix("points", dtype="float64", shape=(n_points, ndim))
         scale = pt.scalar("scale", dtype="float64")
-        grad = pt.grad(self.logp, self.z) if ndim else pt.zeros((0,))
-        outputs = [scale * rows_of(grad, self.z, points, n_points)]
+        outputs = []
+        if with_grad:
+            grad = pt.grad(self.logp, self.z) if ndim else pt.zeros((0,))
+            outputs.append(scale * rows_of(grad, self.z, points, n_points))
         if with_logp:
             outputs.insert(0, scale * rows_of(self.logp, self.z, points, n_points))
         return function(

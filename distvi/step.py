@@ -27,7 +27,8 @@ class DriverState(NamedTuple):
 
     ``step`` counts every step of the run and keys the workers' minibatches; ``opt_step``
     counts the steps of the current optimizer (the argument of a learning-rate schedule);
-    ``draw_position`` is where the driver's normal stream stands.
+    ``draw_position`` is where the driver's normal stream stands; ``average`` is the mean of
+    the last ``n_averaged`` iterates of the parameters (Polyak-Ruppert averaging).
     """
 
     params: tuple[np.ndarray, ...]
@@ -35,6 +36,8 @@ class DriverState(NamedTuple):
     step: int
     opt_step: int
     draw_position: int
+    average: tuple[np.ndarray, ...] = ()  # running mean of the iterates (``average_from``)
+    n_averaged: int = 0
 
 
 def _inputs(step, approx, optimizer: Optimizer, n_draw: int):

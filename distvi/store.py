@@ -21,7 +21,7 @@ arrays are numbers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,8 @@ class Checkpoint:
     draw_position: int
     n_trace: int
     name: str
+    average: list[np.ndarray] = field(default_factory=list)
+    n_averaged: int = 0
 
 
 class RunStore:
@@ -187,7 +189,8 @@ class RunStore:
                 arr.resize((n,))
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self, params, opt_state, step: int, opt_step: int, draw_position: int) -> None:
+    def checkpoint(self, params, opt_state, step: int, opt_step: int, draw_position: int,
+                   average=(), n_averaged: int = 0) -> None:
         """Flush the traces, write the state under a new name, then point to it.
 
         The state is one float64 array (parameters, then optimizer state, flattened; integer
@@ -198,12 +201,13 @@ class RunStore:
         n_trace = int(self.group["trace/step"].shape[0])
         name = f"c{step:012d}"
         path = f"checkpoints/{name}"
-        pieces = [np.asarray(p) for p in (*params, *opt_state)]
+        pieces = [np.asarray(p) for p in (*params, *opt_state, *average)]
         flat = np.concatenate([p.astype("float64").ravel() for p in pieces]) if pieces else np.zeros(0)
         self._write(path, flat)
         self.group[path].attrs.update({
             "step": int(step), "opt_step": int(opt_step), "draw_position": int(draw_position),
-            "n_trace": n_trace, "n_params": len(params),
+            "n_trace": n_trace, "n_params": len(params), "n_average": len(average),
+            "n_averaged": int(n_averaged),
             "shapes": [list(p.shape) for p in pieces], "dtypes": [str(p.dtype) for p in pieces]})
         previous = self.group.attrs.get("checkpoint")
         self.group.attrs["checkpoint"] = name  # the commit
@@ -233,9 +237,11 @@ class RunStore:
                 offset += size
             if offset != flat.size:
                 raise ValueError(f"{flat.size} values for pieces of {offset}")
-            k = int(a["n_params"])
-            return Checkpoint(pieces[:k], pieces[k:], int(a["step"]), int(a["opt_step"]),
-                              int(a["draw_position"]), int(a["n_trace"]), name)
+            k, m = int(a["n_params"]), int(a.get("n_average", 0))
+            state = pieces[k:len(pieces) - m]
+            return Checkpoint(pieces[:k], state, int(a["step"]), int(a["opt_step"]),
+                              int(a["draw_position"]), int(a["n_trace"]), name,
+                              pieces[len(pieces) - m:] if m else [], int(a.get("n_averaged", 0)))
         except Exception as err:
             raise StoreError(f"run store {self.url!r}: checkpoint {name!r} is unreadable "
                              f"({type(err).__name__}: {err})") from None
@@ -273,6 +279,7 @@ class Run:
     traces: dict[str, np.ndarray]
     checkpoint: Checkpoint | None
     approximation: Any = None
+    diagnosis: dict[str, Any] | None = None  # PSIS k-hat etc. (approx.diagnose())
 
     def posterior(self):
         """The posterior draws written at the end of the run (InferenceData)."""
@@ -300,14 +307,15 @@ def open_run(store: Any, model: Any = None, data: Any = None) -> Run:
     attrs = rs.attrs
     ckpt = rs.last_checkpoint()
     run = Run(rs.url, attrs["config"], attrs["layout"], attrs["data"], attrs.get("versions", {}),
-              attrs.get("status", "unknown"), rs.traces(), ckpt)
+              attrs.get("status", "unknown"), rs.traces(), ckpt,
+              diagnosis=attrs.get("diagnosis") if isinstance(attrs.get("diagnosis"), dict) else None)
     if model is not None:
         from distvi.inference import build_inference
 
         inference = build_inference(attrs["config"], model=model, data=data)
         check_matches(rs, inference)
-        if ckpt is not None:
-            inference.approx.params_values = [np.array(p) for p in ckpt.params]
+        if ckpt is not None:  # the averaged parameters when the run averages its iterates
+            inference.approx.params_values = [np.array(p) for p in (ckpt.average or ckpt.params)]
         run.approximation = inference.approx
     return run
 

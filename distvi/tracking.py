@@ -235,6 +235,19 @@ class MLflowTracking:
                 pass
         self._restore_env()
 
+    def log_diagnosis(self, diagnosis) -> None:
+        """The PSIS diagnostic of the fit's approximation into its (finished) run: metrics
+        ``psis_khat`` and ``psis_ess``, tag ``distvi.psis_verdict``. A failure warns."""
+        if self.run_id is None:
+            return
+        try:
+            self._client.log_metric(self.run_id, "psis_khat", float(diagnosis.khat))
+            self._client.log_metric(self.run_id, "psis_ess", float(diagnosis.ess))
+            self._client.set_tag(self.run_id, "distvi.psis_verdict", diagnosis.verdict)
+        except Exception as err:
+            warnings.warn(f"MLflow: could not log the diagnostic: {type(err).__name__}: {err}",
+                          RuntimeWarning, stacklevel=3)
+
     def _restore_env(self) -> None:
         for k, v in getattr(self, "_saved_env", {}).items():
             if v is None:

@@ -23,6 +23,7 @@ from distvi._rng import Stream
 
 DataTerm = Callable[..., list[np.ndarray]]
 OFFSET_BLOCK = 1024
+FULL_CHUNK = 1 << 22  # row-point pairs per call of a full-data evaluation (32 MB per float64 array)
 
 
 class ShardWorker:
@@ -94,6 +95,20 @@ class ShardWorker:
             return out[0], out[1]
         return np.zeros(points.shape[0]), out[0]
 
+    def full_logp(self, points: np.ndarray, chunk_elements: int = FULL_CHUNK) -> np.ndarray:
+        """The log-likelihood of the whole shard (unscaled) at each point: every row once, in
+        chunks of rows so that a chunk holds at most ``chunk_elements`` row-point pairs."""
+        n_points = points.shape[0]
+        fn = self._data_term(n_points, True, False)
+        # the shuffled copy's first n_rows rows are every row once; a sum does not mind the order
+        rows = self.rows if self.full else [a[:self.n_rows] for a in self.rows]
+        per_chunk = max(1, chunk_elements // max(n_points, 1))
+        total = np.zeros(n_points)
+        one = np.array(1.0)
+        for start in range(0, self.n_rows, per_chunk):
+            total += fn(points, *[a[start:start + per_chunk] for a in rows], one)[0]
+        return total
+
     # -------------------------------------------------------------- Stein kernel work by slices
     # Three calls per step, keyed by the driver's ``token``: the slice's squared distances are
     # kept between them (and recomputed if this worker restarted in between).
@@ -123,14 +138,15 @@ class ShardWorker:
         return kernel.phi_rows(points, grads, h, temperature, lo, hi, H=H)
 
 
-def compiled_by_points(data_term) -> Callable[[int, bool], DataTerm]:
-    """``f(n_points, with_logp)``: the data term compiled once per variant, then reused."""
-    cache: dict[tuple[int, bool], DataTerm] = {}
+def compiled_by_points(data_term) -> Callable[..., DataTerm]:
+    """``f(n_points, with_logp, with_grad)``: the data term compiled once per variant, then
+    reused."""
+    cache: dict[tuple[int, bool, bool], DataTerm] = {}
 
-    def get(n_points: int, with_logp: bool = True) -> DataTerm:
-        key = (n_points, bool(with_logp))
+    def get(n_points: int, with_logp: bool = True, with_grad: bool = True) -> DataTerm:
+        key = (n_points, bool(with_logp), bool(with_grad))
         if key not in cache:
-            cache[key] = data_term.compile(n_points, with_logp)
+            cache[key] = data_term.compile(n_points, with_logp, with_grad)
         return cache[key]
 
     return get

@@ -26,9 +26,13 @@ class LinearRegression:
         self.cov = np.linalg.inv(prec)
         self.mean = self.cov @ X.T @ y / sigma**2
         self.data = {"X": X, "y": y}
-        cov_y = X @ X.T / tau + sigma**2 * np.eye(n_rows)
-        sign, logdet = np.linalg.slogdet(cov_y)
-        self.log_evidence = -0.5 * (y @ np.linalg.solve(cov_y, y) + logdet + n_rows * np.log(2 * np.pi))
+        # y ~ N(0, X X'/tau + sigma^2 I), through the d x d matrix (determinant lemma and
+        # Woodbury) so that large n_rows stay cheap
+        inner = tau * sigma**2 * np.eye(n_coef) + X.T @ X
+        logdet = n_rows * np.log(sigma**2) + np.linalg.slogdet(inner)[1] - n_coef * np.log(tau * sigma**2)
+        Xty = X.T @ y
+        quad = (y @ y - Xty @ np.linalg.solve(inner, Xty)) / sigma**2
+        self.log_evidence = -0.5 * (quad + logdet + n_rows * np.log(2 * np.pi))
 
     def factory(self, data):
         sigma, tau = self.sigma, self.tau

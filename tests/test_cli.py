@@ -62,6 +62,10 @@ def write(tmp_path, cfg, name="c.yaml"):
     ({"progress": "fancy"}, r"progress must be one of auto, bar, lines, off"),
     ({"backend": "dask"}, r"backend must be local or ray"),
     ({"seed": -1}, r"seed must be >= 0"),
+    ({"average_from": 1.5}, r"average_from as a fraction of n must be in \[0, 1\)"),
+    ({"average_from": "half"}, r"average_from must be a number or an int or null"),
+    ({"diagnose": 10}, r"diagnose must be true/false or a number of draws >= 100"),
+    ({"method": "svgd", "diagnose": True}, r"diagnose needs the density of q"),
 ])
 def test_config_errors_name_the_key_before_anything_runs(tmp_path, capsys, change, match):
     store = tmp_path / "never.zarr"
@@ -170,3 +174,27 @@ def test_the_quickstart_configs_run_end_to_end_on_a_slice(tmp_path, capsys, conf
     run = dv.open_run(store)
     assert run.config["method"] == ("FullRankADVI" if "fullrank" in config else "ADVI")
     assert run.traces["step"].size == 40 and run.data["n_rows"] == 4000
+
+
+def test_a_diagnosed_averaged_run_shows_khat_in_the_store_mlflow_and_summary(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    store = tmp_path / "d.zarr"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = {**BASE, "n": 200, "store": str(store), "average_from": 0.5, "diagnose": 300,
+           "tracking": {"experiment": "diag", "tracking_uri": uri}}
+    assert main(["run", write(tmp_path, cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "PSIS k-hat" in out
+    run = dv.open_run(store)
+    diag = run.diagnosis
+    assert diag["draws"] == 300 and diag["verdict"] in ("good", "usable", "do not trust")
+    assert run.checkpoint.n_averaged == 100 and run.config["fit"]["average_start"] == 100
+    client = MlflowClient(uri)
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("diag").experiment_id])
+    assert mlrun.data.metrics["psis_khat"] == pytest.approx(diag["khat"])
+    assert mlrun.data.tags["distvi.psis_verdict"] == diag["verdict"]
+    assert main(["summary", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert f"PSIS        k-hat {diag['khat']:.3f} ({diag['verdict']})" in text
+    assert "averaging   iterates after step 100 (average_from=0.5)" in text

@@ -73,6 +73,9 @@ class ShardActor:
         logp, grad = self.worker.evaluate(points, step, with_logp)
         return logp, grad, time.perf_counter() - t0
 
+    def full_logp(self, *args):
+        return self.worker.full_logp(*args)
+
     def stein_sample(self, *args):
         return self.worker.stein_sample(*args)
 
