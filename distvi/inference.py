@@ -353,9 +353,10 @@ class Inference:
             Polyak-Ruppert averaging: the approximation gets the mean of the parameters over
             the steps after this point instead of the last iterate, which minibatch and Monte
             Carlo noise leave scattered around the optimum. A float in ``[0, 1)`` is a
-            fraction of ``n`` (0.5: the second half), an int a number of steps. The optimizer
-            itself goes on from the last iterate (so ``refine`` continues the same average);
-            the average is checkpointed with the state.
+            fraction of ``n`` (0.5: the second half), an int a number of steps. Callbacks see
+            the averaged approximation once averaging has begun; the optimizer itself goes on
+            from the last iterate (``inference.state.params``), so ``refine`` continues the same
+            average. The average is checkpointed with the state.
 
         Returns
         -------
@@ -627,8 +628,8 @@ class Inference:
                 if recorder is not None and recorder.due(step):
                     recorder.record(done, DriverState(params, opt_state, step, opt_step, pos,
                                                       avg, n_avg))
-                if callbacks:
-                    self.approx.params_values = params
+                if callbacks:  # they see the approximation the fit returns: the average, once on
+                    self.approx.params_values = avg if n_avg else params
                     self.state = DriverState(params, opt_state, step, opt_step, pos, avg, n_avg)
                     for cb in callbacks:
                         cb(self.approx, losses[:done], step)
