@@ -570,7 +570,7 @@ class Approximation:
 
             pool = diagnostics.check_draws(max(int(draws), 1000) if psis_draws is None else psis_draws)
             diag = diagnostics.diagnose(self, pool, random_seed=int(rng.integers(2**62)))
-            picked = diagnostics.resample(self, int(draws), diag, rng)
+            picked = diagnostics.resample(int(draws), diag, rng)
             flat = diag.points[picked]
             weights = diag.weights / diag.weights.sum()
             stats = {"psis_weight": weights[picked][None]}

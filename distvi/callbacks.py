@@ -21,6 +21,11 @@ def _n_params(fn: Callable) -> int:
                for p in sig.parameters.values())
 
 
+def _count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
 def _flat_params(approx) -> np.ndarray:
     return np.concatenate([np.ravel(v) for v in approx.params_values])
 
@@ -71,11 +76,9 @@ class CheckLossConvergence:
     """
 
     def __init__(self, window: int = 1000, tolerance: float = 1e-3, every: int | None = None) -> None:
-        for name, value in (("window", window), ("every", every)):
-            if value is None and name == "every":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        _count("window", window)
+        if every is not None:
+            _count("every", every)
         if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
             raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
         self.window, self.tolerance = int(window), float(tolerance)

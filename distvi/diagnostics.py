@@ -116,7 +116,7 @@ def diagnose(approx, draws: int = 1000, random_seed: Any = None) -> Diagnosis:
     return result
 
 
-def resample(approx, draws: int, diagnosis: Diagnosis, random_seed: Any = None) -> np.ndarray:
+def resample(draws: int, diagnosis: Diagnosis, random_seed: Any = None) -> np.ndarray:
     """Indices of ``draws`` importance-resampled points of ``diagnosis`` (with replacement,
     by their smoothed weights); refuses when k̂ > 0.7."""
     if diagnosis.khat > USABLE or not np.isfinite(diagnosis.khat):

@@ -232,3 +232,17 @@ def test_loss_convergence_needs_a_loss_and_valid_settings(linreg):
     inf = dv.SVGD(n_particles=5, model=linreg.factory, data=linreg.data, random_seed=1)
     with pytest.raises(ValueError, match="needs the loss"):
         inf.fit(50, callbacks=[stop], progressbar=False)
+
+
+def test_non_finite_log_ratios_are_reported_not_fitted(linreg, monkeypatch):
+    inf = dv.ADVI(model=linreg.factory, data=linreg.data, random_seed=1)
+    real = inf.full_data_logp
+
+    def with_a_nan(points):  # a data term that is NaN at one draw
+        out = real(points)
+        out[3] = np.nan
+        return out
+
+    monkeypatch.setattr(inf, "full_data_logp", with_a_nan)
+    with pytest.raises(FloatingPointError, match="1 of 200 log importance ratios are NaN"):
+        inf.approx.diagnose(200, random_seed=1)

@@ -373,3 +373,15 @@ def test_run_profiling_with_tracking_times_the_logging_and_logs_a_run(lr, tmp_pa
     assert run.info.status == "FINISHED" and run.data.tags["distvi.profiling"] == "true"
     steps, _ = history(MlflowClient(uri), tracker.run_id, "grad_norm")
     np.testing.assert_array_equal(steps, np.arange(20, 111, 10))
+
+
+def test_a_diagnostic_mlflow_cannot_take_warns_and_the_store_still_has_it(lr, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = dv.MLflowTracking(experiment="diag", tracking_uri=uri)
+    store = tmp_path / "run.zarr"
+    inf = fit(lr, tracker, store)
+    tracker.run_id = "no-such-run"  # the run is gone from the server's point of view
+    with pytest.warns(RuntimeWarning, match="could not log the diagnostic"):
+        d = inf.approx.diagnose(200, random_seed=1)
+    assert dv.open_run(store).diagnosis == d.as_dict()
