@@ -303,6 +303,17 @@ def _distvi_blas() -> str:
     return next((f for f in flags.split() if f.startswith("-l")), "none") if flags else "none"
 
 
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """A benchmark's JSON, written whole or not at all (numpy scalars as Python numbers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else str(x))
+                   + "\n")
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
+
+
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -536,11 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             "err_sd_units": "max_i |mean_i - MAP_i| / sd_i, sd = sqrt(diag(inverse negative Hessian)) at MAP",
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
     return 1 if distvi_error is not None else 0
 
 

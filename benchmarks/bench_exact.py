@@ -23,7 +23,6 @@ Usage
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench_advi import write_result
 
 ROWS, D, NOISE, PRIOR_SD = 20_000, 6, 1.0, 10.0
 DATA_SEED = 7
@@ -186,8 +187,7 @@ def main(argv=None) -> int:
     print(f"\ntime to exact posterior: pymc {s['pymc']['seconds_median']} s "
           f"({s['pymc']['steps_median']} steps), distvi {s['distvi']['seconds_median']} s "
           f"({s['distvi']['steps_median']} steps); distvi/pymc {result['ratio_distvi_over_pymc_time']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_result(args.out, result)
     return 0
 
 

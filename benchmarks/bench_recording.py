@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
-import os
 import shutil
 import statistics
 import sys
@@ -57,7 +55,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_advi import D, FIT_SEED, LEARNING_RATE, distvi_factory, environment, make_data  # noqa: E402
+from bench_advi import (D, FIT_SEED, LEARNING_RATE, distvi_factory, environment,  # noqa: E402
+                        make_data, write_result)
 
 CONFIGS = ("off", "store", "store+mlflow")
 CHECKPOINT_EVERY = None  # the default: a checkpoint every 60 s of wall time (and at the end)
@@ -286,11 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "order": "configurations interleaved, order rotated by one each repeat",
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"\nwrote {args.out}")
+    write_result(args.out, result)
     return 1 if problems or not all_equal else 0
 
 

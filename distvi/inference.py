@@ -176,6 +176,8 @@ class Inference:
         approx.source = self.source
         approx._inference = self  # what approx.diagnose() evaluates the full data with
         self._recorded: tuple[str | None, Any] = (None, None)  # the last fit's store, tracker
+        self._average_from: float | int | None = None
+        self._average_start: int | None = None  # the step after which iterates are averaged
         self.approx = approx
         self.hist = np.zeros(0)
         self.state: DriverState | None = None
@@ -562,7 +564,7 @@ class Inference:
         params, opt_state = st.params, st.opt_state
         step, opt_step, pos = st.step, st.opt_step, st.draw_position
         avg, n_avg = st.average, st.n_averaged
-        avg_start = getattr(self, "_average_start", None)
+        avg_start = self._average_start
         points = None
         losses = np.empty(n)
         norms = np.empty(n)
