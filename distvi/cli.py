@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from distvi.config import ConfigError, build_source, load, resolve, validate
+from distvi.redact import MASK, redact, strip_credentials
 
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # SIGINT stopped the fit (SIGTERM exits with 143)
 
 
 def build(cfg: dict[str, Any]):
@@ -59,7 +62,7 @@ def run_config(cfg: dict[str, Any], resume: bool = False, n: int | None = None, 
     fit_kwargs.update(extra)
     with inference:
         inference.fit(cfg["n"] if n is None else n, resume=resume, **fit_kwargs)
-        if cfg["diagnose"]:
+        if cfg["diagnose"] and not inference.interrupted:
             print(inference.approx.diagnose(cfg["diagnose"], random_seed=cfg["seed"]), flush=True)
     return inference
 
@@ -115,7 +118,7 @@ def summary_text(store: str, max_rows: int | None = None) -> str:
             lines.append(f"... {len(table) - max_rows} more rows: distvi summary {store}")
         else:
             lines.append(table.to_string())
-    return "\n".join(lines)
+    return redact("\n".join(lines))
 
 
 def job_main(doc: str, default_config: str, argv: list[str] | None = None, report=None):
@@ -134,6 +137,8 @@ def job_main(doc: str, default_config: str, argv: list[str] | None = None, repor
     except ConfigError as err:
         parser.exit(EXIT_ERROR, f"distvi: error: {err}\n")
     inference = run_config(cfg)
+    if inference.interrupted:
+        sys.exit(EXIT_INTERRUPTED)
     if cfg["store"]:
         print(summary_text(cfg["store"], max_rows=30))
     else:
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             cfg = load(args.config, args.set)
             inference = run_config(cfg)
+            if inference.interrupted:
+                return EXIT_INTERRUPTED
             print(_finished(cfg, inference))
         elif args.command == "resume":
             job = _job_of(args.store)
@@ -183,14 +190,21 @@ def main(argv: list[str] | None = None) -> int:
                 raise StoreError(f"{args.store!r} was not written by 'distvi run' (no job config "
                                  f"in it): resume it from Python with distvi.resume(...)")
             cfg = {**validate(job), "store": args.store}  # where the store is now
+            if isinstance(cfg["tracking"], dict) and cfg["tracking"]["tracking_uri"]:
+                # stored redacted: the credentials come from MLFLOW_TRACKING_USERNAME/_PASSWORD
+                uri = cfg["tracking"]["tracking_uri"]
+                if f":{MASK}@" in uri:
+                    cfg["tracking"]["tracking_uri"] = strip_credentials(uri)
             if args.n is not None and args.n < 1:
                 raise ConfigError(f"--n must be >= 1, got {args.n}")
             inference = run_config(cfg, resume=True, n=args.n)
+            if inference.interrupted:
+                return EXIT_INTERRUPTED
             print(_finished(cfg, inference))
         else:
             print(summary_text(args.store))
     except (ConfigError, StoreError) as err:
-        print(f"distvi: error: {err}", file=sys.stderr)
+        print(redact(f"distvi: error: {err}"), file=sys.stderr)
         return EXIT_ERROR
     return 0
 
@@ -201,9 +215,12 @@ def _finished(cfg: dict[str, Any], inference) -> str:
         lines.append(f"run store: {cfg['store']}  (distvi summary {cfg['store']})")
     if cfg["tracking"]:
         uri = cfg["tracking"].get("tracking_uri") if isinstance(cfg["tracking"], dict) else None
-        lines.append("MLflow UI: mlflow ui --backend-store-uri "
-                     f"{uri or 'sqlite:///mlflow.db'} --host 127.0.0.1")
-    return "\n".join(lines)
+        uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+        if uri.startswith(("http://", "https://")):
+            lines.append(f"MLflow UI: {uri}")
+        else:  # a local store: the UI is started on this machine, for this machine only
+            lines.append(f"MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    return redact("\n".join(lines))
 
 
 if __name__ == "__main__":  # pragma: no cover

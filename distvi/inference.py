@@ -8,7 +8,9 @@ summed data term at the points, run the compiled pure step. The state between st
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -55,6 +57,55 @@ def _check_backend_options(options: dict | None) -> dict:
     if options.get("path", "auto") not in ("auto", "plain", "compiled"):
         raise ValueError(f"backend_options['path'] must be 'auto', 'plain' or 'compiled', got {options['path']!r}")
     return options
+
+
+class _DeferredSignals:
+    """SIGINT and SIGTERM during a fit, held until the step ends.
+
+    A signal is noted, and the loop stops at the next step boundary: the state is whole, the
+    final checkpoint is written and the MLflow run is closed as KILLED. A second SIGINT does
+    not wait (a step that never ends can still be interrupted). Handlers can only be set in
+    the main thread; elsewhere signals keep their usual behaviour.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _DeferredSignals:
+        return self.arm()
+
+    def arm(self) -> _DeferredSignals:
+        """Set the handlers (again after ``ray.init``, whose own SIGTERM handler aborts the
+        process); the handlers to restore are those from before the first call."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                previous = signal.signal(sig, self._note)
+                self.saved.setdefault(sig, previous)
+        return self
+
+    def _note(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+    def deliver(self) -> None:
+        """After the clean stop: SIGTERM is handled as the process would have handled it
+        (by default: exit with status 128 + 15, running ``finally`` blocks and ``atexit``);
+        SIGINT ends the fit early and the fit returns, as in PyMC."""
+        if self.signum != signal.SIGTERM:
+            return
+        previous = self.saved.get(signal.SIGTERM, signal.SIG_DFL)
+        if callable(previous):
+            previous(self.signum, None)
+        elif previous == signal.SIG_DFL:
+            raise SystemExit(128 + self.signum)
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -188,6 +239,8 @@ class Inference:
         self._backend = None
         self._finalizer = None
         self._draws = Stream(self.random_seed, DRIVER_STREAM)
+        self._signals: _DeferredSignals | None = None  # set while a fit runs
+        self.interrupted: str | None = None  # "SIGINT"/"SIGTERM" when the last fit was stopped by one
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
 
     # ---------------------------------------------------------------- resources
@@ -378,13 +431,38 @@ class Inference:
         average_after = _check_average_from(average_from, n)
         self._configure(obj_n_mc, obj_optimizer, total_grad_norm_constraint, kwargs)
         self._average_from = average_from
-        if store is None and tracker is None:
-            self.state = self._fresh_state()
-            self._average_start = None if average_after is None else self.state.step + average_after
-            self._run(n, score, callbacks, progressbar)
-            return self.approx
-        return self._fit_recorded(n, score, callbacks, progressbar, store, every, resume, tracker,
-                                  average_after)
+        self.interrupted = None
+        self._recorded = (None, None)
+        with _DeferredSignals() as signals:
+            self._signals = signals
+            try:
+                if store is None and tracker is None:
+                    self.state = self._fresh_state()
+                    self._average_start = (None if average_after is None
+                                           else self.state.step + average_after)
+                    self._run(n, score, callbacks, progressbar)
+                else:
+                    self._fit_recorded(n, score, callbacks, progressbar, store, every, resume,
+                                       tracker, average_after)
+            finally:
+                self._signals = None
+            if signals.signum is not None:
+                self._stop_for(signals.signum)
+        signals.deliver()
+        return self.approx
+
+    def _stop_for(self, signum: int) -> None:
+        """After a signal stopped the loop: release the workers (and the Ray instance, when
+        distvi started it) and say where the run stands."""
+        self.interrupted = signal.Signals(signum).name
+        self.close()
+        url = self._recorded[0]
+        where = (f"; the run store {url} has a checkpoint at this step: distvi.resume({url!r}, ...)"
+                 if url is not None else "")
+        from distvi.redact import redact
+
+        print(redact(f"distvi: {self.interrupted} received: the fit stopped after step "
+                     f"{self.state.step}{where}"), file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- recorded runs
     def settings(self) -> dict[str, Any]:
@@ -400,6 +478,7 @@ class Inference:
 
     def _fit_recorded(self, n, score, callbacks, progressbar, store, every, resume, tracker,
                       average_after=None):
+        from distvi.redact import redact_obj
         from distvi.store import (RunStore, StoreError, _jsonable, check_matches,
                                   data_description, layout_of, versions)
 
@@ -446,7 +525,8 @@ class Inference:
                     "config": config, "layout": layout_of(self.approx),
                     "approximation": [{"vfam": g.vfam, "names": [lay.name for lay in g.layout]}
                                       for g in self.approx.groups],
-                    "data": data_description(self), "versions": versions(), "job": self.job})
+                    "data": data_description(self), "versions": versions(),
+                    "job": redact_obj(self.job)})
         if tracker is not None:
             from distvi import __version__
             from distvi.tracking import git_commit
@@ -466,17 +546,20 @@ class Inference:
         try:
             self._run(remaining, score, callbacks, progressbar, recorder=recorder)
             status = "finished" if self.state.step >= n else "stopped"
+            if self._signals is not None and self._signals.signum is not None:
+                status = "interrupted"  # no posterior draws: the last checkpoint is the result
         finally:
             recorder.close(self.state)
             idata = None
-            if status != "failed":
+            if status in ("finished", "stopped"):
                 idata = self.approx.sample(DRAWS_IN_STORE, random_seed=self.random_seed)
             if rs is not None:
                 if idata is not None:
                     rs.write_posterior(idata)
                 rs.set_attrs(status=status)
             if tracker is not None:
-                mlflow_status = {"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED")
+                mlflow_status = {"finished": "FINISHED", "stopped": "KILLED",
+                                 "interrupted": "KILLED"}.get(status, "FAILED")
                 tracker.finish(mlflow_status, self.hist, idata,
                                None if rs is None else rs.url.removeprefix("file://"),
                                None if rs is None else rs.size_bytes())
@@ -552,6 +635,8 @@ class Inference:
         if n == 0:
             return
         backend = self._ensure_backend()
+        if self._signals is not None:
+            self._signals.arm()
         step_fn = self._compiled()
         # a loss needs the data term's value; KSD's update does not, so unscored Stein steps
         # skip it on the workers and the progress bar shows the gradient norm instead
@@ -577,6 +662,7 @@ class Inference:
         lr = np.array(opt.learning_rate_at(opt_step), dtype="float64")
         constant_lr = not callable(opt.hyper.get("learning_rate"))
         block = None
+        signals = self._signals
         if recorder is not None:
             recorder.bind(step, losses if with_logp else None, norms, seconds, rates)
         t_end = clock()
@@ -640,6 +726,8 @@ class Inference:
                                "loss" if with_logp else "|grad|")
                 if profile:
                     profile.phases["logging"] += clock() - t3
+                if signals is not None and signals.signum is not None:
+                    break  # a signal arrived during the step: stop at its end
         except (StopIteration, KeyboardInterrupt):
             pass
         finally:

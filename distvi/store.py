@@ -33,7 +33,13 @@ TRACE_CHUNK = 4096
 
 
 class StoreError(ValueError):
-    """A run store is missing, foreign, damaged, or does not match the run."""
+    """A run store is missing, foreign, damaged, or does not match the run (the message
+    never carries a URL's password)."""
+
+    def __init__(self, message: str) -> None:
+        from distvi.redact import redact
+
+        super().__init__(redact(message))
 
 
 def _url(store: Any) -> str:

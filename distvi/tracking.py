@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from distvi.redact import redact
+
 MAX_BATCH = 1000
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -101,8 +103,9 @@ class MLflowTracking:
     def _fail(self, what: str, err: BaseException) -> None:
         if not self.warned:
             self.warned = True
-            warnings.warn(f"MLflow tracking stopped ({what}: {type(err).__name__}: {err}); the "
-                          f"fit goes on and the run store is complete", RuntimeWarning, stacklevel=3)
+            warnings.warn(redact(f"MLflow tracking stopped ({what}: {type(err).__name__}: {err}); "
+                                 f"the fit goes on and the run store is complete"),
+                          RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, params: dict[str, Any], tags: dict[str, str],
@@ -134,14 +137,14 @@ class MLflowTracking:
                 exp_id = self._client.create_experiment(self.experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
-            all_tags = dict(tags)
+            all_tags = {k: redact(str(v)) for k, v in tags.items()}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
             self.run_id = run.info.run_id
             flat: dict[str, str] = {}
             _flat("", params, flat)
-            items = [Param(k, v) for k, v in flat.items()]
+            items = [Param(k, redact(v)) for k, v in flat.items()]
             for i in range(0, len(items), 100):
                 self._client.log_batch(self.run_id, params=items[i:i + 100])
         except Exception as err:  # unreachable server, bad URI, ...
@@ -245,7 +248,7 @@ class MLflowTracking:
             self._client.log_metric(self.run_id, "psis_ess", float(diagnosis.ess))
             self._client.set_tag(self.run_id, "distvi.psis_verdict", diagnosis.verdict)
         except Exception as err:
-            warnings.warn(f"MLflow: could not log the diagnostic: {type(err).__name__}: {err}",
+            warnings.warn(redact(f"MLflow: could not log the diagnostic: {type(err).__name__}: {err}"),
                           RuntimeWarning, stacklevel=3)
 
     def _restore_env(self) -> None:

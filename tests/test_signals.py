@@ -1,0 +1,160 @@
+"""SIGINT and SIGTERM during a fit: a stop at a step boundary, a final checkpoint, the MLflow
+run closed as KILLED, and only the Ray instance distvi started shut down.
+
+The signal is sent by a callback to its own process, so it arrives at a known step; the
+handler only notes it, and the loop stops at the end of that step."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+import distvi as dv
+from distvi.store import RunStore, StoreError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def send_at(step_wanted, signum):
+    def cb(approx, losses, step):
+        if step == step_wanted:
+            os.kill(os.getpid(), signum)
+    return cb
+
+
+def run_status(uri, store):
+    return MlflowClient(uri).get_run(RunStore.open(store).attrs["mlflow_run_id"]).info.status
+
+
+def test_sigint_stops_at_the_step_boundary_with_a_checkpoint_and_a_killed_run(tmp_path, linreg, capfd):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    store = str(tmp_path / "run.zarr")
+    opt = dict(obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False)
+    inference = dv.ADVI(model=linreg.factory, data=linreg.data, batch_size=50, random_seed=3)
+    approx = inference.fit(80, store=store, checkpoint_every=1000, callbacks=[send_at(37, signal.SIGINT)],
+                           tracking=dv.MLflowTracking(tracking_uri=uri, min_interval_s=0), **opt)
+    assert approx is inference.approx and inference.interrupted == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert inference.state.step == 37 and len(inference.hist) == 37
+    assert "SIGINT received: the fit stopped after step 37" in capfd.readouterr().err
+    run = dv.open_run(store)
+    assert run.status == "interrupted" and run.checkpoint.step == 37
+    np.testing.assert_array_equal(run.traces["step"], np.arange(1, 38))
+    np.testing.assert_array_equal(run.checkpoint.params[0], inference.state.params[0])
+    with pytest.raises(StoreError, match="no posterior draws"):
+        run.posterior()  # an interrupted run's result is its checkpoint
+    assert run_status(uri, store) == "KILLED"
+    # resumed, it ends where an uninterrupted run ends
+    resumed = dv.resume(store, model=linreg.factory, data=linreg.data, progressbar=False)
+    straight = dv.ADVI(model=linreg.factory, data=linreg.data, batch_size=50, random_seed=3)
+    straight.fit(80, **opt)
+    np.testing.assert_array_equal(resumed.params_values[0], straight.approx.params_values[0])
+    assert dv.open_run(store).status == "finished"
+
+
+def test_sigint_on_a_ray_fit_releases_the_actors_but_not_a_ray_it_did_not_start(ray_cluster, linreg):
+    inference = dv.ADVI(model=linreg.factory, data=linreg.data, num_workers=2, backend="ray",
+                        batch_size=50, random_seed=3)
+    inference.fit(60, callbacks=[send_at(12, signal.SIGINT)], progressbar=False)
+    assert inference.interrupted == "SIGINT" and inference.state.step == 12
+    assert inference._backend is None  # the actors are released
+    assert ray_cluster.is_initialized()  # the session's Ray instance is not distvi's to stop
+    straight = dv.ADVI(model=linreg.factory, data=linreg.data, batch_size=50, num_workers=2,
+                       backend="local", random_seed=3)
+    straight.fit(12, progressbar=False)
+    np.testing.assert_allclose(inference.approx.mean, straight.approx.mean, rtol=1e-12)
+
+
+def test_a_second_sigint_does_not_wait_for_the_step(linreg):
+    inference = dv.ADVI(model=linreg.factory, data=linreg.data, batch_size=50, random_seed=3)
+
+    def twice(approx, losses, step):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    inference.fit(50, callbacks=[twice], progressbar=False)  # the loop keeps a clean state
+    assert inference.state.step == 5 and np.isfinite(inference.approx.mean).all()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+SIGTERM_JOB = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, {tests!r})
+    import ray
+    import distvi as dv
+    from conftest import LinearRegression
+
+    lr = LinearRegression()
+    seen = {{}}
+
+    def cb(approx, losses, step):
+        if step == 30:
+            node = ray._private.worker._global_node
+            seen["pids"] = [p.process.pid for ps in node.all_processes.values() for p in ps]
+            seen["session"] = node.get_session_dir_path()
+            with open({pids!r}, "w") as f:
+                json.dump(seen, f)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        dv.fit(200, model=lr.factory, data=lr.data, num_workers=2, batch_size=50, random_seed=2,
+               store={store!r}, checkpoint_every=1000, callbacks=[cb], progressbar=False,
+               tracking=dv.MLflowTracking(tracking_uri={uri!r}, min_interval_s=0))
+    finally:
+        print("ray initialized at exit:", ray.is_initialized(), flush=True)
+    print("not reached", flush=True)
+""")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(tmp_path_factory):
+    """A job script in its own process: distvi starts local Ray (token auth on, as Ray does by
+    default; HOME is a temporary directory, so the token file is the test's own), and the job
+    gets SIGTERM at step 30."""
+    tmp = tmp_path_factory.mktemp("sigterm")
+    home = tmp / "home"
+    home.mkdir()
+    paths = {"tests": str(ROOT / "tests"), "pids": str(tmp / "pids.json"),
+             "store": str(tmp / "run.zarr"), "uri": f"sqlite:///{tmp}/mlflow.db"}
+    script = tmp / "job.py"
+    script.write_text(SIGTERM_JOB.format(**paths))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=600)
+    return proc, paths, home
+
+
+def test_sigterm_checkpoints_kills_the_mlflow_run_and_stops_the_ray_it_started(sigterm_run):
+    import json
+
+    proc, paths, home = sigterm_run
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert "SIGTERM received: the fit stopped after step 30" in proc.stderr
+    assert "ray initialized at exit: False" in proc.stdout and "not reached" not in proc.stdout
+    run = dv.open_run(paths["store"])
+    assert run.status == "interrupted" and run.checkpoint.step == 30
+    np.testing.assert_array_equal(run.traces["step"], np.arange(1, 31))
+    assert run_status(paths["uri"], paths["store"]) == "KILLED"
+    seen = json.loads(Path(paths["pids"]).read_text())
+    assert seen["pids"]
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in seen["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in seen["pids"] if _alive(p)], "Ray processes distvi started outlived the job"
