@@ -67,13 +67,15 @@ def run_config(cfg: dict[str, Any], resume: bool = False, n: int | None = None, 
     return inference
 
 
-def summary_text(store: str, max_rows: int | None = None) -> str:
+def summary_text(store: str, max_rows: int | None = None, sample: bool = False) -> str:
     """Run info and a posterior summary table for a run store (finished or not); with
-    ``max_rows``, the table's first rows only."""
+    ``max_rows``, the table's first rows only. A store without posterior draws is summarised
+    from its last checkpoint only with ``sample=True``: that imports and runs the model and
+    data loader the store's job names (code named in a store runs only when asked)."""
     import arviz as az
     import numpy as np
 
-    from distvi.store import StoreError, open_run
+    from distvi.store import open_run
 
     run = open_run(store)
     fit = run.config.get("fit", {})
@@ -97,20 +99,23 @@ def summary_text(store: str, max_rows: int | None = None) -> str:
     if diag is not None:
         lines.append(f"PSIS        k-hat {float(diag.get('khat', np.nan)):.3f} ({diag.get('verdict')}), "
                      f"ESS {float(diag.get('ess', np.nan)):.0f} of {diag.get('draws')} draws")
-    try:
+    idata, job = None, _job_of(store)
+    if run.posterior_sha256 is not None:  # damaged draws are an error, not "no draws"
         idata = run.posterior()
         source = "posterior draws written at the end"
-    except StoreError:
-        idata, source = None, None
-        job = _job_of(store)
-        if job is not None and run.checkpoint is not None:
-            cfg = validate(job)
-            part = open_run(store, model=resolve(cfg["model"]), data=build_source(cfg["data"]))
-            idata = part.approximation.sample(1000, random_seed=0)
-            source = f"1000 draws from the approximation at the last checkpoint (step {run.checkpoint.step})"
-    if idata is None:
+    elif run.checkpoint is None:
         lines.append("posterior   none yet (no checkpoint)")
+    elif job is None or not sample:
+        how = (f"distvi summary --sample {store} draws from it by importing and running "
+               f"{job.get('model')!r}" if isinstance(job, dict) else
+               "distvi.open_run(store, model=..., data=...) draws from it")
+        lines.append(f"posterior   none written yet; last checkpoint at step {run.checkpoint.step}: {how}")
     else:
+        cfg = validate(job)
+        part = open_run(store, model=resolve(cfg["model"]), data=build_source(cfg["data"]))
+        idata = part.approximation.sample(1000, random_seed=0)
+        source = f"1000 draws from the approximation at the last checkpoint (step {run.checkpoint.step})"
+    if idata is not None:
         lines.append(f"posterior   {source}:")
         table = az.summary(idata, kind="stats")
         if max_rows is not None and len(table) > max_rows:
@@ -173,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sum = sub.add_parser("summary", help="run info and a posterior summary",
                            description="Run info and a posterior summary table of STORE.")
     p_sum.add_argument("store", help="the run store (path or fsspec URL)")
+    p_sum.add_argument("--sample", action="store_true",
+                       help="without posterior draws in the store: draw from its last checkpoint "
+                            "(imports and runs the model the store's job names)")
     args = parser.parse_args(argv)
 
     from distvi.store import StoreError
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_INTERRUPTED
             print(_finished(cfg, inference))
         else:
-            print(summary_text(args.store))
+            print(summary_text(args.store, sample=args.sample))
     except (ConfigError, StoreError) as err:
         print(redact(f"distvi: error: {err}"), file=sys.stderr)
         return EXIT_ERROR

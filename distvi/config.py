@@ -22,6 +22,7 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov_momentum", "adagrad", "adagrad_window
               "adadelta", "adam", "adamax")
 DATA_KINDS = ("loader", "npz", "zarr", "parquet")
 PROGRESS = ("auto", "bar", "lines", "off")
+MAX_INT = 2**63 - 1  # integers beyond int64 cannot reach numpy
 REF = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 
 
@@ -104,12 +105,19 @@ def _fill(where: str, given: Mapping, schema: Mapping[str, tuple[tuple, Any]]) -
         name = f"{where}.{key}" if where != "config" else key
         if value is None and type(None) not in types and key in given and default is not None:
             raise ConfigError(f"{name} must be {_type_name(types)}, got null")
-        if value is not None and not _is(value, types):
-            raise ConfigError(f"{name} must be {_type_name(types)}, got {type(value).__name__} {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name} must be finite, got {value!r}")
+        if value is not None:
+            _check_value(name, value, types)
         out[key] = value
     return out
+
+
+def _check_value(name: str, value, types) -> None:
+    if not _is(value, types):
+        raise ConfigError(f"{name} must be {_type_name(types)}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ConfigError(f"{name} is too large: {value} (at most {MAX_INT})")
 
 
 def _positive(name: str, value, allow_none: bool = True) -> None:
@@ -179,8 +187,7 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     allowed = METHOD_OPTIONS[method]
     _check_keys(f"method_options (for {method})", cfg["method_options"], allowed)
     for key, value in cfg["method_options"].items():
-        if not _is(value, allowed[key]):
-            raise ConfigError(f"method_options.{key} must be {_type_name(allowed[key])}, got {value!r}")
+        _check_value(f"method_options.{key}", value, allowed[key])
     opt = dict(cfg["optimizer"])
     name = opt.pop("name", "adam")
     decay = opt.pop("decay", None)
@@ -203,6 +210,11 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
         raise ConfigError(f"optimizer: {err}") from None
     cfg["optimizer"] = {"name": name, **opt, **({"decay": decay} if decay is not None else {})}
     _positive("n", cfg["n"], allow_none=False)
+    from distvi.inference import MAX_STEPS
+
+    for key, most in (("n", MAX_STEPS), ("num_workers", 10_000), ("obj_n_mc", 100_000)):
+        if cfg[key] is not None and cfg[key] > most:
+            raise ConfigError(f"{key} must be <= {most}, got {cfg[key]}")
     for key in ("obj_n_mc", "batch_size", "checkpoint_every"):
         _positive(key, cfg[key])
     _positive("num_workers", cfg["num_workers"], allow_none=False)

@@ -83,7 +83,11 @@ class ArraySource:
         for name, value in arrays.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise DataError(f"data array name {name!r} must be a valid identifier")
-            checked[name] = check_array(name, np.asarray(value))
+            try:
+                value = np.asarray(value)
+            except (TypeError, ValueError) as err:  # ragged lists and the like
+                raise DataError(f"data array {name!r} is not a rectangular array: {err}") from None
+            checked[name] = check_array(name, value)
         _check_rows({name: a.shape[0] for name, a in checked.items()})
         self.arrays = checked
 

@@ -30,6 +30,7 @@ DRAW_BLOCK = 256
 DRAWS_IN_STORE = 1000  # posterior draws written to a run store at the end
 CHECKPOINT_SECONDS = 60.0  # checkpoint cadence when no checkpoint_every is given
 BACKENDS = ("local", "ray")
+MAX_STEPS = 10**9  # steps per fit call (a run continues past it with resume/refine)
 
 
 def default_optimizer() -> optimizers.Optimizer:
@@ -625,6 +626,8 @@ class Inference:
             raise TypeError(f"n must be an int, got {type(n).__name__}")
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
+        if n > MAX_STEPS:  # the loop keeps a float per step for each trace
+            raise ValueError(f"n must be <= {MAX_STEPS:.0e} steps per fit, got {n}")
         return int(n)
 
     # ---------------------------------------------------------------- the loop

@@ -20,6 +20,7 @@ arrays are numbers.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,9 +119,11 @@ class RunStore:
             raise StoreError(f"cannot create a run store at {url!r}: {err}") from err
         group.attrs.update(_jsonable({MARKER: FORMAT, **attrs, "checkpoint": None,
                                       "status": "running"}))
-        for name in TRACES:
+        for name in TRACES:  # a lost chunk reads as the fill value: -1 and NaN show it
+            step = name == "step"
             group.create_array(f"trace/{name}", shape=(0,), chunks=(TRACE_CHUNK,),
-                               dtype="int64" if name == "step" else "float64")
+                               dtype="int64" if step else "float64",
+                               fill_value=-1 if step else np.nan)
         return cls(url, group)
 
     @staticmethod
@@ -187,6 +190,26 @@ class RunStore:
         """Every trace as a numpy array, by name."""
         return {name: self.group[f"trace/{name}"][:] for name in TRACES}
 
+    def checked_traces(self) -> dict[str, np.ndarray]:
+        """The traces, refused when they are not whole: equal lengths, one row per step
+        with consecutive steps, finite step timings (a lost or cut chunk breaks one of these)."""
+        try:
+            traces = self.traces()
+        except Exception as err:
+            raise StoreError(f"run store {self.url!r}: the traces are unreadable "
+                             f"({type(err).__name__}: {err})") from None
+        lengths = {name: t.shape for name, t in traces.items()}
+        steps = traces["step"]
+        if len(set(lengths.values())) != 1 or steps.ndim != 1:
+            raise StoreError(f"run store {self.url!r} is damaged: trace shapes differ {lengths}")
+        if steps.size and (steps[0] < 1 or not np.array_equal(steps, np.arange(steps[0], steps[0] + steps.size))):
+            raise StoreError(f"run store {self.url!r} is damaged: trace/step is not one row per "
+                             f"consecutive step")
+        for name in ("grad_norm", "step_seconds", "learning_rate"):
+            if not np.isfinite(traces[name]).all():
+                raise StoreError(f"run store {self.url!r} is damaged: trace/{name} has missing values")
+        return traces
+
     def truncate(self, n: int) -> None:
         """Drop trace rows past ``n`` (steps redone after a resume)."""
         for name in TRACES:
@@ -211,6 +234,7 @@ class RunStore:
         flat = np.concatenate([p.astype("float64").ravel() for p in pieces]) if pieces else np.zeros(0)
         self._write(path, flat)
         self.group[path].attrs.update({
+            "sha256": hashlib.sha256(flat.tobytes()).hexdigest(),
             "step": int(step), "opt_step": int(opt_step), "draw_position": int(draw_position),
             "n_trace": n_trace, "n_params": len(params), "n_average": len(average),
             "n_averaged": int(n_averaged),
@@ -233,7 +257,9 @@ class RunStore:
         try:
             arr = self.group[f"checkpoints/{name}"]
             a = dict(arr.attrs)
-            flat = arr[...]
+            flat = np.ascontiguousarray(arr[...], dtype="float64")
+            if a.get("sha256") != hashlib.sha256(flat.tobytes()).hexdigest():
+                raise ValueError("its values do not match the checksum written with them")
             pieces, offset = [], 0
             for shape, dtype in zip(a["shapes"], a["dtypes"]):
                 if np.dtype(dtype).kind not in "biuf":
@@ -261,6 +287,7 @@ class RunStore:
             warnings.filterwarnings("ignore", message="Consolidated metadata")
             warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification")
             idata.to_datatree().to_zarr(f"{self.url}/posterior", mode="w")
+        self.set_attrs(posterior_sha256=posterior_digest(idata))
 
     def size_bytes(self) -> int | None:
         """Bytes on disk for a local store (None for remote ones)."""
@@ -286,18 +313,41 @@ class Run:
     checkpoint: Checkpoint | None
     approximation: Any = None
     diagnosis: dict[str, Any] | None = None  # PSIS k-hat etc. (approx.diagnose())
+    posterior_sha256: str | None = None
 
     def posterior(self):
         """The posterior draws written at the end of the run (InferenceData)."""
         import arviz as az
         import xarray as xr
 
-        try:
-            tree = xr.open_datatree(f"{self.url}/posterior", engine="zarr")
-        except Exception as err:
+        if not self.posterior_sha256:
             raise StoreError(f"run store {self.url!r} has no posterior draws yet "
-                             f"(status {self.status!r})") from err
-        return az.from_datatree(tree)
+                             f"(status {self.status!r})")
+        try:
+            idata = az.from_datatree(xr.open_datatree(f"{self.url}/posterior", engine="zarr"))
+            ok = posterior_digest(idata) == self.posterior_sha256
+        except Exception as err:
+            raise StoreError(f"run store {self.url!r}: the posterior draws are unreadable "
+                             f"({type(err).__name__}: {err})") from None
+        if not ok:
+            raise StoreError(f"run store {self.url!r} is damaged: the posterior draws do not "
+                             f"match the checksum written with them")
+        return idata
+
+
+def posterior_digest(idata) -> str:
+    """A SHA-256 over every group's variables and coordinates (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for group in sorted(idata.groups()):
+        ds = idata[group]
+        for name in sorted(map(str, ds.variables)):
+            values = np.asarray(ds.variables[name].values)
+            h.update(f"{group}/{name}|{values.dtype.kind}|{values.shape}|".encode())
+            if values.dtype.kind in "biufc":
+                h.update(np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<")).tobytes())
+            else:  # labels: their text
+                h.update(repr(values.tolist()).encode())
+    return h.hexdigest()
 
 
 def open_run(store: Any, model: Any = None, data: Any = None) -> Run:
@@ -313,8 +363,9 @@ def open_run(store: Any, model: Any = None, data: Any = None) -> Run:
     attrs = rs.attrs
     ckpt = rs.last_checkpoint()
     run = Run(rs.url, attrs["config"], attrs["layout"], attrs["data"], attrs.get("versions", {}),
-              attrs.get("status", "unknown"), rs.traces(), ckpt,
-              diagnosis=attrs.get("diagnosis") if isinstance(attrs.get("diagnosis"), dict) else None)
+              str(attrs.get("status", "unknown")), rs.checked_traces(), ckpt,
+              diagnosis=attrs.get("diagnosis") if isinstance(attrs.get("diagnosis"), dict) else None,
+              posterior_sha256=attrs.get("posterior_sha256") if isinstance(attrs.get("posterior_sha256"), str) else None)
     if model is not None:
         from distvi.inference import build_inference
 

@@ -148,9 +148,12 @@ def test_summary_and_resume_of_a_killed_run(tmp_path, capsys):
         proc.wait()
     step = dv.open_run(store).checkpoint.step
     assert step >= 50
-    assert main(["summary", str(store)]) == 0
+    assert main(["summary", str(store)]) == 0  # nothing the store names is run unasked
     text = capsys.readouterr().out
     assert "status running" in text and f"last checkpoint at step {step}" in text
+    assert "summary --sample" in text and "beta[work]" not in text
+    assert main(["summary", "--sample", str(store)]) == 0
+    text = capsys.readouterr().out
     assert f"from the approximation at the last checkpoint (step {step})" in text
     assert "beta[work]" in text
     assert main(["resume", str(store), "--n", str(step + 30)]) == 0
