@@ -13,7 +13,8 @@ ratio, the target, and whether it is met. The table and the raw results go to
 
 Parts: (a) ADVI per-iteration speed vs pymc.fit (and NumPyro when installed), (b) time to an
 exact posterior, (c) SVGD vs pymc.fit, (d) Ray per-step overhead and 2-vs-1 worker scaling,
-(e) driver peak RSS against rows.
+(e) driver peak RSS against rows, (f) the soak: 200,000 recorded steps, driver memory and
+file handles flat, every step recorded once (``bench_soak.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def commands(quick: bool) -> dict[str, list[list[str]]]:
               + ["--out", str(RESULTS / "ray_overhead.json")],
               _script("bench_ray.py") + ["scaling"] + ray_small + ["--out", str(RESULTS / "ray_scaling.json")]],
         "e": [_script("bench_ray.py") + ["memory"] + ray_small + ["--out", str(RESULTS / "ray_memory.json")]],
+        "f": [_script("bench_soak.py") + q + ["--json", str(RESULTS / "soak.json")]],
     }
 
 
@@ -117,6 +119,15 @@ def rows() -> list[dict]:
                     "distvi": " / ".join(f"{v:.0f}" for v in sizes.values()),
                     "reference": f"slope {_fmt(slope, '+.2f')} MB per 1M rows", "ratio": None,
                     "target": "flat (spread <= 50 MB)", "met": spread <= 50})
+    soak = _load("soak.json")
+    if soak and soak.get("stats"):
+        st = soak["stats"]
+        out.append({"part": "f", "measure": f"soak, {soak['config']['n']:,} steps with store + MLflow: "
+                                            "driver RSS MB / fds per 100k steps",
+                    "distvi": f"{st['rss_mb']['slope_per_100k']:+.1f} / {st['fds']['slope_per_100k']:+.2f}",
+                    "reference": f"trace arrays {st['rss_mb']['slope_per_100k'] - st['rss_mb']['net_slope_per_100k']:+.2f} MB",
+                    "ratio": None, "target": "flat; every step recorded once",
+                    "met": bool(st["flat"] and soak.get("all_checks_pass"))})
     return out
 
 
@@ -144,12 +155,12 @@ def machine() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run of every part")
-    ap.add_argument("--only", default="abcde", help="parts to run, e.g. 'a,c' (default: all)")
+    ap.add_argument("--only", default="abcdef", help="parts to run, e.g. 'a,c' (default: all)")
     ap.add_argument("--table", action="store_true", help="only print the table of the results on disk")
     ap.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = ap.parse_args(argv)
     parts = [p for p in args.only.replace(",", "") if p.strip()]
-    unknown = sorted(set(parts) - set("abcde"))
+    unknown = sorted(set(parts) - set("abcdef"))
     if unknown:
         ap.error(f"--only: unknown part(s) {', '.join(unknown)}; the parts are a, b, c, d, e")
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -190,18 +190,24 @@ class RunStore:
         """Every trace as a numpy array, by name."""
         return {name: self.group[f"trace/{name}"][:] for name in TRACES}
 
-    def checked_traces(self) -> dict[str, np.ndarray]:
-        """The traces, refused when they are not whole: equal lengths, one row per step
-        with consecutive steps, finite step timings (a lost or cut chunk breaks one of these)."""
+    def checked_traces(self, n_trace: int | None) -> dict[str, np.ndarray]:
+        """The committed traces: the first ``n_trace`` rows (the last checkpoint's; rows past
+        it are a write that a crash may have cut), refused when they are not whole: one row
+        per consecutive step, finite step timings (a lost chunk reads as fill values)."""
         try:
             traces = self.traces()
         except Exception as err:
             raise StoreError(f"run store {self.url!r}: the traces are unreadable "
                              f"({type(err).__name__}: {err})") from None
         lengths = {name: t.shape for name, t in traces.items()}
+        if any(len(shape) != 1 for shape in lengths.values()):
+            raise StoreError(f"run store {self.url!r} is damaged: traces are not 1-D {lengths}")
+        n = min(shape[0] for shape in lengths.values()) if n_trace is None else n_trace
+        if any(shape[0] < n for shape in lengths.values()):
+            raise StoreError(f"run store {self.url!r} is damaged: the checkpoint counts {n} trace "
+                             f"rows, the traces have {lengths}")
+        traces = {name: t[:n] for name, t in traces.items()}
         steps = traces["step"]
-        if len(set(lengths.values())) != 1 or steps.ndim != 1:
-            raise StoreError(f"run store {self.url!r} is damaged: trace shapes differ {lengths}")
         if steps.size and (steps[0] < 1 or not np.array_equal(steps, np.arange(steps[0], steps[0] + steps.size))):
             raise StoreError(f"run store {self.url!r} is damaged: trace/step is not one row per "
                              f"consecutive step")
@@ -363,7 +369,7 @@ def open_run(store: Any, model: Any = None, data: Any = None) -> Run:
     attrs = rs.attrs
     ckpt = rs.last_checkpoint()
     run = Run(rs.url, attrs["config"], attrs["layout"], attrs["data"], attrs.get("versions", {}),
-              str(attrs.get("status", "unknown")), rs.checked_traces(), ckpt,
+              str(attrs.get("status", "unknown")), rs.checked_traces(None if ckpt is None else ckpt.n_trace), ckpt,
               diagnosis=attrs.get("diagnosis") if isinstance(attrs.get("diagnosis"), dict) else None,
               posterior_sha256=attrs.get("posterior_sha256") if isinstance(attrs.get("posterior_sha256"), str) else None)
     if model is not None:

@@ -117,15 +117,19 @@ class MLflowTracking:
         self._pending, self._last_send = [], 0.0
         # fail fast on an unreachable server instead of MLflow's minutes of retries (for this
         # run only: restored by finish())
-        self._saved_env = {k: os.environ.get(k) for k in RETRY_ENV}
-        for k, v in RETRY_ENV.items():
+        import mlflow
+
+        uri = self.tracking_uri or mlflow.get_tracking_uri()
+        env = dict(RETRY_ENV)
+        if redact(uri) != uri:  # MLflow prints the run's URL, credentials and all
+            env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+        self._saved_env = {k: os.environ.get(k) for k in env}
+        for k, v in env.items():
             os.environ.setdefault(k, v)
         try:
-            import mlflow
             from mlflow import MlflowClient
             from mlflow.entities import Param
 
-            uri = self.tracking_uri or mlflow.get_tracking_uri()
             if uri.startswith("sqlite:///"):  # SQLite does not create the file's directory
                 Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(tracking_uri=uri)

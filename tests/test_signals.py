@@ -158,3 +158,19 @@ def test_sigterm_checkpoints_kills_the_mlflow_run_and_stops_the_ray_it_started(s
     while any(_alive(p) for p in seen["pids"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in seen["pids"] if _alive(p)], "Ray processes distvi started outlived the job"
+
+
+def test_the_ray_token_distvi_creates_is_private_and_never_written_out(sigterm_run):
+    """Ray turns token auth on for the local instance distvi starts; the token file is the
+    owner's alone, and the token is in nothing distvi printed or wrote."""
+    proc, paths, home = sigterm_run
+    token_file = home / ".ray" / "auth_token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert (home / ".ray").stat().st_mode & 0o077 == 0
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+    assert token not in proc.stdout + proc.stderr
+    tmp = Path(paths["store"]).parent
+    leaks = [str(p) for p in tmp.rglob("*") if p.is_file() and p != token_file
+             and token.encode() in p.read_bytes()]
+    assert leaks == []  # the run store, the MLflow database and artifacts

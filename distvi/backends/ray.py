@@ -56,6 +56,65 @@ class WorkerSpec:
     with_logp: bool = True  # the variant compiled in __init__
 
 
+def _token_path() -> str | None:
+    """Where Ray reads its auth token from when no ``RAY_AUTH_TOKEN`` is given."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+
+
+def _owner_only_token() -> None:
+    """Before distvi starts a local Ray instance: Ray would write a new auth token readable by
+    everyone on the machine (mode 0644); distvi writes it first, readable by its owner only,
+    and Ray uses it. An existing token file is narrowed to its owner as well."""
+    path = _token_path()
+    if path is None or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return
+    import secrets
+
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def _check_can_join(address: str) -> None:
+    """Ask the cluster's GCS, before ``ray.init``, whether this process may join: a
+    token-protected cluster refuses a client without the token, which ``ray.init`` would only
+    report after ~20 s of retries as a bare connection error."""
+    if "://" in address or address == "auto":
+        return  # Ray Client and address discovery: Ray's own checks apply
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise WorkerError(f"no Ray cluster answers at {address} ({err})") from None
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray version: no probe
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        raise WorkerError(
+            f"the Ray cluster at {address} requires an auth token and this process has none "
+            f"(or the wrong one): set RAY_AUTH_MODE=token and give the cluster's token in "
+            f"RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token "
+            f"(`ray get-auth-token` on the head node prints it)") from None
+    except Exception:
+        return  # unreachable or other trouble: ray.init reports it
+
+
 class ShardActor:
     """One shard's worker inside an actor process."""
 
@@ -162,8 +221,10 @@ class RayBackend:
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS")
             if address:
+                _check_can_join(address)
                 ray.init(address=address, log_to_driver=True)
             else:
+                _owner_only_token()
                 ray.init(include_dashboard=False, log_to_driver=True)
                 self._started_ray = True
         try:
