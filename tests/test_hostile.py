@@ -309,3 +309,29 @@ def test_a_foreign_zarr_group_and_a_plain_directory_are_refused(tmp_path):
             open_run(str(store))
         assert main(["summary", str(store)]) == 2
         assert main(["resume", str(store)]) == 2
+
+
+def test_a_fit_longer_than_the_loop_keeps_is_refused_before_any_work():
+    with pytest.raises(ValueError, match=r"n must be <= 1e\+09 steps per fit"):
+        dv.fit(10**9 + 1, model=normal_mean, data={"y": np.ones(3)})
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("checkpoint", "checkpoint .* is unreadable .*checksum"),
+    ("posterior", "posterior draws do not match the checksum"),
+    ("trace", "trace/step is not one row per consecutive step"),
+])
+def test_each_kind_of_damage_is_named(finished_store, tmp_path, damage, match):
+    store = tmp_path / "run.zarr"
+    shutil.copytree(finished_store, store)
+    if damage == "checkpoint":
+        chunk = next(p for p in store.glob("checkpoints/c*/c/*") if p.is_file())
+        chunk.unlink()  # Zarr reads a missing chunk as fill values: only the checksum tells
+    elif damage == "posterior":
+        chunk = next(p for p in sorted(store.glob("posterior/posterior/*/c/**/*")) if p.is_file())
+        chunk.unlink()
+    else:
+        next(p for p in store.glob("trace/step/c/*") if p.is_file()).unlink()
+    with pytest.raises(StoreError, match=match):
+        open_run(str(store)).posterior()
+    assert main(["summary", str(store)]) == 2

@@ -174,3 +174,17 @@ def test_the_ray_token_distvi_creates_is_private_and_never_written_out(sigterm_r
     leaks = [str(p) for p in tmp.rglob("*") if p.is_file() and p != token_file
              and token.encode() in p.read_bytes()]
     assert leaks == []  # the run store, the MLflow database and artifacts
+
+
+def test_sigterm_goes_to_the_handler_the_program_had_after_the_clean_stop(linreg, tmp_path):
+    calls = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        inference = dv.ADVI(model=linreg.factory, data=linreg.data, batch_size=50, random_seed=3)
+        inference.fit(40, store=str(tmp_path / "run.zarr"), callbacks=[send_at(9, signal.SIGTERM)],
+                      progressbar=False)
+        assert calls == [signal.SIGTERM]  # once, after the checkpoint
+        assert inference.interrupted == "SIGTERM" and inference.state.step == 9
+        assert dv.open_run(str(tmp_path / "run.zarr")).checkpoint.step == 9
+    finally:
+        signal.signal(signal.SIGTERM, previous)
