@@ -4,7 +4,7 @@ with a clear error; what the README starts listens on 127.0.0.1."""
 
 import os
 import re
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from test_tracking import Server
+from test_ray import _free_port, _wait_for_port
+from test_ray_jobs import _stop
+from test_tracking import server  # noqa: F401  (the mlflow server fixture)
 
 import distvi as dv
 from distvi.cli import main
@@ -56,16 +58,6 @@ def test_an_unreachable_tracking_server_warns_without_the_password(linreg, tmp_p
                store=str(tmp_path / "run.zarr"))
     assert all(SECRET not in str(w.message) for w in caught)
     assert SECRET not in Path(tmp_path / "run.zarr" / "zarr.json").read_text()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("secret_server"))
-    try:
-        srv.wait_healthy()
-        yield srv
-    finally:
-        srv.stop()
 
 
 def files_containing(root: Path, needle: str) -> list[str]:
@@ -123,14 +115,6 @@ def test_every_command_the_readme_and_jobs_start_binds_to_loopback():
     assert commands >= 3
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 JOIN = """
 import distvi as dv, numpy as np, pymc as pm
 def model(data):
@@ -161,8 +145,6 @@ def test_joining_a_token_protected_cluster_without_the_token_is_a_clear_error(tm
         env={**base, "HOME": str(home_a)}, stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        from test_ray import _wait_for_port
-
         _wait_for_port(port, 90)
         client = {**base, "HOME": str(home_b), "RAY_ADDRESS": f"127.0.0.1:{port}"}
         t0 = time.monotonic()
@@ -179,42 +161,5 @@ def test_joining_a_token_protected_cluster_without_the_token_is_a_clear_error(tm
         assert ok.returncode == 0 and "joined" in ok.stdout, ok.stderr[-2000:]
         assert token not in ok.stdout + ok.stderr + out.stdout + out.stderr
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        import shutil
-
+        _stop(head, short_dir)
         shutil.rmtree(short_dir, ignore_errors=True)
-
-
-def test_the_token_file_distvi_writes_is_private(tmp_path, monkeypatch):
-    from distvi.backends.ray import _owner_only_token
-
-    path = tmp_path / "dir" / "auth_token"
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    _owner_only_token()
-    assert not path.exists()  # auth off: no token
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    _owner_only_token()
-    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
-    token = path.read_text()
-    assert re.fullmatch(r"[0-9a-f]{64}", token)
-    _owner_only_token()
-    assert path.read_text() == token  # an existing token is kept ...
-    path.chmod(0o644)
-    _owner_only_token()
-    assert path.stat().st_mode & 0o777 == 0o600  # ... and narrowed to its owner
-
-
-def test_an_address_where_nothing_answers_fails_at_once():
-    from distvi.backends.ray import WorkerError, _check_can_join
-
-    t0 = time.monotonic()
-    with pytest.raises(WorkerError, match=r"no Ray cluster answers at 127.0.0.1:1 "):
-        _check_can_join("127.0.0.1:1")
-    assert time.monotonic() - t0 < 10
