@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from distvi.config import ConfigError, build_source, load, resolve, validate
-from distvi.redact import MASK, redact, strip_credentials
+from distvi.redact import redact, strip_masked
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # SIGINT stopped the fit (SIGTERM exits with 143)
@@ -140,7 +140,7 @@ def job_main(doc: str, default_config: str, argv: list[str] | None = None, repor
     try:
         cfg = load(args.config, args.set)
     except ConfigError as err:
-        parser.exit(EXIT_ERROR, f"distvi: error: {err}\n")
+        parser.exit(EXIT_ERROR, redact(f"distvi: error: {err}\n"))
     inference = run_config(cfg)
     if inference.interrupted:
         sys.exit(EXIT_INTERRUPTED)
@@ -197,12 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             if job is None:
                 raise StoreError(f"{args.store!r} was not written by 'distvi run' (no job config "
                                  f"in it): resume it from Python with distvi.resume(...)")
-            cfg = {**validate(job), "store": args.store}  # where the store is now
-            if isinstance(cfg["tracking"], dict) and cfg["tracking"]["tracking_uri"]:
-                # stored redacted: the credentials come from MLFLOW_TRACKING_USERNAME/_PASSWORD
-                uri = cfg["tracking"]["tracking_uri"]
-                if f":{MASK}@" in uri:
-                    cfg["tracking"]["tracking_uri"] = strip_credentials(uri)
+            # the job was stored redacted: URLs lose their masked credentials, which then come
+            # from the environment (MLFLOW_TRACKING_USERNAME/_PASSWORD, fsspec's configuration)
+            cfg = {**validate(strip_masked(job)), "store": args.store}  # where the store is now
             if args.n is not None and args.n < 1:
                 raise ConfigError(f"--n must be >= 1, got {args.n}")
             inference = run_config(cfg, resume=True, n=args.n)

@@ -188,6 +188,9 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     _check_keys(f"method_options (for {method})", cfg["method_options"], allowed)
     for key, value in cfg["method_options"].items():
         _check_value(f"method_options.{key}", value, allowed[key])
+    if cfg["method_options"].get("n_particles", 1) > 100_000:
+        raise ConfigError(f"method_options.n_particles must be <= 100000, got "
+                          f"{cfg['method_options']['n_particles']}")
     opt = dict(cfg["optimizer"])
     name = opt.pop("name", "adam")
     decay = opt.pop("decay", None)
@@ -196,7 +199,7 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
             raise ConfigError(f"optimizer.decay must be a mapping {{to: ..., start: ...}}, got {decay!r}")
         _check_keys("optimizer.decay", decay, {"to": 0, "start": 0})
         to, start = decay.get("to"), decay.get("start", 0.5)
-        if not (_is(to, (int, float)) and to > 0):
+        if not (_is(to, (int, float)) and 0 < to < math.inf):
             raise ConfigError(f"optimizer.decay.to must be a learning rate > 0, got {to!r}")
         if not (_is(start, (int, float)) and 0 <= start < 1):
             raise ConfigError(f"optimizer.decay.start must be a fraction of n in [0, 1), got {start!r}")
@@ -238,8 +241,9 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
         raise ConfigError(str(err)) from None
     if cfg["diagnose"] is True:
         cfg["diagnose"] = 1000
-    if cfg["diagnose"] is not False and cfg["diagnose"] < 100:
-        raise ConfigError(f"diagnose must be true/false or a number of draws >= 100, got {cfg['diagnose']}")
+    if cfg["diagnose"] is not False and not 100 <= cfg["diagnose"] <= 10**6:
+        raise ConfigError(f"diagnose must be true/false or a number of draws in [100, 1e6], "
+                          f"got {cfg['diagnose']}")
     if cfg["diagnose"] and cfg["method"] in ("svgd", "asvgd"):
         raise ConfigError("diagnose needs the density of q: SVGD's particles have none")
     if isinstance(cfg["tracking"], dict):

@@ -73,6 +73,7 @@ class _DeferredSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.forced = False  # a second SIGINT: stop now, keep the last committed checkpoint
         self.saved: dict[int, Any] = {}
 
     def __enter__(self) -> _DeferredSignals:
@@ -89,6 +90,7 @@ class _DeferredSignals:
 
     def _note(self, signum: int, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            self.forced = True
             raise KeyboardInterrupt
         self.signum = signum
 
@@ -105,7 +107,7 @@ class _DeferredSignals:
         previous = self.saved.get(signal.SIGTERM, signal.SIG_DFL)
         if callable(previous):
             previous(self.signum, None)
-        elif previous == signal.SIG_DFL:
+        elif previous != signal.SIG_IGN:  # the default (or a handler set outside Python)
             raise SystemExit(128 + self.signum)
 
 
@@ -447,6 +449,9 @@ class Inference:
                                        tracker, average_after)
             finally:
                 self._signals = None
+                if signals.forced:  # a second Ctrl-C: out now, workers released
+                    self.interrupted = "SIGINT"
+                    self.close()
             if signals.signum is not None:
                 self._stop_for(signals.signum)
         signals.deliver()
@@ -512,7 +517,7 @@ class Inference:
                     self.hist = rs.traces()["loss"]
             parent = attrs.get("mlflow_run_id")
             config = {**attrs["config"], "fit": {**recorded, "n": n}}
-            rs.set_attrs(status="running", config=config)
+            rs.set_attrs(status="running", config=config, posterior_sha256=None)  # draws are stale now
             remaining = max(n - self.state.step, 0)
         else:
             self.state = self._fresh_state()
@@ -526,7 +531,7 @@ class Inference:
                     "config": config, "layout": layout_of(self.approx),
                     "approximation": [{"vfam": g.vfam, "names": [lay.name for lay in g.layout]}
                                       for g in self.approx.groups],
-                    "data": data_description(self), "versions": versions(),
+                    "data": redact_obj(data_description(self)), "versions": versions(),
                     "job": redact_obj(self.job)})
         if tracker is not None:
             from distvi import __version__
@@ -543,14 +548,20 @@ class Inference:
                 rs.set_attrs(mlflow_run_id=run_id)
         recorder = _Recorder(rs, every, tracker, self._rows_per_step())
         self._recorded = (None if rs is None else rs.url, tracker)
-        status = "failed"
+        status, forced = "failed", False
         try:
             self._run(remaining, score, callbacks, progressbar, recorder=recorder)
             status = "finished" if self.state.step >= n else "stopped"
             if self._signals is not None and self._signals.signum is not None:
                 status = "interrupted"  # no posterior draws: the last checkpoint is the result
+        except KeyboardInterrupt:
+            forced = self._signals is not None and self._signals.forced
+            if forced:
+                status = "interrupted"  # the last committed checkpoint stands
+            raise
         finally:
-            recorder.close(self.state)
+            if not forced:
+                recorder.close(self.state)
             idata = None
             if status in ("finished", "stopped"):
                 idata = self.approx.sample(DRAWS_IN_STORE, random_seed=self.random_seed)
@@ -561,8 +572,9 @@ class Inference:
             if tracker is not None:
                 mlflow_status = {"finished": "FINISHED", "stopped": "KILLED",
                                  "interrupted": "KILLED"}.get(status, "FAILED")
-                tracker.finish(mlflow_status, self.hist, idata,
-                               None if rs is None else rs.url.removeprefix("file://"),
+                quick = status == "interrupted"  # the process may have seconds left
+                tracker.finish(mlflow_status, None if quick else self.hist, idata,
+                               None if rs is None or quick else rs.url.removeprefix("file://"),
                                None if rs is None else rs.size_bytes())
         return self.approx
 
@@ -671,6 +683,8 @@ class Inference:
         t_end = clock()
         try:
             for i in range(n):
+                if signals is not None and signals.signum is not None:
+                    break  # a signal arrived: stop at this step boundary
                 t0 = clock() if profile else 0.0
                 j = i % DRAW_BLOCK
                 if j == 0:
@@ -729,10 +743,11 @@ class Inference:
                                "loss" if with_logp else "|grad|")
                 if profile:
                     profile.phases["logging"] += clock() - t3
-                if signals is not None and signals.signum is not None:
-                    break  # a signal arrived during the step: stop at its end
-        except (StopIteration, KeyboardInterrupt):
+        except StopIteration:
             pass
+        except KeyboardInterrupt:
+            if signals is not None and signals.forced:
+                raise  # the state may be torn mid-update: nothing of it is recorded
         finally:
             if bar is not None:
                 bar.close()

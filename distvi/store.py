@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2  # 2: checksums on checkpoints and posterior draws
 MARKER = "distvi_run_store"
 TRACES = ("step", "loss", "grad_norm", "step_seconds", "learning_rate", "rows_per_s")
 TRACE_CHUNK = 4096
@@ -96,6 +96,38 @@ class Checkpoint:
     n_averaged: int = 0
 
 
+def _check_attrs(url: str, attrs: dict[str, Any]) -> None:
+    """The root attributes readers rely on, each of the type they expect."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise StoreError(f"run store {url!r} is damaged: {what}")
+
+    config, data, layout = attrs.get("config"), attrs.get("data"), attrs.get("layout")
+    need(isinstance(config, dict) and isinstance(config.get("fit"), dict),
+         "attribute 'config' is not a mapping with a 'fit' mapping")
+    need(isinstance(config["fit"].get("optimizer", {}), dict), "config.fit.optimizer is not a mapping")
+    need(isinstance(data, dict), "attribute 'data' is not a mapping")
+    need(isinstance(layout, list) and all(isinstance(v, dict) for v in layout),
+         "attribute 'layout' is not a list of variables")
+    need(isinstance(attrs.get("status", ""), str), "attribute 'status' is not a string")
+    need(attrs.get("checkpoint") is None or isinstance(attrs["checkpoint"], str),
+         "attribute 'checkpoint' is not a name")
+    need(attrs.get("job") is None or isinstance(attrs["job"], dict), "attribute 'job' is not a mapping")
+    diag = attrs.get("diagnosis")
+    need(diag is None or (isinstance(diag, dict) and all(
+        isinstance(diag.get(k), int | float) and not isinstance(diag.get(k), bool)
+        for k in ("khat", "ess", "draws"))), "attribute 'diagnosis' is not a diagnosis")
+
+
+def _checkpoint_digest(flat: np.ndarray, meta: dict[str, Any]) -> str:
+    """SHA-256 over a checkpoint's values and the attributes that say how to read them."""
+    import json
+
+    h = hashlib.sha256(np.ascontiguousarray(flat, dtype="<f8").tobytes())
+    h.update(json.dumps({k: meta[k] for k in sorted(meta) if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 class RunStore:
     """A run's Zarr group (see the module docstring for the layout)."""
 
@@ -147,11 +179,12 @@ class RunStore:
         except Exception as err:
             raise StoreError(f"no run store at {url!r} ({type(err).__name__}: {err})") from None
         attrs = dict(group.attrs)
+        if isinstance(attrs.get(MARKER), int) and attrs[MARKER] < FORMAT:
+            raise StoreError(f"{url!r} was written by an older distvi (store format "
+                             f"{attrs[MARKER]}; this version reads format {FORMAT})")
         if attrs.get(MARKER) != FORMAT:
             raise StoreError(f"{url!r} is not a distvi run store (no {MARKER!r}={FORMAT} attribute)")
-        for key in ("config", "layout", "data"):
-            if not isinstance(attrs.get(key), dict | list):
-                raise StoreError(f"run store {url!r} is damaged: attribute {key!r} is missing")
+        _check_attrs(url, attrs)
         try:
             missing = [n for n in TRACES if f"trace/{n}" not in group]
         except Exception as err:
@@ -239,12 +272,11 @@ class RunStore:
         pieces = [np.asarray(p) for p in (*params, *opt_state, *average)]
         flat = np.concatenate([p.astype("float64").ravel() for p in pieces]) if pieces else np.zeros(0)
         self._write(path, flat)
-        self.group[path].attrs.update({
-            "sha256": hashlib.sha256(flat.tobytes()).hexdigest(),
-            "step": int(step), "opt_step": int(opt_step), "draw_position": int(draw_position),
-            "n_trace": n_trace, "n_params": len(params), "n_average": len(average),
-            "n_averaged": int(n_averaged),
-            "shapes": [list(p.shape) for p in pieces], "dtypes": [str(p.dtype) for p in pieces]})
+        meta = {"step": int(step), "opt_step": int(opt_step), "draw_position": int(draw_position),
+                "n_trace": n_trace, "n_params": len(params), "n_average": len(average),
+                "n_averaged": int(n_averaged),
+                "shapes": [list(p.shape) for p in pieces], "dtypes": [str(p.dtype) for p in pieces]}
+        self.group[path].attrs.update({**meta, "sha256": _checkpoint_digest(flat, meta)})
         previous = self.group.attrs.get("checkpoint")
         self.group.attrs["checkpoint"] = name  # the commit
         if previous and previous != name and f"checkpoints/{previous}" in self.group:
@@ -264,8 +296,8 @@ class RunStore:
             arr = self.group[f"checkpoints/{name}"]
             a = dict(arr.attrs)
             flat = np.ascontiguousarray(arr[...], dtype="float64")
-            if a.get("sha256") != hashlib.sha256(flat.tobytes()).hexdigest():
-                raise ValueError("its values do not match the checksum written with them")
+            if a.get("sha256") != _checkpoint_digest(flat, a):
+                raise ValueError("its values or attributes do not match the checksum written with them")
             pieces, offset = [], 0
             for shape, dtype in zip(a["shapes"], a["dtypes"]):
                 if np.dtype(dtype).kind not in "biuf":

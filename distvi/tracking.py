@@ -235,6 +235,7 @@ class MLflowTracking:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             self._fail("finishing", TimeoutError(f"MLflow did not answer within {timeout_s:.0f} s"))
+            return  # the thread may still call MLflow: its settings (no URL printing) stay
         elif self.warned:
             try:  # a batch failed: still try to close the run rather than leave it RUNNING
                 end()

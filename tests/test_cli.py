@@ -64,7 +64,10 @@ def write(tmp_path, cfg, name="c.yaml"):
     ({"seed": -1}, r"seed must be >= 0"),
     ({"average_from": 1.5}, r"average_from as a fraction of n must be in \[0, 1\)"),
     ({"average_from": "half"}, r"average_from must be a number or an int or null"),
-    ({"diagnose": 10}, r"diagnose must be true/false or a number of draws >= 100"),
+    ({"diagnose": 10}, r"diagnose must be true/false or a number of draws in \[100, 1e6\]"),
+    ({"diagnose": 10**9}, r"diagnose must be true/false or a number of draws in"),
+    ({"method": "svgd", "method_options": {"n_particles": 10**9}}, r"n_particles must be <= 100000"),
+    ({"optimizer": {"name": "adam", "decay": {"to": float("inf")}}}, r"optimizer.decay.to must be"),
     ({"method": "svgd", "diagnose": True}, r"diagnose needs the density of q"),
 ])
 def test_config_errors_name_the_key_before_anything_runs(tmp_path, capsys, change, match):

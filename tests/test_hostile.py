@@ -27,7 +27,7 @@ from distvi.store import StoreError, open_run
 ROOT = Path(__file__).resolve().parent.parent
 FAST = settings(derandomize=True, deadline=None, max_examples=150, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-SLOW = settings(FAST, max_examples=12)
+SLOW = settings(FAST, max_examples=8)
 
 # ------------------------------------------------------------------ data
 

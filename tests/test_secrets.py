@@ -20,7 +20,7 @@ from test_tracking import server  # noqa: F401  (the mlflow server fixture)
 
 import distvi as dv
 from distvi.cli import main
-from distvi.redact import redact, redact_obj, strip_credentials
+from distvi.redact import redact, redact_obj, strip_credentials, strip_masked
 from distvi.store import RunStore, StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,10 @@ SECRET = "S3cr3t-pw"
     (f"s3://KEY:{SECRET}@bucket/run.zarr and gs://u:{SECRET}@b", "s3://KEY:***@bucket/run.zarr and gs://u:***@b"),
     (f"'postgresql://u:p@ss{SECRET}@db:5432/mlflow'", "'postgresql://u:***@db:5432/mlflow'"),
     ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+    (f"https://alice@corp.com:{SECRET}@host/x", "https://alice@corp.com:***@host/x"),
+    (f"https://{SECRET}@host/x", "https://***@host/x"),
+    (f"https://acct.example/c?sv=1&sig={SECRET}&X-Amz-Signature={SECRET}#f",
+     "https://acct.example/c?sv=1&sig=***&X-Amz-Signature=***#f"),
     ("http://127.0.0.1:5000 user@example.org", "http://127.0.0.1:5000 user@example.org"),
 ])
 def test_redact_hides_the_password_of_every_url(text, want):
@@ -43,6 +47,10 @@ def test_redact_hides_the_password_of_every_url(text, want):
 def test_strip_credentials():
     assert strip_credentials("https://alice:***@h:1/p") == "https://h:1/p"
     assert strip_credentials("sqlite:///x.db") == "sqlite:///x.db"
+    job = redact_obj({"tracking": {"tracking_uri": f"https://a:{SECRET}@h"},
+                      "data": {"path": [f"sftp://u:{SECRET}@h/d.zarr", "local.zarr"]}})
+    assert strip_masked(job) == {"tracking": {"tracking_uri": "https://h"},
+                                 "data": {"path": ["sftp://h/d.zarr", "local.zarr"]}}
 
 
 def test_store_errors_never_carry_a_password():
@@ -163,3 +171,40 @@ def test_joining_a_token_protected_cluster_without_the_token_is_a_clear_error(tm
     finally:
         _stop(head, short_dir)
         shutil.rmtree(short_dir, ignore_errors=True)
+
+
+def test_the_token_file_distvi_writes_is_private(tmp_path, monkeypatch):
+    from distvi.backends.ray import _owner_only_token
+
+    path = tmp_path / "dir" / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    _owner_only_token()
+    assert not path.exists()  # auth off: no token
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    _owner_only_token()
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    token = path.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    _owner_only_token()
+    assert path.read_text() == token  # an existing token is kept ...
+    path.chmod(0o644)
+    _owner_only_token()
+    assert path.stat().st_mode & 0o777 == 0o600  # ... and narrowed to its owner
+    target = tmp_path / "elsewhere"
+    target.write_text("x")
+    target.chmod(0o644)
+    path.unlink()
+    path.symlink_to(target)
+    _owner_only_token()
+    assert target.stat().st_mode & 0o777 == 0o644  # a symlink is not followed
+
+
+def test_an_address_where_nothing_answers_fails_at_once():
+    from distvi.backends.ray import WorkerError, _check_can_join
+
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"no Ray cluster answers at 127.0.0.1:1 "):
+        _check_can_join("127.0.0.1:1")
+    assert time.monotonic() - t0 < 10

@@ -71,16 +71,39 @@ def _owner_only_token() -> None:
     if path is None or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return
     import secrets
+    import stat
 
+    path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        if os.stat(path).st_mode & 0o077:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:  # never through a symlink
             os.chmod(path, 0o600)
         return
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
+
+
+def _python_handlers() -> dict:
+    """The Python-level SIGINT/SIGTERM handlers (a fit's deferral, or the program's own)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
+            if callable(signal.getsignal(sig))}
+
+
+def _restore_handlers(handlers: dict) -> None:
+    """After ``ray.init``, which sets a SIGTERM handler of its own that exits at once: the
+    handlers from before, so a fit stops at a step boundary even while its workers start."""
+    import signal
+
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def _check_can_join(address: str) -> None:
@@ -220,6 +243,7 @@ class RayBackend:
             return self
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS")
+            handlers = _python_handlers()
             if address:
                 _check_can_join(address)
                 ray.init(address=address, log_to_driver=True)
@@ -227,6 +251,7 @@ class RayBackend:
                 _owner_only_token()
                 ray.init(include_dashboard=False, log_to_driver=True)
                 self._started_ray = True
+            _restore_handlers(handlers)
         try:
             self._pg = placement_group([{"CPU": self.num_cpus}] * self.k, strategy="SPREAD")
             ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
