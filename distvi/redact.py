@@ -35,10 +35,15 @@ _SECRET_KEYS = re.compile(r"(?i)(^|[?&;])((?:[\w.\-]*?(?:token|secret|password|p
                           r"signature|credential|apikey|api_key|access_key|key))=)([^&;#]*)")
 
 
-def _redact_url(url: str) -> str:
+def _split(url: str) -> tuple[str, str, str]:
+    """``scheme``, the authority (``user:password@host:port``) and the rest of a URL."""
     scheme, _, rest = url.partition("://")
     cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    netloc, tail = rest[:cut], rest[cut:]
+    return scheme, rest[:cut], rest[cut:]
+
+
+def _redact_url(url: str) -> str:
+    scheme, netloc, tail = _split(url)
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         user, colon, _ = userinfo.partition(":") if "@" not in userinfo else userinfo.rpartition(":")
@@ -73,10 +78,8 @@ def strip_credentials(uri: str) -> str:
     ``MLFLOW_TRACKING_PASSWORD``, or fsspec's own configuration)."""
     if not isinstance(uri, str) or "://" not in uri:
         return uri
-    scheme, _, rest = uri.partition("://")
-    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    netloc = rest[:cut].rsplit("@", 1)[-1]
-    return f"{scheme}://{netloc}{rest[cut:]}"
+    scheme, netloc, tail = _split(uri)
+    return f"{scheme}://{netloc.rsplit('@', 1)[-1]}{tail}"
 
 
 def strip_masked(value: Any) -> Any:
