@@ -10,6 +10,7 @@ from distvi.callbacks import CheckLossConvergence
 from distvi.callbacks import CheckParametersConvergence
 from distvi.diagnostics import Diagnosis
 from distvi.diagnostics import diagnose
+from distvi.errors import NotFiniteError
 from distvi.callbacks import Tracker
 from distvi.inference import ADVI
 from distvi.inference import ASVGD
@@ -62,6 +63,7 @@ __all__ = [
     "KSD",
     "MLflowTracking",
     "MeanField",
+    "NotFiniteError",
     "RBF",
     "SVGD",
     "Stein",

@@ -221,6 +221,80 @@ FAMILIES = {
 }
 
 
+LATER = object()  # ``model=LATER``: bound by the Inference that makes the approximation
+
+
+class SharedParams(dict):
+    """A group's parameters: PyTensor shared variables by name, as in PyMC.
+
+    ``params[name]`` gives the current value (an array); assigning a value sets the shared
+    variable, which keeps its identity, so symbolic graphs built on it (``sample_node``,
+    ``logq``, callbacks written for PyMC) see every update.
+    """
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self.shared: dict[str, Any] = {}
+        for k, v in (values or {}).items():
+            self[k] = v
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.shared[key].get_value(borrow=True)
+
+    def get(self, key, default=None):
+        return self[key] if key in self.shared else default
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        import pytensor
+
+        value = np.asarray(value, dtype="float64")
+        var = self.shared.get(key)
+        if var is None or var.type.ndim != value.ndim:
+            self.shared[key] = pytensor.shared(value.copy(), name=key,
+                                               shape=(None,) * value.ndim)
+        else:
+            var.set_value(value, borrow=True)
+        super().__setitem__(key, None)
+
+    def __contains__(self, key) -> bool:
+        return key in self.shared
+
+    def items(self):
+        return [(k, self[k]) for k in self.shared]
+
+    def values(self):
+        return [self[k] for k in self.shared]
+
+    def __iter__(self):
+        return iter(self.shared)
+
+    def __repr__(self) -> str:
+        return f"SharedParams({ {k: self[k] for k in self.shared} !r})"
+
+
+def _family_for(vfam: str | None, params: Mapping[str, Any] | None) -> str:
+    """The family key for PyMC's spellings (case-insensitive) or the names of ``params``."""
+    if vfam is not None:
+        if not isinstance(vfam, str):
+            raise TypeError(f"vfam must be a str, got {type(vfam).__name__}")
+        key = vfam.lower()
+        if key not in FAMILIES:
+            raise KeyError(f"unknown vfam {vfam!r}; valid (any case): {sorted(FAMILIES)}")
+        if params is not None and set(params) != set(FAMILIES[key].param_names):
+            raise TypeError(f"params {sorted(params)} do not belong to a {key} group, which "
+                            f"takes {list(FAMILIES[key].param_names)}")
+        return FAMILIES[key].name
+    if params is None:
+        return "mean_field"
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict of arrays, got {type(params).__name__}")
+    for key, fam in FAMILIES.items():
+        if set(params) == set(fam.param_names):
+            return fam.name
+    raise KeyError(f"no group takes the params {sorted(params)}: mean_field takes ['mu', 'rho'], "
+                   "full_rank ['mu', 'L_tril'], empirical ['histogram']")
+
+
 # ---------------------------------------------------------------------------- groups
 class Group:
     """Some of the model's free variables and the family that approximates them.
@@ -231,9 +305,17 @@ class Group:
         Variables (names or the model's random variables); ``None`` takes every variable no
         other group claims.
     vfam
-        ``"mean_field"`` (``"mf"``), ``"full_rank"`` (``"fr"``) or ``"empirical"``.
+        ``"mean_field"`` (``"mf"``), ``"full_rank"`` (``"fr"``) or ``"empirical"``, in any
+        case, as PyMC spells them. Without it the family follows ``params`` (``L_tril``:
+        full rank, ``histogram``: empirical), else mean-field.
     params
         Initial parameters by name (``mu``/``rho``, ``mu``/``L_tril``, ``histogram``).
+    size, random_seed
+        For ``"empirical"`` without ``params``: the number of particles (required) and the
+        seed of their jitter (as ``options``).
+    model
+        The model whose variables the group names (default: the model on the context stack,
+        when there is one).
     start, start_sigma
         Initial mean (constrained values by variable name, or unconstrained by value-variable
         name) and initial standard deviations (unconstrained space, by variable name).
@@ -245,27 +327,73 @@ class Group:
     def __init__(
         self,
         group: Sequence[Any] | None = None,
-        vfam: str = "mean_field",
+        vfam: str | None = None,
         params: Mapping[str, Any] | None = None,
+        size: int | None = None,
+        random_seed: int | None = None,
+        model: Any = None,
+        options: Mapping[str, Any] | None = None,
         start: Mapping[str, Any] | None = None,
         start_sigma: Mapping[str, Any] | None = None,
-        options: Mapping[str, Any] | None = None,
+        jitter: float | None = None,
     ) -> None:
-        if vfam not in FAMILIES:
-            raise KeyError(f"unknown vfam {vfam!r}; valid: {sorted(FAMILIES)}")
+        vfam = _family_for(vfam, params)
+        options = dict(options or {})
+        for key, value in (("size", size), ("random_seed", random_seed), ("jitter", jitter)):
+            if value is not None:
+                if vfam != "empirical":
+                    raise TypeError(f"{key}= applies to an empirical group, not a {vfam} one")
+                options[key] = value
+        if vfam == "empirical" and params is None and options.get("size") is None:
+            raise ValueError("an empirical group needs its draws (params={'histogram': ...}) "
+                             "or a number of particles (size=...)")
         try:
-            self.family = FAMILIES[vfam](**dict(options or {}))
+            self.family = FAMILIES[vfam](**options)
         except TypeError as err:
-            raise TypeError(f"options {sorted(options or {})} do not apply to a {vfam} group "
+            raise TypeError(f"options {sorted(options)} do not apply to a {vfam} group "
                             f"(empirical takes size, jitter, random_seed): {err}") from None
         self.names = None if group is None else [getattr(v, "name", v) for v in group]
         if self.names is not None and not all(isinstance(n, str) for n in self.names):
             raise TypeError("group must list variables or their names")
         self._init_params = dict(params) if params else None
         self.start, self.start_sigma = start, start_sigma
+        self.model = model
         self.layout = None
         self.indices = None
-        self.params: dict[str, np.ndarray] = {}
+        self._params = SharedParams()
+
+    @property
+    def params(self) -> SharedParams:
+        """The parameters by name: values on reading, shared variables in ``shared_params``."""
+        return self._params
+
+    @params.setter
+    def params(self, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            self._params[k] = v
+
+    @property
+    def shared_params(self) -> dict:
+        """The parameters as PyTensor shared variables, by name (as PyMC's
+        ``group.shared_params``): ``set_value`` on them sets the group's parameters."""
+        return dict(self._params.shared)
+
+    @shared_params.setter
+    def shared_params(self, values: Mapping[str, Any]) -> None:
+        for k, v in values.items():
+            self._params[k] = v.get_value() if hasattr(v, "get_value") else v
+
+    @property
+    def group(self) -> list:
+        """The group's variables: the model's random variables once bound (as PyMC's
+        ``group.group``), else the names given (``None``: the rest)."""
+        if self.layout is None:
+            return self.names
+        model = self.model
+        names = [lay.rv_name for lay in self.layout]
+        if model is not None and hasattr(model, "named_vars"):
+            return [model.named_vars.get(n, n) for n in names]
+        return names
 
     @property
     def vfam(self) -> str:
@@ -327,9 +455,30 @@ class Approximation:
         if not groups:
             raise ValueError("an Approximation needs at least one Group")
         self.groups = list(groups)
-        self.model = model
         self.adapter = None
         self.source = None  # the data it is fitted to (set by the Inference)
+        self.scale_cost_to_minibatch = False
+        if model is LATER:  # an Inference binds it to its own model
+            self.model = None
+            return
+        if model is None:  # as PyMC: the model on the context stack, when there is one
+            model = next((g.model for g in self.groups if g.model is not None), None)
+        if model is None:
+            import pymc as pm
+
+            try:
+                model = pm.modelcontext(None)
+            except TypeError:
+                model = None
+        self.model = model
+        import pymc as pm
+
+        if isinstance(model, pm.Model):  # bound now: ndim, sample() from the initial params
+            from distvi.model import adapt
+
+            adapter, source = adapt(model, None)
+            self.bind(adapter)
+            self.source = source
 
     # -------------------------------------------------------------- binding
     def bind(self, adapter) -> None:
@@ -358,6 +507,8 @@ class Approximation:
         if missing:
             raise ValueError(f"free variables {missing} are in no group; add Group(None, ...)")
         self.adapter = adapter
+        for g in self.groups:
+            g.model = g.model or getattr(adapter, "user_model", None) or adapter.model
         order = np.concatenate([g.indices for g in self.groups])
         self._inverse = np.argsort(order)
         self._identity = bool(np.array_equal(order, np.arange(adapter.ndim)))
@@ -383,10 +534,39 @@ class Approximation:
 
     @property
     def params(self) -> list:
-        """The parameters as PyTensor shared variables holding the current values."""
-        import pytensor
+        """The parameters as PyTensor shared variables holding the current values, as PyMC's
+        ``approx.params``: the same variables for the whole life of the approximation, so
+        ``p.get_value()`` reads and ``p.set_value(x)`` sets the current parameters."""
+        return [self.groups[gi].params.shared[k] for gi, k in self.param_keys]
 
-        return [pytensor.shared(np.array(v), name=k) for (_, k), v in zip(self.param_keys, self.params_values)]
+    @property
+    def shared_params(self):
+        """PyMC's ``shared_params``: for one group its dict of shared variables (``mu``/``rho``,
+        ``mu``/``L_tril`` or ``histogram``), for several a list of those dicts."""
+        if len(self.groups) == 1:
+            return self.groups[0].shared_params
+        return [g.shared_params for g in self.groups]
+
+    @shared_params.setter
+    def shared_params(self, values) -> None:
+        if len(self.groups) == 1:
+            self.groups[0].shared_params = values
+            return
+        for g, v in zip(self.groups, values, strict=True):
+            g.shared_params = v
+
+    @property
+    def scale_cost_to_minibatch(self) -> bool:
+        """PyMC's switch: when True, the loss (and so ``hist`` and the gradients the optimizer
+        sees) is divided by ``N / B`` (the full rows over the rows per step), as PyMC reports
+        it; when False (distvi's default) it is in full-data units."""
+        return self._scale_cost
+
+    @scale_cost_to_minibatch.setter
+    def scale_cost_to_minibatch(self, value) -> None:
+        if not isinstance(value, bool | np.bool_ | int) or value not in (0, 1):
+            raise TypeError(f"scale_cost_to_minibatch must be True or False, got {value!r}")
+        self._scale_cost = bool(value)
 
     @property
     def ndim(self) -> int:
@@ -529,8 +709,8 @@ class Approximation:
             z[:, g.indices] = g.family.draw_numeric(g.params, eps, rng)
         return z
 
-    def logq(self, points: np.ndarray) -> np.ndarray:
-        """Log density of q at flat unconstrained points (S, D) -> (S,)."""
+    def logq_at(self, points: np.ndarray) -> np.ndarray:
+        """Log density of q at flat unconstrained points (S, D) -> (S,), numerically."""
         from distvi._compile import function
 
         self._require_bound()
@@ -555,8 +735,18 @@ class Approximation:
 
         Returns
         -------
-        arviz.InferenceData (or a dict of arrays with ``return_inferencedata=False``) with a
-        posterior group of one chain and ``draws`` draws, using the model's coords and dims.
+        arviz.InferenceData
+            A posterior group of one chain and ``draws`` draws, using the model's coords and
+            dims (the transformed value variables too with ``include_transformed=True``).
+        pymc.backends.base.MultiTrace
+            With ``return_inferencedata=False``, as PyMC returns: one chain of ``draws`` draws
+            of the value variables (transformed ones included, whatever
+            ``include_transformed`` says, as in PyMC), the free variables in the constrained
+            space and the deterministics, in PyMC's order; with ``psis=True`` the weights are
+            its sampler stat ``psis_weight``.
+
+        Deterministics that depend on the data rows are left out (they have no value per
+        draw of q alone).
         """
         import arviz as az
 
@@ -576,9 +766,9 @@ class Approximation:
             stats = {"psis_weight": weights[picked][None]}
         else:
             flat = self.draw_flat(int(draws), rng)
-        values = ad.constrained_fn(include_transformed)(flat)
         if not return_inferencedata:
-            return values
+            return self._multitrace(ad.constrained_fn(True)(flat), stats)
+        values = ad.constrained_fn(include_transformed)(flat)
         dims, coords = ad.dims_and_coords(values)
         posterior = {k: np.asarray(v)[None] for k, v in values.items()}
         idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=dims, coords=coords)
@@ -587,6 +777,38 @@ class Approximation:
                                              "psis_draws": diag.draws, "psis_verdict": diag.verdict})
         return idata
 
+    def _multitrace(self, values: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray] | None):
+        """Draws by name (leading draw axis) as PyMC's one-chain ``MultiTrace``, its variables in
+        the order of ``model.unobserved_value_vars`` (value variables, constrained transformed
+        variables, deterministics)."""
+        from pymc.backends.base import MultiTrace
+        from pymc.backends.ndarray import NDArray
+
+        model = self.adapter.model
+        free = model.free_RVs
+        order = ([model.rvs_to_values[rv] for rv in free]
+                 + [rv for rv in free if model.rvs_to_transforms[rv] is not None]
+                 + list(model.deterministics))
+        tracked = [v for v in order if v.name in values]
+        arrays = {v.name: np.asarray(values[v.name]) for v in tracked}
+        n = len(next(iter(arrays.values())))
+
+        def not_recording(*point):
+            raise TypeError("a trace of draws from q records no further points")
+
+        trace = NDArray(model=model, vars=tracked, fn=not_recording,
+                        var_shapes={k: a.shape[1:] for k, a in arrays.items()},
+                        var_dtypes={k: a.dtype for k, a in arrays.items()})
+        trace.setup(n, chain=0, sampler_vars=None if stats is None else
+                    [{k: np.asarray(w).dtype for k, w in stats.items()}])
+        for k, a in arrays.items():
+            trace.samples[k][...] = a
+        for k, w in (stats or {}).items():
+            trace._stats[0][k][...] = np.asarray(w).reshape(n)
+        trace.draw_idx = n
+        trace.close()
+        return MultiTrace([trace])
+
     def diagnose(self, draws: int = 1000, random_seed: int | None = None):
         """PSIS k̂ of q against the full-data posterior (Yao et al. 2018): see
         :func:`distvi.diagnostics.diagnose`. The shard workers evaluate the whole data."""
@@ -594,14 +816,86 @@ class Approximation:
 
         return diagnose(self, draws, random_seed)
 
-    def sample_node(self, node, size: int | None = None, random_seed: int | None = None):
-        """``node`` (an expression of the model's variables) with the free variables drawn from q.
+    # -------------------------------------------------------------- symbolic (PyMC's API)
+    def _shared_inputs(self) -> list:
+        """The shared parameters with their current shapes fixed (the families need them)."""
+        return [pt.specify_shape(v, np.shape(v.get_value(borrow=True))) for v in self.params]
 
-        Returns a symbolic tensor: one draw, or ``size`` draws stacked on a new first axis.
+    def symbolic_random(self, size: int | None = None, deterministic: bool = False,
+                        random_seed: int | None = None):
+        """Draws from q as a symbolic (size, D) matrix in the model's flat unconstrained order,
+        on the shared parameters: every evaluation draws afresh (``deterministic``: the
+        mean). ``size=None`` gives one draw, (1, D)."""
+        import pytensor
+
+        self._require_bound()
+        n = 1 if size is None else int(size)
+        if n < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        seeds = np.random.SeedSequence(random_seed).spawn(len(self.groups))
+        sym = self._group_params(self._shared_inputs())
+        parts = []
+        for g, p, seed in zip(self.groups, sym, seeds):
+            rng = pytensor.shared(np.random.default_rng(seed))
+            if g.vfam == "empirical":
+                hist = p["histogram"]
+                if deterministic:
+                    parts.append(pt.repeat(hist.mean(axis=0, keepdims=True), n, axis=0))
+                    continue
+                next_rng, idx = pt.random.integers(0, hist.shape[0], size=(n,), rng=rng).owner.outputs
+                rng.default_update = next_rng
+                parts.append(hist[idx])
+                continue
+            if deterministic:
+                eps = pt.zeros((n, g.ndim))
+            else:
+                next_rng, eps = pt.random.normal(0.0, 1.0, size=(n, g.ndim), rng=rng).owner.outputs
+                rng.default_update = next_rng
+            parts.append(g.family.draw(p, eps))
+        z = parts[0] if len(parts) == 1 else pt.concatenate(parts, axis=1)
+        return z if self._identity else z[:, self._inverse]
+
+    def _logq_node(self, size: int | None, deterministic: bool = False,
+                   random_seed: int | None = None):
+        z = self.symbolic_random(size, deterministic, random_seed)
+        logq = self.symbolic_logq(self._shared_inputs(), z)
+        out = logq.mean() if size is None else logq
+        out.tag.distvi_logq = True
+        return out
+
+    @property
+    def logq(self):
+        """log q at a fresh draw from q, symbolic (every evaluation draws anew); for ``size``
+        draws at once: ``sample_node(approx.logq, size)``. Empirical groups have no density."""
+        if any(g.vfam == "empirical" for g in self.groups):
+            raise TypeError("an Empirical approximation has no density (logq)")
+        return self._logq_node(None)
+
+    def sample_node(self, node, size: int | None = None, deterministic: bool = False,
+                    more_replacements: dict | None = None, random_seed: int | None = None):
+        """``node`` (an expression of the model's variables) with the free variables drawn from
+        q, symbolic, as PyMC's ``sample_node``: every evaluation draws afresh.
+
+        Parameters
+        ----------
+        node
+            A variable or list of variables of the model (or :attr:`logq`).
+        size
+            ``None``: one draw, shaped as ``node``; an int: that many, stacked on a new first
+            axis.
+        deterministic
+            Use the mean of q instead of draws.
+        more_replacements
+            Further replacements applied to ``node`` first (e.g. data by other data).
         """
         ad = self._require_bound()
-        n = 1 if size is None else int(size)
-        z = pt.constant(self.draw_flat(n, np.random.default_rng(random_seed)))
+        if getattr(getattr(node, "tag", None), "distvi_logq", False):
+            return self._logq_node(size, deterministic, random_seed)
+        if more_replacements:
+            from pytensor.graph.replace import graph_replace
+
+            node = graph_replace(node, dict(more_replacements), strict=False)
+        z = self.symbolic_random(size, deterministic, random_seed)
         zp = pt.vector("zp", dtype="float64", shape=(ad.ndim,))
         expr = ad.free_rv_exprs(node, zp)
         from pytensor.graph.replace import graph_replace, vectorize_graph
@@ -609,6 +903,39 @@ class Approximation:
         if size is None:
             return graph_replace(expr, {zp: z[0]}, strict=False)
         return vectorize_graph(expr, {zp: z})
+
+    def _data_and_prior(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The full-data log-likelihood (on the fit's workers when there is a fit, else read
+        here) and the prior term at flat points (S, D)."""
+        ad = self._require_bound()
+        n = points.shape[0]
+        cache = self.__dict__.setdefault("_prior_fns", {})
+        if n not in cache:
+            cache[n] = ad.compile_prior_term(n)
+        prior = cache[n](points)[0]
+        inference = getattr(self, "_inference", None)
+        if inference is not None:
+            return inference.full_data_logp(points), prior
+        if self.source is None or not getattr(self.source, "n_rows", 0):
+            return np.zeros(n), prior
+        rows = self.source.read(0, self.source.n_rows)
+        logp = ad.data_term().compile(n, True, False)(points, *rows.values(), np.array(1.0))[0]
+        return logp, prior
+
+    def mc_loss(self, n_mc: int, beta: float = 1.0, rng: np.random.Generator | None = None) -> float:
+        """A Monte-Carlo estimate of the loss ``-datalogp + beta (logq - varlogp)`` (the
+        negative ELBO for ``beta=1``) from ``n_mc`` draws of q, on all the data; divided by
+        ``N / B`` when :attr:`scale_cost_to_minibatch` is set, as PyMC reports it."""
+        if isinstance(n_mc, bool) or not isinstance(n_mc, int | np.integer) or n_mc < 1:
+            raise ValueError(f"the number of draws must be an int >= 1, got {n_mc!r}")
+        rng = np.random.default_rng() if rng is None else rng
+        points = self.draw_flat(int(n_mc), rng)
+        data, prior = self._data_and_prior(points)
+        loss = float(np.mean(-data + beta * (self.logq_at(points) - prior)))
+        inference = getattr(self, "_inference", None)
+        if self.scale_cost_to_minibatch and inference is not None:
+            loss /= inference._cost_divisor()
+        return loss
 
 
 def MeanField(**kwargs) -> Approximation:
@@ -628,9 +955,10 @@ def Empirical(trace: Any = None, size: int | None = None, jitter: float = 1.0,
               random_seed: int | None = None, data: Any = None) -> Approximation:
     """An approximation made of draws or particles.
 
-    Either ``trace``: InferenceData (posterior group) or a dict of arrays with a leading draw
-    axis, keyed by variable names (constrained values) or value-variable names
-    (unconstrained); or ``size`` particles at ``start`` (default: the model's initial point)
+    Either ``trace``: InferenceData (posterior group), PyMC's ``MultiTrace`` (every chain,
+    one after the other, as PyMC's ``Empirical`` reads it) or a dict of arrays with a leading
+    draw axis, keyed by variable names (constrained values) or value-variable names
+    (unconstrained; used when both are there); or ``size`` particles at ``start`` (default: the model's initial point)
     plus normal noise of sd ``jitter`` drawn from ``random_seed``, as SVGD starts them.
     """
     if trace is None:
@@ -643,14 +971,20 @@ def Empirical(trace: Any = None, size: int | None = None, jitter: float = 1.0,
         raise ValueError("give Empirical a trace or a size, not both")
     from distvi.model import adapt
 
+    from pymc.backends.base import MultiTrace
+
     adapter, source = adapt(model, data)
-    if hasattr(trace, "posterior"):
+    if isinstance(trace, MultiTrace):
+        values = {k: np.asarray(trace.get_values(k, combine=True, squeeze=True))
+                  for k in trace.varnames}
+    elif hasattr(trace, "posterior"):
         post = trace.posterior
         values = {k: np.asarray(post[k]).reshape(-1, *post[k].shape[2:]) for k in post.data_vars}
     elif isinstance(trace, Mapping):
         values = {k: np.asarray(v) for k, v in trace.items()}
     else:
-        raise TypeError("Empirical takes InferenceData or a dict of draws")
+        raise TypeError(f"Empirical takes InferenceData, a MultiTrace or a dict of draws, got "
+                        f"{type(trace).__name__}")
     n_draws = {v.shape[0] for v in values.values()}
     if len(n_draws) != 1:
         raise ValueError(f"draws of different lengths: {sorted(n_draws)}")

@@ -5,20 +5,12 @@ A callback ends a fit cleanly by raising ``StopIteration``.
 
 from __future__ import annotations
 
+import collections
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
-
-def _n_params(fn: Callable) -> int:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return 3
-    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-               for p in sig.parameters.values())
 
 
 def _count(name: str, value: Any) -> None:
@@ -27,23 +19,35 @@ def _count(name: str, value: Any) -> None:
 
 
 def _flat_params(approx) -> np.ndarray:
-    return np.concatenate([np.ravel(v) for v in approx.params_values])
+    """The approximation's parameters as one flat vector, read through PyMC's interface
+    (``approx.params``, shared variables, and their ``get_value()``): any PyMC-shaped
+    approximation will do, PyMC's own included."""
+    return np.concatenate([np.ravel(p.get_value()) for p in approx.params])
 
 
 class CheckParametersConvergence:
-    """Stop when the variational parameters change by less than ``tolerance``.
+    """Stop when the variational parameters change by less than ``tolerance``, by PyMC's rule.
 
-    Every ``every`` steps the flat parameter vector is compared with the one seen last time:
-    ``diff='absolute'`` uses ``norm(new - old, ord)``, ``diff='relative'`` divides each change
-    by the old value first (PyMC's definition).
+    The first call keeps the flat parameter vector; after that, at every step ``i`` that is a
+    multiple of ``every`` (and not below it), the vector is compared with the one kept last
+    time and replaces it. ``diff='absolute'`` compares ``norm(|new - old|, ord)``,
+    ``diff='relative'`` ``norm((|new - old| + 1e-6) / (|old| + 1e-6), ord)`` (PyMC's
+    definitions, its ``eps`` included: a parameter that stays at 0 counts as a relative
+    change of 1). ``converged_at`` is the step it stopped the fit at (None while it runs on).
+
+    The parameters are read as PyMC's callbacks read them, ``p.get_value()`` for each ``p``
+    in ``approx.params``, so this works in ``pymc.fit`` too.
     """
+
+    EPS = 1e-6  # PyMC's eps in its relative difference
 
     def __init__(self, every: int = 100, tolerance: float = 1e-3, diff: str = "relative",
                  ord: float = np.inf) -> None:
         if diff not in ("relative", "absolute"):
             raise ValueError(f"diff must be 'relative' or 'absolute', got {diff!r}")
-        if every < 1 or not tolerance > 0:
-            raise ValueError("every must be >= 1 and tolerance > 0")
+        _count("every", every)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+            raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
         self.every, self.tolerance, self.diff, self.ord = int(every), float(tolerance), diff, ord
         self.prev: np.ndarray | None = None
         self.converged_at: int | None = None
@@ -52,14 +56,14 @@ class CheckParametersConvergence:
         if self.prev is None:
             self.prev = _flat_params(approx)
             return
-        if i % self.every:
+        if i % self.every or i < self.every:
             return
         current = _flat_params(approx)
-        delta = current - self.prev
+        change = np.abs(current - self.prev)
         if self.diff == "relative":
-            delta = delta / (np.abs(self.prev) + 1e-10)
+            change = (change + self.EPS) / (np.abs(self.prev) + self.EPS)
         self.prev = current
-        if np.linalg.norm(delta, self.ord) < self.tolerance:
+        if np.linalg.norm(change, self.ord) < self.tolerance:
             self.converged_at = i
             raise StopIteration(f"parameters converged at step {i}")
 
@@ -90,6 +94,7 @@ class CheckLossConvergence:
         w = self.window
         if len(losses) < 2 * w or i % self.every:
             return
+        losses = np.asarray(losses, dtype="float64")  # PyMC passes an array, a list will do
         recent, before = losses[-w:], losses[-2 * w:-w]
         if not (np.all(np.isfinite(recent)) and np.all(np.isfinite(before))):
             if np.isnan(recent).all():
@@ -105,22 +110,65 @@ class CheckLossConvergence:
                                 f"(< {self.tolerance:g}) at step {i}")
 
 
+def _call_form(name: str, fn: Any) -> str:
+    """How ``Tracker`` calls ``fn``: ``"none"`` (``fn()``), ``"full"`` (``fn(approx, hist, i)``),
+    or ``"try"`` when it has no signature to tell (PyMC's order: ``fn()``, then the other)."""
+    if not callable(fn):
+        raise TypeError(f"Tracker({name}=...) needs a callable, got {type(fn).__name__}")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and extension callables
+        return "try"
+    for form, args in (("none", ()), ("full", (None, None, None))):
+        try:
+            sig.bind(*args)
+        except TypeError:
+            continue
+        return form
+    raise TypeError(f"Tracker({name}=...) must take no arguments or (approx, hist, i); "
+                    f"its signature is {sig}")
+
+
 class Tracker:
     """Record values every step: ``Tracker(mean=lambda: approx.mean.copy())``.
 
-    Each keyword is a callable, called as ``f()`` when it takes no arguments and as
-    ``f(approx, losses, i)`` otherwise. Records are kept in ``tracker.hist[name]`` (and ``tracker[name]``).
+    Each keyword is a callable, called as PyMC's ``Tracker`` calls it: ``f()`` when it can be
+    called without arguments (``lambda *t: ...`` included), else ``f(approx, hist, i)``. Which
+    one is decided from the signature, once, so a ``TypeError`` raised inside ``f`` is not
+    mistaken for the wrong call; a callable that takes neither is refused (``TypeError``
+    naming its key). Only a callable without a signature is tried both ways, ``f()`` first.
+    Records are kept in ``tracker.hist[name]`` (and ``tracker[name]``); ``clear()`` empties them.
     """
 
     def __init__(self, **fns: Callable[..., Any]) -> None:
+        self._forms = {k: _call_form(k, f) for k, f in fns.items()}
         self.fns = fns
-        self._arity = {k: _n_params(f) for k, f in fns.items()}
-        self.hist: dict[str, list] = {k: [] for k in fns}
+        self.hist: collections.defaultdict[str, list] = collections.defaultdict(list)
+        self.clear()
 
     def __call__(self, approx, losses, i: int) -> None:
         for name, fn in self.fns.items():
-            value = fn() if self._arity[name] == 0 else fn(approx, losses, i)
+            form = self._forms[name]
+            if form == "none":
+                value = fn()
+            elif form == "full":
+                value = fn(approx, losses, i)
+            else:
+                try:
+                    value = fn()
+                except TypeError:
+                    try:
+                        value = fn(approx, losses, i)
+                    except TypeError as err:
+                        raise TypeError(f"Tracker({name}=...) could be called neither as f() nor "
+                                        f"as f(approx, hist, i): {err}") from err
             self.hist[name].append(value)
+
+    record = __call__  # PyMC's name
+
+    def clear(self) -> None:
+        """Forget every record."""
+        self.hist = collections.defaultdict(list, {k: [] for k in self.fns})
 
     def __getitem__(self, name: str) -> list:
         return self.hist[name]

@@ -305,8 +305,21 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def build_source(data: dict[str, Any]):
-    """The data source a validated ``data`` section names (a loader is imported and called)."""
-    from distvi.data import ArraySource, ParquetSource, ZarrSource
+    """The data source a validated ``data`` section names (a loader is imported and called).
+
+    Data that cannot be used as given (a Parquet column or Zarr array that is not there, a
+    file that does not open) is a :class:`ConfigError` naming the ``data`` key at fault."""
+    from distvi.data import DataError
+
+    try:
+        return _build_source(data)
+    except DataError as err:
+        key = "data.loader" if data["kind"] == "loader" else f"data.{err.field or 'path'}"
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def _build_source(data: dict[str, Any]):
+    from distvi.data import ArraySource, DataError, ParquetSource, ZarrSource
 
     kind = data["kind"]
     if kind == "loader":
@@ -317,6 +330,10 @@ def build_source(data: dict[str, Any]):
 
         with np.load(data["path"], allow_pickle=False) as f:
             names = data["arrays"] or list(f.files)
+            missing = [k for k in names if k not in f.files]
+            if missing:
+                raise DataError(f"the file {data['path']!r} has no array {missing[0]!r}; it has "
+                                f"{list(f.files)}", "arrays")
             return ArraySource({k: f[k] for k in names})
     if kind == "zarr":
         return ZarrSource(data["path"], arrays=data["arrays"])

@@ -13,7 +13,12 @@ import numpy as np
 
 
 class DataError(ValueError):
-    """The data cannot be used as given."""
+    """The data cannot be used as given. ``field`` names the source argument at fault
+    (``"path"``, ``"arrays"``, ``"columns"``) when there is one: a config's ``data.<field>``."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @runtime_checkable
@@ -106,6 +111,82 @@ class ArraySource:
                 "arrays": {k: [d, list(s)] for k, (d, s) in self.schema().items()}}
 
 
+class NoData:
+    """The data of a model without observed variables (priors and potentials only): no rows,
+    no shards; the model is fitted on the driver alone."""
+
+    n_rows = 0
+
+    def schema(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {}
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "none", "n_rows": 0}
+
+
+def split_batch(total: int, sizes: list[int]) -> list[int]:
+    """``total`` minibatch rows per step split over shards of ``sizes`` rows, in proportion
+    to their rows: each shard gets the floor of its share, and the rows left over go one
+    each to the shards with the largest remainders (the lower rank first on a tie). Every
+    shard gets at least one row and at most its own rows.
+
+    >>> split_batch(10, [34, 33, 33])
+    [4, 3, 3]
+    """
+    n = sum(sizes)
+    if total >= n:
+        return list(sizes)
+    if total < len(sizes):
+        raise DataError(f"the minibatch of {total} rows per step is smaller than the "
+                        f"{len(sizes)} shards: every shard needs at least one row")
+    shares = [total * s / n for s in sizes]
+    out = [int(np.floor(x)) for x in shares]
+    order = sorted(range(len(sizes)), key=lambda k: (-(shares[k] - out[k]), k))
+    for k in order[: total - sum(out)]:
+        out[k] += 1
+    for k in range(len(out)):  # a shard of a few rows among large ones
+        if out[k] == 0:
+            donor = max(range(len(out)), key=lambda j: (out[j], -j))
+            out[donor] -= 1
+            out[k] = 1
+    return out
+
+
+def _column_mapping(columns: Any, available: list[str]) -> dict[str, str | list[str]]:
+    """``columns`` of a :class:`ParquetSource` as ``{array: column | [columns]}``, checked by
+    form (the names are checked against each file by the caller)."""
+    if columns is None:
+        return {c: c for c in available}
+    if isinstance(columns, str):
+        columns = [columns]
+    if isinstance(columns, Mapping):
+        mapping = dict(columns)
+    elif isinstance(columns, list | tuple):
+        bad = [c for c in columns if not isinstance(c, str)]
+        if bad:
+            raise DataError(f"Parquet columns must be column names (strings), got {bad[0]!r}",
+                            "columns")
+        mapping = {c: c for c in columns}
+    else:
+        raise DataError(f"Parquet columns must be a list of column names or a mapping "
+                        f"{{array: column | [columns]}}, got {type(columns).__name__}", "columns")
+    if not mapping:
+        raise DataError("Parquet columns is empty: name at least one column", "columns")
+    for name, cols in mapping.items():
+        if not isinstance(name, str):
+            raise DataError(f"array name {name!r} (in the Parquet columns) must be a string",
+                            "columns")
+        if isinstance(cols, list | tuple) and cols and all(isinstance(c, str) for c in cols):
+            mapping[name] = list(cols)
+        elif not isinstance(cols, str):
+            raise DataError(f"Parquet columns for array {name!r} must be a column name or a "
+                            f"non-empty list of column names, got {cols!r}", "columns")
+    return mapping
+
+
 def source_bounds(source: Source, num_workers: int) -> list[tuple[int, int]]:
     """The shards of a source: chunk-aligned where the source has chunks."""
     return shard_bounds(source.n_rows, num_workers, getattr(source, "chunk_rows", 1))
@@ -165,14 +246,15 @@ class ZarrSource:
         try:
             group = zarr.open_group(self.path, mode="r")
         except Exception as err:  # zarr raises several types for a missing or bad store
-            raise DataError(f"cannot open Zarr group {self.path!r}: {err}") from None
+            raise DataError(f"cannot open Zarr group {self.path!r}: {err}", "path") from None
         names = sorted(k for k, _ in group.arrays()) if arrays is None else list(arrays)
         if not names:
-            raise DataError(f"Zarr group {self.path!r} has no arrays")
+            raise DataError(f"Zarr group {self.path!r} has no arrays", "path")
         meta = {}
         for name in names:
             if name not in group or not hasattr(group[name], "shape"):
-                raise DataError(f"Zarr group {self.path!r} has no array {name!r}")
+                raise DataError(f"Zarr group {self.path!r} has no array {name!r}; it has "
+                                f"{sorted(k for k, _ in group.arrays())}", "arrays")
             arr = group[name]
             if len(arr.shape) == 0:
                 raise DataError(f"data array {name!r} is a scalar; arrays need a leading row axis")
@@ -225,28 +307,31 @@ class ParquetSource:
 
         self.paths = [str(p) for p in ([paths] if isinstance(paths, str | bytes) or hasattr(paths, "__fspath__") else paths)]
         if not self.paths:
-            raise DataError("ParquetSource needs at least one file")
+            raise DataError("ParquetSource needs at least one file", "path")
         self._rows = []
-        schema = None
+        schemas = []
         for p in self.paths:
             try:
                 meta = pq.ParquetFile(p)
             except Exception as err:
-                raise DataError(f"cannot open Parquet file {p!r}: {err}") from None
+                raise DataError(f"cannot open Parquet file {p!r}: {err}", "path") from None
             self._rows.append(meta.metadata.num_rows)
-            schema = schema or meta.schema_arrow
-        available = list(schema.names)
-        if columns is None:
-            mapping = {c: c for c in available}
-        elif isinstance(columns, Mapping):
-            mapping = dict(columns)
-        else:
-            mapping = {c: c for c in columns}
-        for name, cols in mapping.items():
-            for col in [cols] if isinstance(cols, str) else list(cols):
-                if col not in available:
-                    raise DataError(f"Parquet column {col!r} (for array {name!r}) is not in {available}")
-                _check_dtype(col, np.dtype(schema.field(col).type.to_pandas_dtype()))
+            schemas.append(meta.schema_arrow)
+        mapping = _column_mapping(columns, list(schemas[0].names))
+        for path, schema in zip(self.paths, schemas):  # every file: a worker may read any
+            available = list(schema.names)
+            for name, cols in mapping.items():
+                for col in [cols] if isinstance(cols, str) else cols:
+                    if col not in available:
+                        raise DataError(f"Parquet column {col!r} (for array {name!r}) is not in "
+                                        f"the file {path!r}; its columns are {available}",
+                                        "columns")
+                    try:
+                        _check_dtype(col, np.dtype(schema.field(col).type.to_pandas_dtype()))
+                    except (DataError, TypeError, NotImplementedError):
+                        raise DataError(f"Parquet column {col!r} (for array {name!r}) of the file "
+                                        f"{path!r} is not numeric ({schema.field(col).type})",
+                                        "columns") from None
         self.columns = mapping
         if self.n_rows == 0:
             raise DataError("data has no rows")

@@ -80,7 +80,7 @@ def log_importance_ratios(approx, points: np.ndarray) -> np.ndarray:
     points = np.ascontiguousarray(points, dtype="float64")
     data = inference.full_data_logp(points)
     prior, _ = adapter.compile_prior_term(points.shape[0])(points)
-    return data + prior - approx.logq(points)
+    return data + prior - approx.logq_at(points)
 
 
 def diagnose(approx, draws: int = 1000, random_seed: Any = None) -> Diagnosis:

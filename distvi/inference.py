@@ -21,7 +21,8 @@ import numpy as np
 
 from distvi import optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
-from distvi.approximations import Approximation, Empirical, FullRank, MeanField
+from distvi.errors import NotFiniteError
+from distvi.approximations import LATER, Approximation, Empirical, FullRank, MeanField
 from distvi.operators import KL, KSD
 from distvi.stein import RBF, as_kernel, median_bracket, median_from, particle_bounds
 from distvi.step import CompiledStep, DriverState, SteinStep
@@ -211,7 +212,16 @@ class Inference:
         self.random_seed = check_seed(random_seed)
         model = approx.model if model is None else model
         adapter, self.source = adapt(model, data)
-        if self.num_workers > self.source.n_rows:
+        self.has_data = adapter.has_data
+        if not self.has_data:  # priors and potentials only: fitted on the driver alone
+            if backend == "ray" or self.num_workers > 1:
+                import warnings
+
+                warnings.warn("the model has no observed data: it is fitted on the driver "
+                              "alone, without shard workers (num_workers and backend are "
+                              "not used)", stacklevel=3)
+            self.backend_name, self.num_workers = "local", 1
+        elif self.num_workers > self.source.n_rows:
             raise ValueError(
                 f"num_workers={self.num_workers} is more than the {self.source.n_rows} rows of data"
             )
@@ -219,6 +229,9 @@ class Inference:
         for key in op_kwargs:
             if key not in accepted:
                 raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
+        # rows per step on each shard: batch_size for each, or a ready model's pm.Minibatch
+        # batch_size split over the shards in proportion to their rows
+        self._shard_batches = self._split_batches(adapter.minibatch_size)
         self.objective = op(approx, **op_kwargs)  # checks its arguments before any binding
         if approx.adapter is None:
             approx.bind(adapter)
@@ -226,7 +239,7 @@ class Inference:
             raise ValueError("the approximation was fitted to a model with other free variables")
         else:
             approx.adapter = adapter
-        approx.model = model
+        approx.model = getattr(adapter, "user_model", None) or model
         approx.source = self.source
         approx._inference = self  # what approx.diagnose() evaluates the full data with
         self._recorded: tuple[str | None, Any] = (None, None)  # the last fit's store, tracker
@@ -246,6 +259,16 @@ class Inference:
         self.interrupted: str | None = None  # "SIGINT"/"SIGTERM" when the last fit was stopped by one
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
 
+    def _split_batches(self, minibatch_size: int | None) -> list[int | None]:
+        from distvi.data import source_bounds, split_batch
+
+        if not self.has_data:
+            return [None]
+        sizes = [b - a for a, b in source_bounds(self.source, self.num_workers)]
+        if self.batch_size is not None or minibatch_size is None:
+            return [self.batch_size] * len(sizes)
+        return split_batch(minibatch_size, sizes)
+
     # ---------------------------------------------------------------- resources
     @property
     def model(self):
@@ -264,7 +287,7 @@ class Inference:
         if self.backend_name == "ray":
             from distvi.backends.ray import RayBackend, WorkerSpec
 
-            spec = WorkerSpec(adapter.data_term(), None, self.random_seed, self.batch_size,
+            spec = WorkerSpec(adapter.data_term(), None, self.random_seed, tuple(self._shard_batches),
                               self._points_per_step(), self._scores_by_default)
             self._backend = RayBackend(spec, self.source, self.num_workers, address=self.address,
                                        **self.backend_options).start()
@@ -273,8 +296,9 @@ class Inference:
             return self._backend
         from distvi.backends.local import LocalBackend
 
-        workers = [
-            ShardWorker(self.source.read(a, b), rank, self.random_seed, self.batch_size, data_term)
+        workers = [] if not self.has_data else [
+            ShardWorker(self.source.read(a, b), rank, self.random_seed, self._shard_batches[rank],
+                        data_term)
             for rank, (a, b) in enumerate(source_bounds(self.source, self.num_workers))
         ]
         self._backend = LocalBackend(workers)
@@ -284,6 +308,8 @@ class Inference:
         """The log-likelihood of all the rows at each flat point (S, D): every shard worker
         sums its whole shard (no minibatch); workers are started for it if they were closed,
         and closed again after."""
+        if not self.has_data:
+            return np.zeros(np.shape(points)[0])
         was_open = self._backend is not None
         backend = self._ensure_backend()
         try:
@@ -334,11 +360,18 @@ class Inference:
             raise TypeError(f"fit() got an unexpected keyword argument {key!r}")
         n_mc = _positive_int("obj_n_mc", obj_n_mc)
         opt = default_optimizer() if obj_optimizer is None else obj_optimizer
+        if any(opt is getattr(optimizers, name) for name in optimizers._RULES):
+            opt = opt()  # the function itself, as PyMC takes it: its default hyperparameters
         if not isinstance(opt, optimizers.Optimizer):
+            hint = ("; PyMC's optimizers update shared variables, use distvi's of the same name"
+                    if str(getattr(getattr(opt, "func", opt), "__module__", "")).startswith("pymc")
+                    else "")
             raise TypeError(
-                "obj_optimizer must be an optimizer made without arguments, e.g. "
-                f"distvi.adam(learning_rate=0.01); got {type(opt).__name__}"
+                "obj_optimizer must be one of distvi's optimizers, e.g. "
+                f"distvi.adam(learning_rate=0.01), or the function itself (distvi.adam: its "
+                f"defaults); got {getattr(opt, '__qualname__', type(opt).__name__)}{hint}"
             )
+        opt.learning_rate_at(0)  # a schedule's first rate: NaN is a NotFiniteError before any work
         max_norm = None
         if total_grad_norm_constraint is not None:
             max_norm = float(total_grad_norm_constraint)
@@ -350,11 +383,18 @@ class Inference:
         # keyed by what the compiled graph depends on (an optimizer is a frozen name +
         # hyperparameters; a schedule enters as an input, so it is not part of the key)
         hyper = tuple(sorted((k, v) for k, v in self._optimizer.hyper.items() if k != "learning_rate"))
-        key = (self._n_mc, self._optimizer.name, hyper, self._max_norm)
+        scale = 1.0 / self._cost_divisor() if self.approx.scale_cost_to_minibatch else 1.0
+        key = (self._n_mc, self._optimizer.name, hyper, self._max_norm, scale)
         if key not in self._steps:
             self._steps[key] = CompiledStep(self.approx, self.objective, self._optimizer,
-                                            self._n_mc, self._max_norm)
+                                            self._n_mc, self._max_norm, cost_scale=scale)
         return self._steps[key]
+
+    def _cost_divisor(self) -> float:
+        """``N / B``: all the rows over the rows a step evaluates (PyMC divides its loss by it
+        when ``approx.scale_cost_to_minibatch`` is set)."""
+        per_step = self._rows_per_step()
+        return self.source.n_rows / per_step if per_step else 1.0
 
     def _fresh_state(self) -> DriverState:
         params = tuple(np.array(v, dtype="float64") for v in self.approx.params_values)
@@ -391,7 +431,9 @@ class Inference:
         obj_n_mc
             Points drawn from q per step.
         obj_optimizer
-            An optimizer such as ``distvi.adam(learning_rate=0.01)`` (the default).
+            An optimizer such as ``distvi.adam(learning_rate=0.01)`` (the default), or one of
+            distvi's optimizer functions itself (``distvi.adam``: its default hyperparameters),
+            as PyMC takes them.
         total_grad_norm_constraint
             Clip the summed gradient to this total norm.
         store
@@ -422,9 +464,10 @@ class Inference:
 
         Raises
         ------
-        FloatingPointError
-            The loss or the parameters became NaN/inf; the approximation keeps the last
-            finite parameters.
+        NotFiniteError
+            The loss or the parameters became NaN/inf, or a learning-rate schedule gave a
+            NaN/inf rate; the approximation keeps the last finite parameters. It is a
+            ``FloatingPointError`` (as PyMC raises) and a ``ValueError``.
         """
         from distvi.tracking import as_tracking
 
@@ -581,8 +624,10 @@ class Inference:
     def _rows_per_step(self) -> int:
         from distvi.data import source_bounds
 
+        if not self.has_data:
+            return 0
         sizes = [b - a for a, b in source_bounds(self.source, self.num_workers)]
-        return sum(sizes if self.batch_size is None else [min(self.batch_size, s) for s in sizes])
+        return sum(s if b is None else min(b, s) for s, b in zip(sizes, self._shard_batches))
 
     def refine(self, n: int, progressbar: bool = True) -> Approximation:
         """Run ``n`` more steps keeping the optimizer state of the last fit."""
@@ -649,6 +694,8 @@ class Inference:
         callbacks = list(callbacks or [])
         if n == 0:
             return
+        # the first rate before any work: a schedule's NaN rate is refused with no worker started
+        lr = np.array(self._optimizer.learning_rate_at(self.state.opt_step), dtype="float64")
         backend = self._ensure_backend()
         if self._signals is not None:
             self._signals.arm()
@@ -674,7 +721,6 @@ class Inference:
         done = 0
         bar = _progress(n, progressbar)
         clock = time.perf_counter
-        lr = np.array(opt.learning_rate_at(opt_step), dtype="float64")
         constant_lr = not callable(opt.hyper.get("learning_rate"))
         block = None
         signals = self._signals
@@ -771,7 +817,7 @@ class Inference:
                     bad.update(names[j] for j in g.indices)
         if not bad:
             bad = set(names)
-        raise FloatingPointError(
+        raise NotFiniteError(
             f"NaN or inf at step {step}: loss or parameters became non-finite "
             f"(variables: {sorted(bad)}); the approximation keeps the last finite parameters"
         )
@@ -981,7 +1027,7 @@ class ADVI(KLqp):
 
     def __init__(self, *, beta: float = 1.0, stl: bool = False, **kwargs: Any) -> None:
         family, rest = _split(kwargs)
-        super().__init__(MeanField(**family), beta=beta, stl=stl, **rest)
+        super().__init__(MeanField(model=LATER, **family), beta=beta, stl=stl, **rest)
 
 
 class FullRankADVI(KLqp):
@@ -989,7 +1035,7 @@ class FullRankADVI(KLqp):
 
     def __init__(self, *, beta: float = 1.0, stl: bool = False, **kwargs: Any) -> None:
         family, rest = _split(kwargs)
-        super().__init__(FullRank(**family), beta=beta, stl=stl, **rest)
+        super().__init__(FullRank(model=LATER, **family), beta=beta, stl=stl, **rest)
 
 
 # n^2 D of the kernel work from which the shard workers compute phi by slices of particles.
@@ -1072,7 +1118,7 @@ class ImplicitGradient(Inference):
         n, d = points.shape
         kernel, backend = self.kernel, self._backend
         k = backend.num_workers
-        self.kernel_sharded = n >= k and n * n * d >= self.shard_kernel_above
+        self.kernel_sharded = k > 0 and n >= k and n * n * d >= self.shard_kernel_above
         if not self.kernel_sharded:
             H = kernel.sq_dists(points)
             return kernel.phi_rows(points, grads, kernel.bandwidth(points, H), temperature, H=H)
@@ -1109,7 +1155,8 @@ class SVGD(ImplicitGradient):
         if n_particles < 2:
             raise ValueError(f"n_particles must be >= 2 (the kernel needs pairs), got {n_particles}")
         seed = check_seed(random_seed)
-        approx = Empirical(size=int(n_particles), jitter=jitter, start=start, random_seed=seed)
+        approx = Empirical(size=int(n_particles), jitter=jitter, start=start, random_seed=seed,
+                           model=LATER)
         super().__init__(approx, estimator=estimator, kernel=kernel, model=model,
                          random_seed=seed, **kwargs)
         self.n_particles, self.jitter = int(n_particles), float(jitter)
@@ -1132,7 +1179,7 @@ class ASVGD(ImplicitGradient):
             if key in kwargs:
                 raise TypeError(f"ASVGD() got an unexpected keyword argument {key!r}: give the "
                                 f"approximation its start, e.g. approx=FullRank({key}=...)")
-        super().__init__(FullRank() if approx is None else approx, estimator=estimator,
+        super().__init__(FullRank(model=LATER) if approx is None else approx, estimator=estimator,
                          kernel=kernel, **kwargs)
 
     def fit(self, n: int = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,

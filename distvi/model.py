@@ -27,6 +27,12 @@ from pytensor.graph.replace import graph_replace, vectorize_graph
 from pytensor.graph.rewriting.utils import rewrite_graph
 from pytensor.tensor.shape import SpecifyShape
 
+try:  # PyMC's minibatch pieces (pm.Minibatch and total_size)
+    from pymc.data import MinibatchOp
+    from pymc.variational.minibatch_rv import MinibatchRandomVariable
+except ImportError:  # pragma: no cover - other PyMC layouts
+    MinibatchOp = MinibatchRandomVariable = ()
+
 from distvi._compile import compile_mode, function
 from distvi.data import check_array
 
@@ -130,6 +136,89 @@ def _depends_on(var: Variable, targets: set[Variable]) -> bool:
     return any(a in targets for a in ancestors([var]))
 
 
+class _MissingDataKey(KeyError):
+    """A model factory read a key the data does not have (``from_factory`` names it)."""
+
+
+class _FactoryData(dict):
+    """The mapping a model factory is given: the symbolic minibatch rows by name. A key that
+    is not there raises a KeyError subclass (a factory may catch KeyError for optional keys);
+    uncaught, :meth:`ModelAdapter.from_factory` turns it into a :class:`ModelError`."""
+
+    def __missing__(self, key):
+        raise _MissingDataKey(key)
+
+
+def _shape_inputs(node) -> set[int]:
+    """Input positions of ``node`` that hold a shape, not values (``reshape((-1, 2))``, the
+    shape of an ``alloc``, a random variable's size)."""
+    from pytensor.tensor.random.op import RandomVariable
+    from pytensor.tensor.shape import Reshape
+
+    op = node.op
+    if isinstance(op, Reshape):
+        return {1}
+    if isinstance(op, Alloc | SpecifyShape):
+        return set(range(1, len(node.inputs)))
+    if isinstance(op, RandomVariable):
+        return {1}
+    return set()
+
+
+def _full_row_arrays(model: pm.Model, inputs: Mapping[str, Variable],
+                     trailing: Mapping[str, tuple[int, ...]], n_rows: int) -> list:
+    """Constants and shared variables of ``n_rows`` rows used as values in the data term of a
+    factory's model (its observed variables and the potentials that touch the rows): the
+    full data where the minibatch rows (``data[key]``) belong. An array whose whole shape is
+    a trailing shape of the data (per-column weights, say, when there are as many columns as
+    rows) is left alone, and so are shapes (``reshape((-1, 2))`` with two rows)."""
+    if n_rows <= 1:
+        return []
+    row_vars = set(inputs.values())
+    terms = [*model.observed_RVs, *(p for p in model.potentials if _depends_on(p, row_vars))]
+    if not terms:
+        return []
+    try:
+        graph = model.logp(vars=terms)
+    except Exception:  # the adapter reports what is wrong with such a model
+        return []
+    values = [model.rvs_to_values[o] for o in model.observed_RVs]
+    column_shapes = {tuple(t) for t in trailing.values()}
+    found = {}
+    for v in ancestors([graph, *values]):
+        if v.owner is None:
+            continue
+        shapes = _shape_inputs(v.owner)
+        for i, inp in enumerate(v.owner.inputs):
+            if i in shapes or inp in found or not isinstance(inp, Constant | SharedVariable):
+                continue
+            value = _value_of(inp)
+            if np.ndim(value) >= 1 and np.shape(value)[0] == n_rows \
+                    and tuple(np.shape(value)) not in column_shapes:
+                found[inp] = tuple(np.shape(value))
+    for v in values:  # an observed full array is the value itself
+        if v not in found and isinstance(v, Constant | SharedVariable):
+            value = _value_of(v)
+            if np.ndim(value) >= 1 and np.shape(value)[0] == n_rows \
+                    and tuple(np.shape(value)) not in column_shapes:
+                found[v] = tuple(np.shape(value))
+    return list(found.items())
+
+
+def _full_rows_message(factory: Callable, arrays: list, trailing: Mapping[str, tuple[int, ...]],
+                       n_rows: int) -> str:
+    parts = []
+    for var, shape in arrays:
+        keys = [k for k, t in trailing.items() if tuple(t) == shape[1:]] or list(trailing)
+        use = " or ".join(f"data[{k!r}]" for k in keys)
+        label = f"{var.name!r}, " if var.name else ""
+        parts.append(f"the model uses an array of {n_rows} rows ({label}shape {shape}) directly; "
+                     f"use {use} (the minibatch rows)")
+    return (f"model factory {_factory_name(factory)!r}: " + "; ".join(parts) +
+            f": distvi calls the factory with each step's minibatch rows, not the {n_rows} rows "
+            "of the data")
+
+
 class ModelAdapter:
     """A PyMC model as (layout, prior term, data term).
 
@@ -143,13 +232,8 @@ class ModelAdapter:
         self.data_inputs = data_inputs
         row_vars = set(replace) | set(data_inputs.values())
         for obs in model.observed_RVs:
-            # PyMC would scale by total_size / B and the worker again by N_k / B_k
-            if "MinibatchRandomVariable" in type(obs.owner.op).__name__ or getattr(
-                    obs.tag, "total_size", None) is not None:
-                raise ModelError(
-                    f"observed variable {obs.name!r} uses pm.Minibatch/total_size: give distvi the "
-                    "full data, it draws and scales the minibatches itself"
-                )
+            if isinstance(obs.owner.op, MinibatchRandomVariable):  # stripped by the builders
+                raise ModelError(f"observed variable {obs.name!r} still carries total_size")
         self._check_free_rvs(row_vars)
 
         point = model.initial_point()
@@ -178,14 +262,27 @@ class ModelAdapter:
         data = _rebuild_with_rows(pt.cast(data, "float64"), replace) if replace else data
         self.data_logp = graph_replace(pt.cast(data, "float64"), to_z, strict=False)
         self._replace = replace
+        # the total rows per step a ready model's pm.Minibatch asks for (None: not given)
+        self.minibatch_size: int | None = None
+        self.has_data = bool(data_inputs)
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_factory(cls, factory: ModelFactory, schema: DataSchema) -> ModelAdapter:
-        """Call ``factory(data)`` with symbolic minibatch rows and adapt the model it returns."""
+    def from_factory(cls, factory: ModelFactory, schema: DataSchema,
+                     n_rows: int | None = None) -> ModelAdapter:
+        """Call ``factory(data)`` with symbolic minibatch rows and adapt the model it returns.
+
+        A key the factory reads that is not in the data, and (given the data's ``n_rows``)
+        an array of the data's full rows in the model's data term where ``data[key]`` belongs,
+        are :class:`ModelError` s naming them."""
         inputs = schema.inputs()
         try:
-            model = factory(dict(inputs))
+            model = factory(_FactoryData(inputs))
+        except _MissingDataKey as err:
+            raise ModelError(
+                f"model factory {_factory_name(factory)!r} reads data[{err.args[0]!r}], which is "
+                f"not in the data; the data has keys {list(inputs)}"
+            ) from None
         except Exception as err:  # the user's code: say whose it was
             raise ModelFactoryError(
                 f"model factory {_factory_name(factory)!r} raised {type(err).__name__}: {err}"
@@ -195,42 +292,73 @@ class ModelAdapter:
                 f"model factory {_factory_name(factory)!r} must return a pymc.Model, "
                 f"got {type(model).__name__}"
             )
+        if n_rows is not None:
+            trailing = {name: t for name, _, t in schema.columns}
+            full = _full_row_arrays(model, inputs, trailing, int(n_rows))
+            if full:
+                raise ModelError(_full_rows_message(factory, full, trailing, int(n_rows)))
         return cls(model, inputs, {})
 
     @classmethod
     def from_model(cls, model: pm.Model) -> tuple[ModelAdapter, dict[str, np.ndarray]]:
         """Adapt a ready model: its row-aligned data become symbolic inputs.
 
-        Returns the adapter and the row-aligned arrays (name -> array) to shard.
+        ``pm.Minibatch`` views are replaced by their source arrays (the rows to shard; their
+        ``batch_size`` becomes :attr:`minibatch_size`), and ``total_size`` is checked against
+        the rows and dropped: the workers scale each minibatch by their own rows.
+
+        Returns the adapter and the row-aligned arrays (name -> array) to shard (empty for a
+        model without observed data: it is fitted on the driver alone).
         """
+        _check_discrete(model)
         if not model.observed_RVs:
-            raise ModelError("the model has no observed variables: there is no data to shard")
+            return cls(model, {}, {}), {}
         values = [model.rvs_to_values[o] for o in model.observed_RVs]
-        rows = {int(_value_of(v).shape[0]) for v in values if _value_of(v).ndim >= 1}
-        if len(rows) != 1:
+        minibatches = _minibatch_nodes([*values, *model.deterministics, *model.potentials])
+        lengths = {}
+        for v in values:
+            arr = _value_of(_source_of(v))
+            if arr.ndim >= 1:
+                lengths[_name_of(model, v)] = int(arr.shape[0])
+        for node in minibatches:
+            for i in node.inputs[:-1]:
+                lengths.setdefault(_name_of(model, i), int(_value_of(i).shape[0]))
+        if len(set(lengths.values())) > 1:
             raise ModelError(
-                "observed variables must share one leading (row) dimension; got lengths "
-                f"{sorted(rows)}"
+                "observed data (and pm.Minibatch arrays) must share one leading (row) dimension; "
+                f"got {lengths}"
             )
-        n_rows = rows.pop()
+        if not lengths:
+            raise ModelError("the observed data are scalars: there are no rows to shard")
+        n_rows = next(iter(lengths.values()))
+        batch = _minibatch_size(minibatches)
+        model, views = _plain_model(model, n_rows)
+        values = [model.rvs_to_values[o] for o in model.observed_RVs]
         graph = model.logp(vars=model.observed_RVs)
-        candidates = [
-            v for v in ancestors([graph, *values])
-            if isinstance(v, Constant | SharedVariable)
-            and getattr(v, "ndim", 0) >= 1 and _value_of(v).shape[0] == n_rows
-        ]
+        # (graph variable, the array it stands for): full-row constants and pm.Data, and the
+        # stand-ins of pm.Minibatch views
+        found = []
+        for v in ancestors([graph, *values, *model.deterministics]):
+            if v in views:
+                found.append((v, views[v]))
+            elif isinstance(v, Constant | SharedVariable) and getattr(v, "ndim", 0) >= 1 \
+                    and _value_of(v).shape[0] == n_rows:
+                found.append((v, v))
         names = {v: k for k, v in model.named_vars.items()}
         for o in model.observed_RVs:
             names.setdefault(model.rvs_to_values[o], o.name)
-        arrays, replace, inputs, seen = {}, {}, {}, set()
-        for i, v in enumerate(dict.fromkeys(candidates)):
-            name = names.get(v) or v.name or f"data_{i}"
-            if name in seen:
-                name = f"{name}_{i}"
-            seen.add(name)
-            arr = check_array(name, np.asarray(_value_of(v)))
-            inp = pt.tensor(name=name, dtype=arr.dtype, shape=(None, *arr.shape[1:]))
-            arrays[name], replace[v], inputs[name] = arr, inp, inp
+        arrays, replace, inputs, by_array = {}, {}, {}, {}
+        for i, (var, src) in enumerate(dict.fromkeys(found)):
+            value = _value_of(src)
+            key = id(value)
+            if key not in by_array:
+                name = names.get(var) or names.get(src) or src.name or var.name or f"data_{i}"
+                if not name.isidentifier() or name in arrays:
+                    name = f"data_{i}"
+                arr = check_array(name, np.asarray(value))
+                by_array[key] = pt.tensor(name=name, dtype=arr.dtype, shape=(None, *arr.shape[1:]))
+                arrays[name], inputs[name] = arr, by_array[key]
+            replace[var] = by_array[key]
         for rv in model.free_RVs:
             shape = model.initial_point()[model.rvs_to_values[rv].name].shape
             if n_rows > 1 and n_rows in shape:
@@ -239,17 +367,15 @@ class ModelAdapter:
                     "rows; distvi fits global parameters only (their number must not grow with "
                     "the rows)"
                 )
-        return cls(model, inputs, replace), arrays
+        adapter = cls(model, inputs, replace)
+        adapter.minibatch_size = batch
+        return adapter, arrays
 
     # ------------------------------------------------------------------ checks
     def _check_free_rvs(self, row_vars: set[Variable]) -> None:
         model = self.model
+        _check_discrete(model)
         for rv in model.free_RVs:
-            if rv.dtype.startswith(("int", "uint", "bool")):
-                raise ModelError(
-                    f"free variable {rv.name!r} is discrete ({rv.dtype}); variational inference "
-                    "here needs continuous free variables"
-                )
             params = [i for i in rv.owner.inputs if not isinstance(i.type, pt.random.type.RandomType)]
             # a trailing dimension of the data (data["X"].shape[1]) is static: folding the
             # graph removes it, while the row count or data values stay
@@ -423,9 +549,120 @@ class ModelAdapter:
         """``node`` (an expression of the model's variables) with the free variables set from
         a flat unconstrained vector ``z``."""
         model = self.model
-        exprs = model.replace_rvs_by_values(node if isinstance(node, list) else [node])
+        nodes = node if isinstance(node, list) else [node]
+        user = getattr(self, "user_model", None)
+        if user is not None and user is not model:  # the model was rebuilt without minibatches
+            nodes = graph_replace(nodes, {rv: model[rv.name] for rv in user.free_RVs},
+                                  strict=False)
+        exprs = model.replace_rvs_by_values(nodes)
         exprs = graph_replace(exprs, self._value_replacements(z), strict=False)
         return exprs if isinstance(node, list) else exprs[0]
+
+
+def _check_discrete(model: pm.Model) -> None:
+    """Discrete free variables are refused first, before any check of the data."""
+    for rv in model.free_RVs:
+        if rv.dtype.startswith(("int", "uint", "bool")):
+            raise ModelError(
+                f"free variable {rv.name!r} is discrete ({rv.dtype}); distvi's variational "
+                "inference needs continuous free variables: marginalise it out of the model "
+                "(e.g. a mixture likelihood over its values), or sample the model with PyMC's "
+                "samplers (pm.sample)"
+            )
+
+
+def _minibatch_nodes(graphs) -> list:
+    """The ``pm.Minibatch`` nodes the graphs read from."""
+    return list(dict.fromkeys(
+        v.owner for v in ancestors(list(graphs))
+        if v.owner is not None and isinstance(v.owner.op, MinibatchOp)))
+
+
+def _source_of(v: Variable) -> Variable:
+    """For a ``pm.Minibatch`` output, the array it draws rows from; else ``v``."""
+    if v.owner is not None and isinstance(v.owner.op, MinibatchOp):
+        return v.owner.inputs[v.owner.outputs.index(v)]
+    return v
+
+
+def _name_of(model: pm.Model, v: Variable) -> str:
+    for k, var in model.named_vars.items():
+        if var is v:
+            return k
+    for o in model.observed_RVs:
+        if model.rvs_to_values[o] is v:
+            return o.name
+    return v.name or str(v)
+
+
+def _minibatch_size(nodes) -> int | None:
+    """The rows per step the ``pm.Minibatch`` calls ask for (they must agree)."""
+    sizes = set()
+    for node in nodes:
+        size = node.outputs[0].type.shape[0]
+        if size is None:  # not static: read it from the index draw inside the Minibatch
+            inner = [n for n in node.op.fgraph.apply_nodes
+                     if isinstance(getattr(n.op, "name", None), str) and "integers" in n.op.name]
+            consts = [i.data for n in inner for i in n.inputs if isinstance(i, Constant)
+                      and np.ndim(i.data) == 1]
+            size = int(consts[0][0]) if consts else None
+        if size is not None:
+            sizes.add(int(size))
+    if len(sizes) > 1:
+        raise ModelError(f"the model's pm.Minibatch calls ask for different batch sizes "
+                         f"{sorted(sizes)}; use one batch_size for all of them")
+    return sizes.pop() if sizes else None
+
+
+def _total_size_rows(obs) -> int | None:
+    """The leading ``total_size`` of an observed variable (None when not set)."""
+    first, *rest = obs.owner.inputs[1:] or [None]
+    for t in rest:
+        if isinstance(t, Constant) and t.data is not None:
+            raise ModelError(f"observed variable {obs.name!r} has a total_size beyond its first "
+                             "(row) dimension; distvi scales rows only")
+    if first is None or not isinstance(first, Constant) or first.data is None:
+        if first is not None and not isinstance(first, Constant):
+            raise ModelError(f"observed variable {obs.name!r} has a symbolic total_size; give "
+                             "it as an int")
+        return None
+    return int(first.data)
+
+
+def _plain_model(model: pm.Model, n_rows: int | None) -> tuple[pm.Model, dict]:
+    """``model`` without its minibatch pieces, and the stand-ins of its views: each
+    ``pm.Minibatch`` view becomes a stand-in (mapped to the array it views, whose rows the
+    shards hold), and ``total_size`` is dropped after checking that it equals the rows given (distvi draws the
+    minibatches and scales each by its shard's rows itself; a second scale would count the
+    data twice). A model with neither is returned as it is."""
+    marked = [o for o in model.observed_RVs if isinstance(o.owner.op, MinibatchRandomVariable)]
+    minibatches = _minibatch_nodes([*model.observed_RVs, *model.deterministics,
+                                    *model.potentials, *model.rvs_to_values.values()])
+    views: dict[Variable, Variable] = {}
+    if not (marked or minibatches):
+        return model, views
+    for obs in marked:
+        total = _total_size_rows(obs)
+        if total is not None and n_rows is not None and total != n_rows:
+            raise ModelError(
+                f"observed variable {obs.name!r} has total_size={total}, but the data given has "
+                f"{n_rows} rows: distvi draws the minibatches and scales each by its shard's rows "
+                f"itself, so total_size must be the number of rows given ({n_rows}) or left out"
+            )
+    from pymc.model.fgraph import fgraph_from_model, model_from_fgraph
+
+    fgraph, _ = fgraph_from_model(model)
+    for node in list(fgraph.toposort()):
+        if isinstance(node.op, MinibatchRandomVariable):
+            fgraph.replace(node.outputs[0], node.inputs[0], import_missing=True)
+        elif isinstance(node.op, MinibatchOp):
+            # a stand-in of the view's type, which the row inputs replace like a constant
+            for out, full in zip(node.outputs[:-1], node.inputs[:-1]):
+                stand_in = out.type()
+                stand_in.name = full.name or out.name
+                views[stand_in] = full
+                fgraph.replace(out, stand_in, import_missing=True)
+    return model_from_fgraph(fgraph, mutate_fgraph=True), views
 
 
 def _rebuild_with_rows(graph: Variable, replace: dict[Variable, Variable]) -> Variable:
@@ -461,7 +698,7 @@ def _value_of(v: Variable) -> np.ndarray:
 def adapt(model: Any, data: Any) -> tuple[ModelAdapter, Any]:
     """The adapter and the data source for a factory, a ready model, or the model on the
     context stack (``model=None``), as ``pymc.fit`` finds it."""
-    from distvi.data import ArraySource, as_source
+    from distvi.data import ArraySource, NoData, as_source
 
     if model is None:
         try:
@@ -478,11 +715,12 @@ def adapt(model: Any, data: Any) -> tuple[ModelAdapter, Any]:
                 "(its pm.Data containers and observed arrays are sharded)"
             )
         adapter, arrays = ModelAdapter.from_model(model)
-        return adapter, ArraySource(arrays)
+        adapter.user_model = model
+        return adapter, (ArraySource(arrays) if arrays else NoData())
     if not callable(model):
         raise TypeError(f"model must be a pm.Model or a factory callable, got {type(model).__name__}")
     if data is None:
         raise TypeError(f"model factory {_factory_name(model)!r} needs data= (the arrays to shard)")
     source = as_source(data)
     schema = DataSchema(tuple((k, d, s) for k, (d, s) in source.schema().items()))
-    return ModelAdapter.from_factory(model, schema), source
+    return ModelAdapter.from_factory(model, schema, n_rows=source.n_rows), source

@@ -12,8 +12,12 @@ the surrogate ``sum(z * g)``, with ``g`` the workers' gradient held constant.
 
 from __future__ import annotations
 
+import numpy as np
+import pytensor
 import pytensor.tensor as pt
 from pytensor.gradient import disconnected_grad
+from pytensor.graph.basic import Apply
+from pytensor.graph.op import Op
 
 
 class KL:
@@ -38,6 +42,13 @@ class KL:
         self.approx = approx
         self.beta = beta
         self.stl = bool(stl)
+
+    def __call__(self, f=None):
+        """PyMC's ``KL(approx)()``: the objective, which ``(n_mc)`` turns into a Monte-Carlo
+        estimate of the loss (see :class:`Objective`)."""
+        if f is not None:
+            raise TypeError("KL takes no test function")
+        return Objective(self)
 
     def objective(self, params, eps, datalogp, datagrad, prior_rows):
         """Symbolic (loss, surrogate) for one step.
@@ -89,3 +100,40 @@ class KSD:
         """Its gradient with respect to the parameters is minus ``phi`` pulled back through
         the points (``phi`` is an input, held constant)."""
         return -pt.sum(points * phi)
+
+
+class _Numeric(Op):
+    """A value computed in Python on every evaluation (no props: each instance is its own op,
+    so graph merging never joins two of them). Its input is a shared token, so constant
+    folding leaves it alone."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def make_node(self, token):
+        return Apply(self, [pt.as_tensor(token)], [pt.dscalar()])
+
+    def perform(self, node, inputs, output_storage) -> None:
+        output_storage[0][0] = np.asarray(self.fn(), dtype="float64")
+
+
+class Objective:
+    """``KL(approx)()``, as PyMC's objective function: ``objective(n_mc)`` is a symbolic scalar
+    whose every evaluation is a fresh Monte-Carlo estimate, from ``n_mc`` draws of q, of
+    ``-datalogp + beta (logq - varlogp)`` on all the data (the negative ELBO for ``beta=1``;
+    divided by ``N / B`` when ``approx.scale_cost_to_minibatch`` is set). The data term is
+    evaluated by the fit's shard workers."""
+
+    def __init__(self, op: KL) -> None:
+        self.op, self.approx = op, op.approx
+
+    def __call__(self, nmc: int = 1, random_seed: int | None = None, **kwargs):
+        if kwargs:
+            raise TypeError(f"unexpected keywords {sorted(kwargs)}")
+        if isinstance(nmc, bool) or not isinstance(nmc, int | np.integer) or nmc < 1:
+            raise ValueError(f"nmc must be an int >= 1, got {nmc!r}")
+        rng = np.random.default_rng(random_seed)
+        approx, beta = self.approx, self.op.beta
+        approx._require_bound()
+        token = pytensor.shared(np.int64(0), name="mc_token")
+        return _Numeric(lambda: approx.mc_loss(int(nmc), beta, rng))(token)

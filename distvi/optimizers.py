@@ -23,6 +23,8 @@ import pytensor.tensor as pt
 from pytensor.compile import SharedVariable
 from pytensor.tensor.variable import TensorVariable
 
+from distvi.errors import NotFiniteError
+
 __all__ = [
     "LearningRate",
     "Optimizer",
@@ -53,8 +55,8 @@ Params: TypeAlias = "Sequence[SharedVariable] | None"
 def _real(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value!r}")
+    if not math.isfinite(value):  # a FloatingPointError too, as PyMC's NaN errors are
+        raise NotFiniteError(f"`{name}` must be finite, got {value!r}")
     return float(value)
 
 

@@ -66,7 +66,7 @@ class CompiledStep:
     """
 
     def __init__(self, approx, operator, optimizer: Optimizer, n_mc: int,
-                 max_norm: float | None) -> None:
+                 max_norm: float | None, cost_scale: float = 1.0) -> None:
         adapter = approx.adapter
         D = adapter.ndim
         self.n_draw = n_mc
@@ -79,6 +79,8 @@ class CompiledStep:
             return adapter.rows_of(adapter.prior_logp, points, n_mc)
 
         loss, surrogate = operator.objective(params, eps, datalogp, datagrad, prior_rows)
+        if cost_scale != 1.0:  # approx.scale_cost_to_minibatch: PyMC's per-minibatch units
+            loss, surrogate = loss * cost_scale, surrogate * cost_scale
         grads = pt.grad(surrogate, params)
         grad_norm = pt.sqrt(sum(pt.sum(g**2) for g in grads))
         if max_norm is not None:

@@ -24,7 +24,10 @@ class LocalBackend:
 
     def evaluate(self, points: np.ndarray, step: int,
                  with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Sum over shards of the scaled minibatch log-likelihood and its gradient."""
+        """Sum over shards of the scaled minibatch log-likelihood and its gradient (zeros
+        for a model without data, which has no shards)."""
+        if not self.workers:
+            return np.zeros(points.shape[0]), np.zeros_like(points)
         logp, grad = self.workers[0].evaluate(points, step, with_logp)
         if len(self.workers) == 1:
             return logp, grad

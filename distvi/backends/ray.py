@@ -51,7 +51,7 @@ class WorkerSpec:
     data_term: Any          # distvi.model.DataTerm: a symbolic graph, no data
     source: Any = None      # a Source the actor reads; None when rows come from the object store
     seed: int = 0
-    batch_size: int | None = None
+    batch_size: int | None | tuple = None  # rows per step: for every shard, or one per rank
     n_points: int = 1       # compiled in __init__ so the first step does not pay for it
     with_logp: bool = True  # the variant compiled in __init__
 
@@ -145,7 +145,8 @@ class ShardActor:
         data_term = compiled_by_points(spec.data_term)
         if rows is None:
             rows = spec.source.read(start, stop)
-        self.worker = ShardWorker(rows, rank, spec.seed, spec.batch_size, data_term)
+        batch = spec.batch_size[rank] if isinstance(spec.batch_size, tuple) else spec.batch_size
+        self.worker = ShardWorker(rows, rank, spec.seed, batch, data_term)
         ndim = spec.data_term.z.type.shape[0]
         self.worker.evaluate(np.zeros((spec.n_points, ndim)), 0, spec.with_logp)
 

@@ -1,0 +1,13 @@
+"""Errors shared by several parts of distvi."""
+
+from __future__ import annotations
+
+
+class NotFiniteError(ValueError, FloatingPointError):
+    """A NaN or infinite number where a finite one is needed: a learning rate (refused before
+    any work starts) or the loss or parameters of a fit (raised at the step where they became
+    non-finite).
+
+    It is a ``FloatingPointError``, as PyMC raises for a NaN loss, and a ``ValueError``, as a
+    bad argument is: code written to catch either catches it.
+    """
