@@ -18,6 +18,8 @@ import pytensor.tensor as pt
 import xarray as xr
 
 LOG_2PI = float(np.log(2 * np.pi))
+# draws of data-dependent deterministics that approx.sample() computes on the workers, at most
+DETERMINISTICS_MAX_MB = 512
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -767,8 +769,11 @@ class Approximation:
         else:
             flat = self.draw_flat(int(draws), rng)
         if not return_inferencedata:
-            return self._multitrace(ad.constrained_fn(True)(flat), stats)
+            values = ad.constrained_fn(True)(flat)
+            values.update(self._data_deterministics(flat))
+            return self._multitrace(values, stats)
         values = ad.constrained_fn(include_transformed)(flat)
+        values.update(self._data_deterministics(flat))
         dims, coords = ad.dims_and_coords(values)
         posterior = {k: np.asarray(v)[None] for k, v in values.items()}
         idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=dims, coords=coords)
@@ -808,6 +813,44 @@ class Approximation:
         trace.draw_idx = n
         trace.close()
         return MultiTrace([trace])
+
+    def _data_deterministics(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The deterministics that depend on the data, at the draws ``flat``: computed on the
+        fit's shard workers (or here, from the data attached, outside a fit), rows in order.
+        Those that cannot be (not row by row, or over :data:`DETERMINISTICS_MAX_MB` for these
+        draws) are left out with one warning that names them."""
+        import warnings
+
+        ad = self._require_bound()
+        term, others = ad.data_deterministics()
+        out: dict[str, np.ndarray] = {}
+        if term is not None:
+            n_rows = getattr(self.source, "n_rows", 0)
+            trailing = [int(np.prod([s or 1 for s in o.type.shape[1:]], dtype=int))
+                        for o in term.outputs]
+            mb = flat.shape[0] * n_rows * sum(trailing) * 8 / 2**20
+            if mb > DETERMINISTICS_MAX_MB:
+                warnings.warn(
+                    f"deterministics {list(term.names)} depend on the data and would take "
+                    f"{mb:.0f} MB for {flat.shape[0]} draws (limit distvi.approximations."
+                    f"DETERMINISTICS_MAX_MB = {DETERMINISTICS_MAX_MB}): they are left out of "
+                    "the draws; take fewer draws, raise the limit, or compute them from the "
+                    "draws with approx.sample_node(...) on the rows you need", stacklevel=3)
+            else:
+                inference = getattr(self, "_inference", None)
+                if inference is not None:
+                    arrays = inference.data_deterministics(term, flat)
+                else:
+                    rows = self.source.read(0, n_rows)
+                    arrays = term.compile(flat.shape[0])(np.ascontiguousarray(flat), *rows.values())
+                out.update(zip(term.names, (np.asarray(a) for a in arrays)))
+        if others:
+            warnings.warn(
+                f"deterministics {others} depend on the data but not row by row (e.g. a sum "
+                "over the rows), which sharded rows cannot give: they are left out of the "
+                "draws; compute them from the draws with approx.sample_node(...)",
+                stacklevel=3)
+        return out
 
     def diagnose(self, draws: int = 1000, random_seed: int | None = None):
         """PSIS k̂ of q against the full-data posterior (Yao et al. 2018): see

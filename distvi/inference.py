@@ -320,6 +320,20 @@ class Inference:
                 self.close()
         return np.sum(parts, axis=0)
 
+    def data_deterministics(self, term, points: np.ndarray) -> list[np.ndarray]:
+        """The row-wise deterministics of ``term`` at each flat point (S, D), computed by the
+        shard workers on their whole shards and concatenated in row order: (S, N, ...) each.
+        Workers are started for it if they were closed, and closed again after."""
+        was_open = self._backend is not None
+        backend = self._ensure_backend()
+        try:
+            shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
+            parts = backend.call("deterministics", (term, shared), [()] * self.num_workers)
+        finally:
+            if not was_open:
+                self.close()
+        return [np.concatenate([p[i] for p in parts], axis=1) for i in range(len(term.names))]
+
     def _record_diagnosis(self, diagnosis) -> None:
         """The diagnostic into the last fit's run store and MLflow run, when it had them."""
         url, tracker = self._recorded
@@ -529,7 +543,7 @@ class Inference:
                       average_after=None):
         from distvi.redact import redact_obj
         from distvi.store import (RunStore, StoreError, _jsonable, check_matches,
-                                  data_description, layout_of, versions)
+                                  data_description, layout_of, rebuild_description, versions)
 
         rs, parent = None, None
         if store is not None and resume and RunStore.exists(store):
@@ -575,7 +589,9 @@ class Inference:
                     "approximation": [{"vfam": g.vfam, "names": [lay.name for lay in g.layout]}
                                       for g in self.approx.groups],
                     "data": redact_obj(data_description(self)), "versions": versions(),
-                    "job": redact_obj(self.job)})
+                    "job": redact_obj(self.job),
+                    # what resume(store) rebuilds the run from without model= and data=
+                    "rebuild": redact_obj(rebuild_description(self.approx.model, self.source))})
         if tracker is not None:
             from distvi import __version__
             from distvi.tracking import git_commit
@@ -1294,24 +1310,31 @@ def resume(store: Any, n: int | None = None, model: Any = None, data: Any = None
            obj_optimizer=None, callbacks: Sequence[Callable] | None = None,
            progressbar: bool = True, tracking: Any = None, **overrides: Any) -> Approximation:
     """Continue the run in ``store`` from its last checkpoint until it has ``n`` steps
-    (default: the ``n`` it was started with). The model (and, for a factory, the data) must
-    be given again; the store refuses others than it was written for.
+    (default: the ``n`` it was started with); the store refuses a model or data other than
+    it was written for.
+
+    Without ``model=``, the model factory is imported by the ``module:qualname`` the store
+    records (a factory defined in ``__main__``, a lambda or closure, or a ready ``pm.Model``
+    has none: the error says to pass ``model=``); without ``data=``, a Zarr or Parquet source
+    is opened again by the path it records (in-memory arrays must be given again). This
+    imports and runs code a store names: resume only stores you trust.
 
     Examples
     --------
     >>> approx = resume("runs/logreg.zarr", model=factory, data=source)   # doctest: +SKIP
+    >>> approx = resume("runs/logreg.zarr")      # an importable factory, Zarr data  # doctest: +SKIP
     """
-    from distvi.store import RunStore, StoreError
+    from distvi.store import RunStore, StoreError, rebuilt_model_and_data
 
-    if model is None:
-        raise TypeError("resume() needs the model (a factory or a pm.Model) the run was fitted to")
     rs = RunStore.open(store)
-    config = rs.attrs["config"]
+    attrs = rs.attrs
+    config = attrs["config"]
     fit_config = config["fit"]
     total = fit_config["n"] if n is None else Inference._check_n(n)
     opt = obj_optimizer if obj_optimizer is not None else _recorded_optimizer(fit_config)
     if fit_config.get("checkpoint_every") is None:
         raise StoreError(f"run store {rs.url!r} has no checkpoint interval recorded")
+    model, data = rebuilt_model_and_data(rs.url, attrs, model, data)
     inference = build_inference(config, model, data, **overrides)
     with inference:
         return inference.fit(total, callbacks=callbacks, progressbar=progressbar,

@@ -13,6 +13,8 @@ a factory ``model(data) -> pm.Model`` or a ready ``pm.Model`` into:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +130,25 @@ class DataTerm:
         )
 
 
+@dataclass
+class DeterministicTerm:
+    """Deterministics that depend on the data rows, as a picklable graph of the flat point
+    ``z`` and the row ``inputs``: what a shard worker evaluates on its whole shard for the
+    draws of ``approx.sample()``. Every output has the rows on its first axis."""
+
+    z: Variable
+    outputs: list
+    inputs: list
+    names: tuple[str, ...]
+    key: str
+
+    def compile(self, n_points: int) -> Callable:
+        """``f(points[S, D], *rows) -> [(S, n_rows, ...) per deterministic]``."""
+        points = pt.matrix("points", dtype="float64", shape=(n_points, self.z.type.shape[0]))
+        outs = [vectorize_graph(o, {self.z: points}) for o in self.outputs]
+        return function([points, *self.inputs], outs, on_unused_input="ignore")
+
+
 def _factory_name(factory: Callable) -> str:
     return getattr(factory, "__qualname__", None) or repr(factory)
 
@@ -183,6 +204,7 @@ def _full_row_arrays(model: pm.Model, inputs: Mapping[str, Variable],
     except Exception:  # the adapter reports what is wrong with such a model
         return []
     values = [model.rvs_to_values[o] for o in model.observed_RVs]
+    observed_of = {model.rvs_to_values[o]: o.name for o in model.observed_RVs}
     column_shapes = {tuple(t) for t in trailing.values()}
     found = {}
     for v in ancestors([graph, *values]):
@@ -202,16 +224,20 @@ def _full_row_arrays(model: pm.Model, inputs: Mapping[str, Variable],
             if np.ndim(value) >= 1 and np.shape(value)[0] == n_rows \
                     and tuple(np.shape(value)) not in column_shapes:
                 found[v] = tuple(np.shape(value))
-    return list(found.items())
+    def label(v: Variable) -> str:
+        if v in observed_of:
+            return f"the observed values of {observed_of[v]!r}, "
+        return f"{v.name!r}, " if v.name else ""
+
+    return [(label(v), shape) for v, shape in found.items()]
 
 
 def _full_rows_message(factory: Callable, arrays: list, trailing: Mapping[str, tuple[int, ...]],
                        n_rows: int) -> str:
     parts = []
-    for var, shape in arrays:
+    for label, shape in arrays:
         keys = [k for k, t in trailing.items() if tuple(t) == shape[1:]] or list(trailing)
         use = " or ".join(f"data[{k!r}]" for k in keys)
-        label = f"{var.name!r}, " if var.name else ""
         parts.append(f"the model uses an array of {n_rows} rows ({label}shape {shape}) directly; "
                      f"use {use} (the minibatch rows)")
     return (f"model factory {_factory_name(factory)!r}: " + "; ".join(parts) +
@@ -297,6 +323,9 @@ class ModelAdapter:
             full = _full_row_arrays(model, inputs, trailing, int(n_rows))
             if full:
                 raise ModelError(_full_rows_message(factory, full, trailing, int(n_rows)))
+        _check_discrete(model)
+        # total_size: checked against the rows, and dropped
+        model, _ = _plain_model(model, n_rows, list(inputs.values()))
         return cls(model, inputs, {})
 
     @classmethod
@@ -537,6 +566,39 @@ class ModelAdapter:
         cache[key] = fn
         return fn
 
+    def data_deterministics(self) -> tuple[DeterministicTerm | None, list[str]]:
+        """The deterministics that depend on the data: those with the rows on their first axis
+        as a :class:`DeterministicTerm` the shard workers evaluate (None when there are
+        none), and the names of the others (a data-dependent value that is not row by row,
+        such as a sum over the rows, has no per-shard answer)."""
+        cached = self.__dict__.get("_data_dets")
+        if cached is not None:
+            return cached
+        model = self.model
+        row_vars = set(self._replace) | set(self.data_inputs.values())
+        dets = [d for d in model.deterministics if row_vars and _depends_on(d, row_vars)]
+        row_wise, names, others = [], [], []
+        if dets:
+            graphs = model.replace_rvs_by_values(dets)
+            graphs = graph_replace(graphs, self._value_replacements(self.z), strict=False)
+            inputs = set(self.data_inputs.values())
+            for d, g in zip(dets, graphs):
+                g = _rebuild_with_rows(g, self._replace) if self._replace else g
+                with warnings.catch_warnings():  # rewriting a bare shape graph: harmless notes
+                    warnings.simplefilter("ignore")
+                    lead = rewrite_graph(g.shape[0], include=("fast_run",)) if g.ndim else None
+                if lead is not None and _depends_on(lead, inputs):
+                    row_wise.append(pt.cast(g, "float64") if g.dtype.startswith("float") else g)
+                    names.append(d.name)
+                else:
+                    others.append(d.name)
+        term = None
+        if row_wise:
+            term = DeterministicTerm(self.z, row_wise, list(self.data_inputs.values()),
+                                     tuple(names), uuid.uuid4().hex)
+        self._data_dets = (term, others)
+        return self._data_dets
+
     def dims_and_coords(self, names) -> tuple[dict[str, list[str]], dict[str, Any]]:
         """ArviZ dims/coords for these variable names, from the model."""
         model = self.model
@@ -629,7 +691,7 @@ def _total_size_rows(obs) -> int | None:
     return int(first.data)
 
 
-def _plain_model(model: pm.Model, n_rows: int | None) -> tuple[pm.Model, dict]:
+def _plain_model(model: pm.Model, n_rows: int | None, inputs=()) -> tuple[pm.Model, dict]:
     """``model`` without its minibatch pieces, and the stand-ins of its views: each
     ``pm.Minibatch`` view becomes a stand-in (mapped to the array it views, whose rows the
     shards hold), and ``total_size`` is dropped after checking that it equals the rows given (distvi draws the
@@ -651,7 +713,11 @@ def _plain_model(model: pm.Model, n_rows: int | None) -> tuple[pm.Model, dict]:
             )
     from pymc.model.fgraph import fgraph_from_model, model_from_fgraph
 
-    fgraph, _ = fgraph_from_model(model)
+    fgraph, memo = fgraph_from_model(model)
+    # the rebuilt model reads copies of the graph's root inputs: keep the factory's row inputs
+    # (the data term's inputs) as they are
+    fgraph.replace_all([(memo[v], v) for v in inputs if v in memo and memo[v] is not v],
+                       import_missing=True)
     for node in list(fgraph.toposort()):
         if isinstance(node.op, MinibatchRandomVariable):
             fgraph.replace(node.outputs[0], node.inputs[0], import_missing=True)

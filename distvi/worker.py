@@ -62,12 +62,14 @@ class ShardWorker:
         self._data_term = data_term
         self._block, self._offsets = -1, []
         self._stein = None
+        self._perm = None
         if self.full:
             self.rows = [np.ascontiguousarray(a) for a in arrays]
         else:
             # the shuffle is drawn once, before any step, from the worker's own key
             perm = np.random.Generator(np.random.PCG64(
                 np.random.SeedSequence(seed, spawn_key=(rank + 1, 0)))).permutation(self.n_rows)
+            self._perm = perm  # row i of the shuffled shard is row perm[i] of the shard
             wrap = np.concatenate([perm, perm[: self.batch_size]])
             self.rows = [np.ascontiguousarray(np.take(a, wrap, axis=0)) for a in arrays]
 
@@ -108,6 +110,24 @@ class ShardWorker:
         for start in range(0, self.n_rows, per_chunk):
             total += fn(points, *[a[start:start + per_chunk] for a in rows], one)[0]
         return total
+
+    def deterministics(self, term, points: np.ndarray) -> list[np.ndarray]:
+        """The deterministics of ``term`` (a :class:`~distvi.model.DeterministicTerm`) at each
+        point over the whole shard, rows in the shard's own order: (S, N_k, ...) each."""
+        cache = self.__dict__.setdefault("_det_fns", {})
+        key = (term.key, points.shape[0])
+        if key not in cache:
+            cache[key] = term.compile(points.shape[0])
+        rows = self.rows if self.full else [a[:self.n_rows] for a in self.rows]
+        outs = cache[key](points, *rows)
+        if self.full:
+            return [np.asarray(o) for o in outs]
+        ordered = []
+        for o in outs:  # undo the load-time shuffle along the row axis
+            back = np.empty_like(o)
+            back[:, self._perm] = o
+            ordered.append(back)
+        return ordered
 
     # -------------------------------------------------------------- Stein kernel work by slices
     # Three calls per step, keyed by the driver's ``token``: the slice's squared distances are

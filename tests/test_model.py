@@ -125,17 +125,27 @@ def test_a_size_from_a_trailing_data_dimension_is_global(logistic_data):
     assert ad.layout[0].shape == (3,)
 
 
-def test_total_size_in_a_factory_is_refused(logistic_data):
+def test_total_size_in_a_factory_must_equal_the_rows(logistic_data):
     from distvi.model import ModelError
 
-    def factory(data):
-        with pm.Model() as m:
-            w = pm.Normal("w", 0.0, 1.0, shape=3)
-            pm.Bernoulli("y", logit_p=data["X"] @ w, observed=data["y"], total_size=600)
-        return m
+    def factory(total):
+        def build(data):
+            with pm.Model() as m:
+                w = pm.Normal("w", 0.0, 1.0, shape=3)
+                pm.Bernoulli("y", logit_p=data["X"] @ w, observed=data["y"], total_size=total)
+            return m
+        return build
 
-    with pytest.raises(ModelError, match="'y' uses pm.Minibatch/total_size"):
-        ModelAdapter.from_factory(factory, DataSchema.of(logistic_data))
+    schema = DataSchema.of(logistic_data)
+    with pytest.raises(ModelError, match=r"'y' has total_size=601, but the data given has 600 rows"):
+        ModelAdapter.from_factory(factory(601), schema, n_rows=600)
+    # equal to the rows: the scale is 1, and the data term is the plain model's
+    same = ModelAdapter.from_factory(factory(600), schema, n_rows=600)
+    plain = ModelAdapter.from_factory(factory(None), schema, n_rows=600)
+    z = np.array([[0.3, -0.2, 0.1]])
+    rows = [logistic_data["X"], logistic_data["y"]]
+    np.testing.assert_array_equal(same.compile_data_term(1)(z, *rows, np.array(1.0))[0],
+                                  plain.compile_data_term(1)(z, *rows, np.array(1.0))[0])
 
 
 def test_ready_model_with_a_per_row_free_variable_is_refused(logistic_data):

@@ -159,6 +159,9 @@ class ShardActor:
     def full_logp(self, *args):
         return self.worker.full_logp(*args)
 
+    def deterministics(self, *args):
+        return self.worker.deterministics(*args)
+
     def stein_sample(self, *args):
         return self.worker.stein_sample(*args)
 

@@ -1,0 +1,238 @@
+"""A PyMC user's variational code on distvi: callbacks both ways (distvi's in ``pymc.fit``,
+PyMC's in ``distvi.fit``), ``Tracker``'s calling rule, bare optimizer functions, the NaN error
+class, and ``sample(return_inferencedata=False)`` / ``Empirical`` with PyMC's ``MultiTrace``.
+
+The answers are PyMC's own: its callbacks on the same fit, its ``MultiTrace`` for the same
+model, its ``FloatingPointError``.
+"""
+
+import numpy as np
+import pymc as pm
+import pytensor
+import pytest
+from pymc.backends.base import MultiTrace
+
+import distvi as dv
+import distvi.inference
+import distvi.model
+import distvi.worker
+
+EVERY = 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Normal data with unknown mean and (log-transformed) sd, and a deterministic."""
+    y = np.random.default_rng(0).normal(1.0, 2.0, size=30)
+    with pm.Model() as m:
+        mu = pm.Normal("mu", 0.0, 10.0)
+        s = pm.HalfNormal("s", 5.0)
+        pm.Deterministic("d", mu / s)
+        pm.Normal("y", mu, s, observed=y)
+    return m
+
+
+class Decisions:
+    """Calls each check every step, noting the steps at which it raised StopIteration,
+    without stopping the fit."""
+
+    def __init__(self, **checks):
+        self.checks, self.stops, self.calls = checks, {k: [] for k in checks}, []
+
+    def __call__(self, approx, losses, i):
+        self.calls.append(i)
+        for key, check in self.checks.items():
+            try:
+                check(approx, losses, i)
+            except StopIteration:
+                self.stops[key].append(i)
+
+
+def pair(**settings):
+    return pm.callbacks.CheckParametersConvergence(**settings), dv.CheckParametersConvergence(**settings)
+
+
+def decisions():
+    rel_pm, rel_dv = pair(every=EVERY, tolerance=0.05, diff="relative")
+    abs_pm, abs_dv = pair(every=EVERY, tolerance=0.05, diff="absolute", ord=2)
+    stop_pm, stop_dv = pair(every=EVERY, tolerance=0.02, diff="relative")  # the first stops later
+    return Decisions(rel_pm=rel_pm, rel_dv=rel_dv, abs_pm=abs_pm, abs_dv=abs_dv,
+                     stop_pm=stop_pm, stop_dv=stop_dv)
+
+
+def assert_same_decisions(rec):
+    n_checks = len([i for i in rec.calls[1:] if i % EVERY == 0])
+    for kind in ("rel", "abs"):
+        ours, theirs = rec.stops[f"{kind}_dv"], rec.stops[f"{kind}_pm"]
+        assert ours == theirs
+        assert 0 < len(theirs) < n_checks  # the settings give both answers: a real comparison
+
+
+# callables for both Trackers, each with the call PyMC makes of it
+class NoSignature:
+    """A callable that inspect.signature cannot read: both Trackers try f() first."""
+
+    __signature__ = "unreadable"
+
+    def __call__(self, approx, hist, i):
+        return 2 * i
+
+
+def with_default(approx, hist, i=0):  # f() fails: called as f(approx, hist, i)
+    return len(hist)
+
+
+def zero_with_defaults(a=1.5):  # f() works: called so
+    return a
+
+
+def tracked():
+    return {
+        "const": lambda: 1.0,
+        "step": lambda ap, h, i: i,
+        "star": lambda *t: len(t),  # PyMC calls it with nothing: 0
+        "with_default": with_default,
+        "zero_with_defaults": zero_with_defaults,
+        "no_signature": NoSignature(),
+        "builtin": dict,  # no signature either; dict() works
+        "params": lambda ap, h, i: np.concatenate([p.get_value().ravel() for p in ap.params]),
+    }
+
+
+def assert_same_records(ours, theirs, keys):
+    for key in keys:
+        assert len(ours[key]) == len(theirs[key]) > 0
+        for a, b in zip(ours[key], theirs[key]):
+            np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ 1, 2: callbacks in pymc.fit
+def test_distvi_callbacks_in_pymc_fit_decide_and_stop_as_pymc_s(model):
+    rec = decisions()
+    stopper = dv.CheckParametersConvergence(every=EVERY, tolerance=0.02, diff="relative")
+    ours, theirs = dv.Tracker(**tracked()), pm.callbacks.Tracker(**tracked())
+    with model:
+        approx = pm.fit(300, obj_optimizer=pm.adam(learning_rate=0.05), random_seed=1,
+                        progressbar=False, callbacks=[rec, ours, theirs, stopper])
+    assert_same_decisions(rec)
+    # distvi's check stopped PyMC's fit at the step where PyMC's own would have
+    assert stopper.converged_at is not None and rec.calls[-1] == stopper.converged_at < 300
+    assert rec.stops["stop_pm"] == rec.stops["stop_dv"] == [stopper.converged_at]
+    assert len(approx.hist) == stopper.converged_at - 1  # PyMC drops the stopping step's loss
+    assert_same_records(ours, theirs, tracked())
+    assert ours["star"][0] == 0 and ours["step"] == rec.calls
+    np.testing.assert_array_equal(ours["params"][-1],
+                                  np.concatenate([p.get_value().ravel() for p in approx.params]))
+
+
+def test_pymc_callbacks_in_distvi_fit(model):
+    # PyMC's own callbacks read approx.params and get_value(): they work on distvi's
+    # approximation, and PyMC's check stops a distvi fit where distvi's does
+    rec = decisions()
+    stopper = pm.callbacks.CheckParametersConvergence(every=EVERY, tolerance=0.02, diff="relative")
+    ours, theirs = dv.Tracker(**tracked()), pm.callbacks.Tracker(**tracked())
+    inference = dv.ADVI(model=model, random_seed=1)
+    approx = inference.fit(300, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False,
+                           callbacks=[rec, ours, theirs, stopper])
+    assert_same_decisions(rec)
+    stop = rec.calls[-1]
+    assert stop < 300 and rec.stops["stop_pm"] == rec.stops["stop_dv"] == [stop]
+    assert len(inference.hist) == stop and inference.state.step == stop
+    assert_same_records(ours, theirs, tracked())
+    np.testing.assert_array_equal(theirs["params"][-1],
+                                  np.concatenate([p.get_value().ravel() for p in approx.params]))
+
+
+class FakeApprox:
+    """Any PyMC-shaped approximation: ``params``, shared variables, and nothing else."""
+
+    def __init__(self, *values):
+        self.params = [pytensor.shared(np.asarray(v, dtype="float64")) for v in values]
+
+    def set(self, *values):
+        for p, v in zip(self.params, values):
+            p.set_value(np.asarray(v, dtype="float64"))
+
+
+@pytest.mark.parametrize("settings, pinned", [
+    (dict(every=3, tolerance=1e-2, diff="relative"), False),
+    (dict(every=3, tolerance=0.05, diff="relative", ord=1), False),
+    (dict(every=3, tolerance=1e-2, diff="relative"), True),
+    (dict(every=2, tolerance=1e-2, diff="absolute"), False),
+    (dict(every=4, tolerance=0.02, diff="absolute", ord=2), True),
+])
+def test_check_parameters_convergence_follows_pymc_rule(settings, pinned):
+    # parameters moving by shrinking random amounts, optionally one pinned at 0 (PyMC's eps
+    # makes its relative change 1: never converged), steps that are and are not multiples of
+    # `every`, and a step 0 (below `every`: skipped)
+    rng = np.random.default_rng(7)
+    ours = dv.CheckParametersConvergence(**settings)
+    theirs = pm.callbacks.CheckParametersConvergence(**settings)
+    approx = FakeApprox([0.0, 1.0], [[2.0]])
+    got = {"dv": [], "pm": []}
+    steps = [0, 0, *range(1, 80)]
+    for k, i in enumerate(steps):
+        scale = 0.5 ** (k / 8)
+        first = 0.0 if pinned else 3 + scale * rng.normal()
+        approx.set([first, 1 + scale * rng.normal()], [[2 + scale * rng.normal()]])
+        for key, check in (("dv", ours), ("pm", theirs)):
+            try:
+                check(approx, None, i)
+            except StopIteration:
+                got[key].append(i)
+    assert got["dv"] == got["pm"]
+    assert ours.converged_at == (got["dv"][-1] if got["dv"] else None)
+    n_checks = len([i for i in steps[2:] if i % settings["every"] == 0])
+    if pinned and settings["diff"] == "relative":
+        assert got["pm"] == []
+    else:
+        assert 0 < len(got["pm"]) < n_checks
+
+
+def test_check_loss_convergence_reads_only_losses_and_step():
+    # no approximation is needed, and a list of losses does as well as PyMC's array
+    check = dv.CheckLossConvergence(window=4, tolerance=1e-2, every=1)
+    losses = [10.0, 9.0, 8.0, 7.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]
+    with pytest.raises(StopIteration):
+        for n in range(1, len(losses) + 1):
+            check(None, losses[:n], n)
+    # the mean of the last 4 (5) against the 4 before: 8.5, 7.25, 6.25, 5.5, then 5
+    assert check.stopped_at == 12
+    np.testing.assert_allclose([c for _, c in check.changes],
+                               [3.5 / 8.5, 2.25 / 7.25, 1.25 / 6.25, 0.5 / 5.5, 0.0])
+    assert [i for i, _ in check.changes] == [8, 9, 10, 11, 12]
+
+
+def test_tracker_refuses_a_callable_that_fits_neither_call():
+    def two(a, b):
+        return a
+
+    with pytest.raises(TypeError, match=r"Tracker\(bad_one=\.\.\.\).*\(a, b\)"):
+        dv.Tracker(ok=lambda: 1, bad_one=two)
+    with pytest.raises(TypeError, match=r"Tracker\(x=\.\.\.\) needs a callable.*int"):
+        dv.Tracker(x=3)
+    # PyMC refuses it too, only later: at the first call
+    with pytest.raises(TypeError):
+        pm.callbacks.Tracker(bad_one=two)(FakeApprox([1.0]), np.zeros(1), 1)
+
+
+def test_tracker_does_not_swallow_a_type_error_raised_inside():
+    def broken():
+        raise TypeError("raised inside the tracked function")
+
+    with pytest.raises(TypeError, match="raised inside the tracked function"):
+        dv.Tracker(broken=broken)(FakeApprox([1.0]), np.zeros(1), 1)
+    # PyMC takes it for the wrong call and tries f(approx, hist, i), which hides it
+    with pytest.raises(TypeError, match="positional argument"):
+        pm.callbacks.Tracker(broken=broken)(FakeApprox([1.0]), np.zeros(1), 1)
+
+
+def test_tracker_clear_and_missing_key_as_pymc():
+    ours, theirs = dv.Tracker(a=lambda: 1), pm.callbacks.Tracker(a=lambda: 1)
+    for t in (ours, theirs):
+        t(None, None, 1)
+        t(None, None, 2)
+    assert ours["a"] == theirs["a"] == [1, 1] and ours["nothing"] == theirs["nothing"] == []
+    ours.clear()
+    theirs.clear()
+    assert ours["a"] == theirs["a"] == []
