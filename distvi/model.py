@@ -191,8 +191,9 @@ def _full_row_arrays(model: pm.Model, inputs: Mapping[str, Variable],
     """Constants and shared variables of ``n_rows`` rows used as values in the data term of a
     factory's model (its observed variables and the potentials that touch the rows): the
     full data where the minibatch rows (``data[key]``) belong. An array whose whole shape is
-    a trailing shape of the data (per-column weights, say, when there are as many columns as
-    rows) is left alone, and so are shapes (``reshape((-1, 2))`` with two rows)."""
+    a trailing shape of the data, up to length-1 axes (per-column weights, say, when there
+    are as many columns as rows, which PyTensor may hold as a column (K, 1)), is left alone,
+    and so are shapes (``reshape((-1, 2))`` with two rows)."""
     if n_rows <= 1:
         return []
     row_vars = set(inputs.values())
@@ -205,7 +206,10 @@ def _full_row_arrays(model: pm.Model, inputs: Mapping[str, Variable],
         return []
     values = [model.rvs_to_values[o] for o in model.observed_RVs]
     observed_of = {model.rvs_to_values[o]: o.name for o in model.observed_RVs}
-    column_shapes = {tuple(t) for t in trailing.values()}
+    def core(shape) -> tuple[int, ...]:
+        return tuple(int(d) for d in shape if d != 1)
+
+    column_shapes = {core(t) for t in trailing.values()}
     found = {}
     for v in ancestors([graph, *values]):
         if v.owner is None:
@@ -216,13 +220,13 @@ def _full_row_arrays(model: pm.Model, inputs: Mapping[str, Variable],
                 continue
             value = _value_of(inp)
             if np.ndim(value) >= 1 and np.shape(value)[0] == n_rows \
-                    and tuple(np.shape(value)) not in column_shapes:
+                    and core(np.shape(value)) not in column_shapes:
                 found[inp] = tuple(np.shape(value))
     for v in values:  # an observed full array is the value itself
         if v not in found and isinstance(v, Constant | SharedVariable):
             value = _value_of(v)
             if np.ndim(value) >= 1 and np.shape(value)[0] == n_rows \
-                    and tuple(np.shape(value)) not in column_shapes:
+                    and core(np.shape(value)) not in column_shapes:
                 found[v] = tuple(np.shape(value))
     def label(v: Variable) -> str:
         if v in observed_of:
@@ -240,7 +244,7 @@ def _full_rows_message(factory: Callable, arrays: list, trailing: Mapping[str, t
         use = " or ".join(f"data[{k!r}]" for k in keys)
         parts.append(f"the model uses an array of {n_rows} rows ({label}shape {shape}) directly; "
                      f"use {use} (the minibatch rows)")
-    return (f"model factory {_factory_name(factory)!r}: " + "; ".join(parts) +
+    return (f"model factory {_factory_name(factory)!r}: " + "; ".join(dict.fromkeys(parts)) +
             f": distvi calls the factory with each step's minibatch rows, not the {n_rows} rows "
             "of the data")
 

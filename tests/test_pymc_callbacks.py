@@ -236,3 +236,177 @@ def test_tracker_clear_and_missing_key_as_pymc():
     ours.clear()
     theirs.clear()
     assert ours["a"] == theirs["a"] == []
+
+
+# ------------------------------------------------------------------ 3: a bare optimizer function
+OPTIMIZER_FUNCTIONS = ["sgd", "momentum", "nesterov_momentum", "adagrad", "adagrad_window",
+                       "rmsprop", "adadelta", "adam", "adamax"]
+
+
+def _tripwire(*args, **kwargs):
+    raise AssertionError("work started before the bad input was reported")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """As in test_errors: the compiled step, the shard workers and the data-term compiler
+    are tripwires."""
+    monkeypatch.setattr(distvi.inference, "CompiledStep", _tripwire)
+    monkeypatch.setattr(distvi.worker, "ShardWorker", _tripwire)
+    monkeypatch.setattr(distvi.model.ModelAdapter, "compile_data_term", _tripwire)
+
+
+def fitted(model, n, **kwargs):
+    inference = dv.ADVI(model=model, random_seed=5)
+    inference.fit(n, progressbar=False, **kwargs)
+    return inference
+
+
+def test_bare_optimizer_function_is_that_optimizer_with_its_defaults(model):
+    bare, called = fitted(model, 40, obj_optimizer=dv.adam), fitted(model, 40, obj_optimizer=dv.adam())
+    assert bare._optimizer == dv.adam() and bare._optimizer.hyper["learning_rate"] == 0.001
+    np.testing.assert_array_equal(bare.hist, called.hist)
+    for a, b in zip(bare.approx.params_values, called.approx.params_values):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(bare.approx.mean, fitted(model, 0).approx.mean)  # it moved
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_FUNCTIONS)
+def test_every_optimizer_function_is_taken_bare(no_work, linreg, name):
+    inference = dv.ADVI(model=linreg.factory, data=linreg.data, backend="local", random_seed=0)
+    inference.fit(0, obj_optimizer=getattr(dv, name), progressbar=False)
+    assert inference._optimizer == getattr(dv, name)()
+
+
+@pytest.mark.parametrize("optimizer, message", [
+    (pm.adam, r"distvi's optimizers.*got adam; PyMC's optimizers update shared variables"),
+    (pm.adam(learning_rate=0.1), r"got partial; PyMC's optimizers"),
+    (lambda: dv.adam(), r"obj_optimizer must be one of distvi's optimizers.*got <lambda>$"),
+    (dv.apply_momentum, r"got apply_momentum$"),
+    (dv.optimizers.Optimizer, r"got Optimizer$"),
+])
+def test_other_callables_are_refused_before_any_work(no_work, linreg, optimizer, message):
+    with pytest.raises(TypeError, match=message):
+        dv.fit(10, model=linreg.factory, data=linreg.data, backend="local", random_seed=0,
+               obj_optimizer=optimizer, progressbar=False)
+
+
+# ------------------------------------------------------------------ 4: one error for NaN
+@pytest.mark.parametrize("error", [FloatingPointError, ValueError, dv.NotFiniteError])
+@pytest.mark.parametrize("make", [lambda: dv.adam(learning_rate=float("nan")),
+                                  lambda: dv.sgd(learning_rate=np.inf),
+                                  lambda: dv.adagrad_window(epsilon=np.nan)])
+def test_nan_hyperparameter_is_both_errors(make, error):
+    with pytest.raises(error, match="must be finite"):
+        make()
+
+
+@pytest.mark.parametrize("error", [FloatingPointError, ValueError])
+def test_nan_schedule_is_refused_before_any_work(no_work, linreg, tmp_path, error):
+    store = tmp_path / "run.zarr"
+    with pytest.raises(error, match=r"`learning_rate\(0\)` must be finite, got nan"):
+        dv.fit(10, model=linreg.factory, data=linreg.data, backend="local", random_seed=0,
+               obj_optimizer=dv.adam(learning_rate=lambda t: float("nan")), progressbar=False,
+               store=str(store))
+    assert not store.exists()
+
+
+@pytest.fixture(scope="module")
+def sgd_inference(linreg):
+    """One sgd ADVI for the NaN tests: one compiled step (a schedule enters it as an input)."""
+    return dv.ADVI(model=linreg.factory, data=linreg.data, backend="local", random_seed=0)
+
+
+def test_nan_schedule_during_the_fit(sgd_inference):
+    inference = sgd_inference
+    with pytest.raises(dv.NotFiniteError, match=r"`learning_rate\(5\)` must be finite, got nan") as info:
+        inference.fit(50, obj_optimizer=dv.sgd(learning_rate=lambda t: 1e-4 if t < 5 else np.nan),
+                      progressbar=False)
+    assert isinstance(info.value, FloatingPointError) and isinstance(info.value, ValueError)
+    assert inference.state.step == 5 and len(inference.hist) == 5 and np.isfinite(inference.hist).all()
+    assert np.isfinite(inference.approx.mean).all()
+
+
+def test_nan_schedule_where_a_refine_starts_is_refused_before_workers_start(sgd_inference, monkeypatch):
+    inference = sgd_inference
+    inference.fit(5, obj_optimizer=dv.sgd(learning_rate=lambda t: 1e-4 if t < 5 else np.nan),
+                  progressbar=False)
+    inference.close()
+    step = inference.state.step
+    monkeypatch.setattr(distvi.worker, "ShardWorker", _tripwire)
+    with pytest.raises(FloatingPointError, match=r"`learning_rate\(5\)` must be finite"):
+        inference.refine(10, progressbar=False)
+    assert inference.state.step == step
+
+
+@pytest.mark.parametrize("error", [FloatingPointError, ValueError])
+def test_nan_loss_is_both_errors(sgd_inference, error):
+    # sgd at 0.01 on 400 rows overshoots until the loss overflows (see test_errors); a second
+    # fit starts from the last finite parameters and overflows again (at once, maybe)
+    inference = sgd_inference
+    hist0 = len(inference.hist)
+    with pytest.raises(error, match=r"NaN or inf at step \d+.*'w'.*keeps the last finite"):
+        inference.fit(300, obj_optimizer=dv.sgd(learning_rate=0.01), progressbar=False)
+    assert hist0 <= len(inference.hist) < hist0 + 300 and np.isfinite(inference.hist).all()
+    assert np.isfinite(inference.approx.mean).all()
+
+
+# ------------------------------------------------------------------ 5: MultiTrace
+@pytest.fixture(scope="module")
+def pymc_trace(model):
+    """PyMC's own approx.sample(return_inferencedata=False) on the model."""
+    with model:
+        approx = pm.fit(50, random_seed=2, progressbar=False)
+    return approx.sample(20, return_inferencedata=False, random_seed=3)
+
+
+@pytest.fixture(scope="module")
+def distvi_approx(model):
+    return dv.fit(50, model=model, random_seed=2, progressbar=False)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"include_transformed": True}, {"include_transformed": False}])
+def test_sample_as_multitrace_matches_pymc_s(distvi_approx, pymc_trace, kwargs):
+    trace = distvi_approx.sample(20, return_inferencedata=False, random_seed=4, **kwargs)
+    assert type(trace) is MultiTrace and type(pymc_trace) is MultiTrace
+    assert trace.varnames == pymc_trace.varnames == ["mu", "s_log__", "s", "d"]
+    assert trace.chains == pymc_trace.chains == [0] and len(trace) == len(pymc_trace) == 20
+    for name in trace.varnames:
+        assert trace[name].shape == pymc_trace[name].shape
+        assert trace[name].dtype == pymc_trace[name].dtype
+    # the same draws as the InferenceData of the same seed, each variable consistent
+    idata = distvi_approx.sample(20, random_seed=4, include_transformed=True)
+    for name in trace.varnames:
+        np.testing.assert_array_equal(trace[name], idata.posterior[name].values[0])
+    np.testing.assert_allclose(trace["s"], np.exp(trace["s_log__"]), rtol=1e-14)
+    np.testing.assert_allclose(trace["d"], trace["mu"] / trace["s"], rtol=1e-14)
+    point = trace.point(3)
+    assert set(point) == set(trace.varnames) and point["mu"] == trace["mu"][3]
+
+
+def test_multitrace_goes_on_to_inferencedata_with_pymc(model, distvi_approx):
+    trace = distvi_approx.sample(10, return_inferencedata=False, random_seed=4)
+    with model:
+        idata = pm.to_inference_data(trace)
+    np.testing.assert_array_equal(idata.posterior["s"].values[0], trace["s"])
+    assert "s_log__" not in idata.posterior  # as PyMC converts its own
+
+
+@pytest.mark.parametrize("source", ["pymc_approx", "pm_sample"])
+def test_empirical_from_multitrace_equals_from_inferencedata(model, pymc_trace, source):
+    if source == "pymc_approx":
+        trace = pymc_trace
+    else:
+        with model:
+            trace = pm.sample(draws=15, tune=15, chains=2, cores=1, random_seed=6, progressbar=False,
+                              compute_convergence_checks=False, return_inferencedata=False)
+    with model:
+        idata = pm.to_inference_data(trace)  # the constrained values only
+    assert "s_log__" in trace.varnames and "s_log__" not in idata.posterior
+    from_trace, from_idata = dv.Empirical(trace, model=model), dv.Empirical(idata, model=model)
+    n = len(trace) * trace.nchains
+    # PyMC's Empirical reads every chain's value variables, chain after chain
+    expected = np.column_stack([trace.get_values("mu"), trace.get_values("s_log__")])
+    assert from_trace.histogram.shape == (n, 2)
+    np.testing.assert_array_equal(from_trace.histogram, expected)
+    np.testing.assert_allclose(from_idata.histogram, from_trace.histogram, rtol=1e-12, atol=1e-14)

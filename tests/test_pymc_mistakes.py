@@ -144,7 +144,7 @@ def test_arrays_that_only_happen_to_have_n_rows_are_not_refused():
     def factory(data):
         with pm.Model() as m:
             w = pm.Normal("w", np.zeros(3), np.ones(3))
-            mu = (data["X"] * np.array([1.0, 2.0, 3.0])) @ w
+            mu = (data["X"] * np.array([1.0, 2.0, 3.0])) @ (w * np.array([0.5, 1.0, 2.0]))
             pm.Normal("y", mu, 1.0, observed=data["y"])
             pm.Normal("s", mu.reshape((-1, 3)).sum(), 1.0, observed=data["y"].reshape((-1, 3)).sum())
         return m
