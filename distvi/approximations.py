@@ -283,7 +283,7 @@ def _family_for(vfam: str | None, params: Mapping[str, Any] | None) -> str:
         if key not in FAMILIES:
             raise KeyError(f"unknown vfam {vfam!r}; valid (any case): {sorted(FAMILIES)}")
         if params is not None and set(params) != set(FAMILIES[key].param_names):
-            raise TypeError(f"params {sorted(params)} do not belong to a {key} group, which "
+            raise TypeError(f"params {sorted(params)} do not belong to a {FAMILIES[key].name} group, which "
                             f"takes {list(FAMILIES[key].param_names)}")
         return FAMILIES[key].name
     if params is None:
@@ -746,9 +746,6 @@ class Approximation:
             ``include_transformed`` says, as in PyMC), the free variables in the constrained
             space and the deterministics, in PyMC's order; with ``psis=True`` the weights are
             its sampler stat ``psis_weight``.
-
-        Deterministics that depend on the data rows are left out (they have no value per
-        draw of q alone).
         """
         import arviz as az
 

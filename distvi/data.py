@@ -330,7 +330,7 @@ class ParquetSource:
                         _check_dtype(col, np.dtype(schema.field(col).type.to_pandas_dtype()))
                     except (DataError, TypeError, NotImplementedError):
                         raise DataError(f"Parquet column {col!r} (for array {name!r}) of the file "
-                                        f"{path!r} is not numeric ({schema.field(col).type})",
+                                        f"{path!r} is non-numeric ({schema.field(col).type})",
                                         "columns") from None
         self.columns = mapping
         if self.n_rows == 0:

@@ -410,3 +410,20 @@ def test_empirical_from_multitrace_equals_from_inferencedata(model, pymc_trace, 
     assert from_trace.histogram.shape == (n, 2)
     np.testing.assert_array_equal(from_trace.histogram, expected)
     np.testing.assert_allclose(from_idata.histogram, from_trace.histogram, rtol=1e-12, atol=1e-14)
+
+
+def test_sample_as_multitrace_from_a_factory_fit(logistic_data):
+    # PyMC's trace records model.unobserved_value_vars: its varnames and per-draw shapes
+    from conftest import logistic_factory
+
+    approx = dv.fit(20, model=logistic_factory, data=logistic_data, backend="local",
+                    random_seed=0, progressbar=False)
+    trace = approx.sample(6, return_inferencedata=False, random_seed=1)
+    ready = logistic_factory(logistic_data)
+    expected = [v.name for v in ready.unobserved_value_vars]
+    assert trace.varnames == expected == ["w", "b", "s_log__", "s", "w_scaled"]
+    point = ready.initial_point()
+    shapes = dict(zip(expected, (np.shape(v) for v in ready.compile_fn(
+        ready.unobserved_value_vars, inputs=ready.value_vars, on_unused_input="ignore")(point))))
+    assert {k: trace[k].shape[1:] for k in expected} == shapes
+    np.testing.assert_allclose(trace["w_scaled"], trace["w"] * trace["s"][:, None], rtol=1e-14)

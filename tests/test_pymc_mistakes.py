@@ -254,8 +254,8 @@ def test_a_parquet_column_not_in_the_file_is_named_with_the_file_and_its_columns
     ({"X": []}, r"columns for array 'X' must be a column name or a non-empty list"),
     ([1, "y"], r"columns must be column names \(strings\), got 1"),
     (7, r"columns must be a list of column names or a mapping .*got int"),
-    ({"n": "note"}, r"Parquet column 'note' \(for array 'n'\) of the file .*part0.parquet' is not "
-                    r"numeric \(string\)"),
+    ({"n": "note"}, r"Parquet column 'note' \(for array 'n'\) of the file .*part0.parquet' is "
+                    r"non-numeric \(string\)"),
 ])
 def test_parquet_columns_of_the_wrong_form_are_one_clear_error(parquet, columns, match):
     with pytest.raises(DataError, match=match):
