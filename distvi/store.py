@@ -471,8 +471,10 @@ def model_reference(model: Any) -> tuple[str | None, str | None]:
                       "reference: pass model= (the same pm.Model)")
     module, qual = getattr(model, "__module__", None), getattr(model, "__qualname__", None)
     if not (isinstance(module, str) and isinstance(qual, str)):
-        return None, (f"the run's model factory {model!r} is not a function or class defined in "
-                      f"a module (it has no module and qualified name), so it is not importable")
+        kind = f"{type(model).__module__}.{type(model).__qualname__}"
+        return None, (f"the run's model factory (a {kind} object) is not a function defined in a "
+                      "module (it has no module and qualified name), so it is not importable by "
+                      "name: pass model=")
     what = f"the run's model factory {qual!r}"
     if module == "__main__":
         return None, (f"{what} is defined in __main__ (a script, notebook or the interpreter), "

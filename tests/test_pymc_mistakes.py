@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -421,6 +422,8 @@ def test_resume_without_model_names_why_the_factory_is_not_importable(tmp_path, 
         (lambda data: linreg(data), r"factory '.*<lambda>' \(in test_pymc_mistakes\) is a lambda"),
         (closure, r"factory '.*<locals>.closure' \(in test_pymc_mistakes\) is defined inside a "
                   r"function \(a closure\)"),
+        (functools.partial(linreg), r"factory \(a functools.partial object\) is not a function "
+                                    r"defined in a module"),
         (LinearRegression(n_rows=20).factory,  # a method of an object
          r"factory 'LinearRegression.factory': conftest:LinearRegression.factory does not "
          r"import to it \(a method of an object"),

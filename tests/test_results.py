@@ -101,14 +101,14 @@ def test_full_rank_draws_match_closed_form(exact, linreg):
 def test_logq_equals_scipy_multivariate_normal(exact, linreg):
     points = np.random.default_rng(3).multivariate_normal(linreg.mean, 4 * linreg.cov, size=6)
     expected = st.multivariate_normal(linreg.mean, linreg.cov).logpdf(points)
-    np.testing.assert_allclose(exact.logq(points), expected, rtol=1e-10)
+    np.testing.assert_allclose(exact.logq_at(points), expected, rtol=1e-10)
 
 
 def test_logq_of_mean_field_equals_scipy_normal(logistic):
     approx = logistic.approx
     points = approx.mean + approx.std * np.random.default_rng(4).normal(size=(5, approx.ndim))
     expected = st.norm(approx.mean, approx.std).logpdf(points).sum(axis=1)
-    np.testing.assert_allclose(approx.logq(points), expected, rtol=1e-10)
+    np.testing.assert_allclose(approx.logq_at(points), expected, rtol=1e-10)
 
 
 # ------------------------------------------------------------------ moments and params
