@@ -872,26 +872,28 @@ class Approximation:
         n = 1 if size is None else int(size)
         if n < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        seeds = np.random.SeedSequence(random_seed).spawn(len(self.groups))
+        # one generator, drawn from in draw_flat's order (the normals of every group, then an
+        # Empirical group's picks), so a first evaluation equals sample(random_seed=...)'s draws
+        rng = pytensor.shared(np.random.default_rng(random_seed))
+        state = rng
         sym = self._group_params(self._shared_inputs())
         parts = []
-        for g, p, seed in zip(self.groups, sym, seeds):
-            rng = pytensor.shared(np.random.default_rng(seed))
-            if g.vfam == "empirical":
-                hist = p["histogram"]
-                if deterministic:
-                    parts.append(pt.repeat(hist.mean(axis=0, keepdims=True), n, axis=0))
-                    continue
-                next_rng, idx = pt.random.integers(0, hist.shape[0], size=(n,), rng=rng).owner.outputs
-                rng.default_update = next_rng
-                parts.append(hist[idx])
-                continue
+        for g, p in zip(self.groups, sym):
             if deterministic:
                 eps = pt.zeros((n, g.ndim))
             else:
-                next_rng, eps = pt.random.normal(0.0, 1.0, size=(n, g.ndim), rng=rng).owner.outputs
-                rng.default_update = next_rng
-            parts.append(g.family.draw(p, eps))
+                state, eps = pt.random.normal(0.0, 1.0, size=(n, g.ndim), rng=state).owner.outputs
+            if g.vfam != "empirical":
+                parts.append(g.family.draw(p, eps))
+                continue
+            hist = p["histogram"]
+            if deterministic:
+                parts.append(pt.repeat(hist.mean(axis=0, keepdims=True), n, axis=0))
+                continue
+            state, idx = pt.random.integers(0, hist.shape[0], size=(n,), rng=state).owner.outputs
+            parts.append(hist[idx])
+        if state is not rng:
+            rng.default_update = state
         z = parts[0] if len(parts) == 1 else pt.concatenate(parts, axis=1)
         return z if self._identity else z[:, self._inverse]
 
