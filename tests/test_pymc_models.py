@@ -199,3 +199,22 @@ def test_minibatch_model_against_pymc_fit(lr):
                         obj_optimizer=pm.adam(learning_rate=0.01))
     np.testing.assert_allclose(ours.mean, theirs.mean.eval(), atol=0.08)  # ~1 posterior sd
     np.testing.assert_allclose(ours.std, theirs.std.eval(), rtol=0.3)
+
+
+def test_minibatch_model_on_ray_equals_local_with_its_deterministics(lr, ray_cluster):
+    """The per-shard batches travel to the actors, and the actors compute the data
+    deterministics: Ray gives the local numbers exactly."""
+    def run(backend):
+        Xm, ym = pm.Minibatch(lr.X, lr.y, batch_size=70)
+        with pm.Model():
+            w = pm.Normal("w", 0.0, 1.0, shape=3)
+            mu = pm.Deterministic("mu", Xm @ w)
+            pm.Normal("y", mu, lr.sigma, observed=ym, total_size=300)
+            with dv.ADVI(num_workers=2, backend=backend, random_seed=8) as inference:
+                approx = inference.fit(100, progressbar=False)
+                return inference.hist, approx.sample(4, random_seed=1).posterior
+
+    (h_local, p_local), (h_ray, p_ray) = run("local"), run("ray")
+    np.testing.assert_array_equal(h_local, h_ray)
+    np.testing.assert_array_equal(p_local["mu"].values, p_ray["mu"].values)
+    np.testing.assert_allclose(p_ray["mu"].values[0], p_ray["w"].values[0] @ lr.X.T, atol=1e-12)
