@@ -228,3 +228,28 @@ def test_approximation_outside_a_fit_samples_its_initial_parameters(lr):
     np.testing.assert_allclose(draws.mean(0), 0.0, atol=0.02)
     np.testing.assert_allclose(draws.std(0), ref.std(0), rtol=0.03)
     np.testing.assert_allclose(draws.std(0), np.log(2.0), rtol=0.03)
+
+
+def test_operator_and_symbolic_errors_name_the_problem(lr):
+    with _ready(lr):
+        approx = dv.MeanField()
+        with pytest.raises(ValueError, match="nmc must be an int >= 1"):
+            dv.KL(approx)()(0)
+        with pytest.raises(TypeError, match="KL takes no test function"):
+            dv.KL(approx)(lambda x: x)
+        with pytest.raises(ValueError, match="size must be >= 1"):
+            approx.sample_node(approx.model["w"], size=0)
+        particles = dv.Approximation([dv.Group(None, vfam="empirical", size=3, random_seed=1)])
+        with pytest.raises(TypeError, match="has no density"):
+            particles.logq
+
+
+def test_total_size_beyond_the_rows_is_refused(lr):
+    from distvi.model import ModelError
+
+    Y = np.tile(lr.y[:, None], (1, 2))
+    with pm.Model():
+        w = pm.Normal("w", 0.0, 1.0)
+        pm.Normal("y", w, 1.0, observed=Y, total_size=[200, 2])
+        with pytest.raises(ModelError, match="total_size beyond its first"):
+            dv.ADVI()
