@@ -7,6 +7,7 @@ summed data term at the points, run the compiled pure step. The state between st
 
 from __future__ import annotations
 
+import functools
 import inspect
 import signal
 import sys
@@ -110,6 +111,21 @@ class _DeferredSignals:
             previous(self.signum, None)
         elif previous != signal.SIG_IGN:  # the default (or a handler set outside Python)
             raise SystemExit(128 + self.signum)
+
+
+def _from_pymc_optimizer(opt: Any) -> Any:
+    """PyMC's own optimizer, bare (``pm.adam``) or called without loss and params
+    (``pm.adam(learning_rate=0.01)``, a ``functools.partial``), as distvi's of the same name
+    and hyperparameters: the same update rule (distvi's rules equal PyMC's). Anything else
+    is returned as it is."""
+    func, keywords = opt, {}
+    if isinstance(opt, functools.partial) and not opt.args:
+        func, keywords = opt.func, dict(opt.keywords)
+    name = getattr(func, "__name__", None)
+    if getattr(func, "__module__", "") != "pymc.variational.updates" or name not in optimizers._RULES:
+        return opt
+    keywords = {k: v for k, v in keywords.items() if k not in ("loss_or_grads", "params")}
+    return getattr(optimizers, name)(**keywords)
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
@@ -376,10 +392,11 @@ class Inference:
         opt = default_optimizer() if obj_optimizer is None else obj_optimizer
         if any(opt is getattr(optimizers, name) for name in optimizers._RULES):
             opt = opt()  # the function itself, as PyMC takes it: its default hyperparameters
+        opt = _from_pymc_optimizer(opt)
         if not isinstance(opt, optimizers.Optimizer):
-            hint = ("; PyMC's optimizers update shared variables, use distvi's of the same name"
-                    if str(getattr(getattr(opt, "func", opt), "__module__", "")).startswith("pymc")
-                    else "")
+            hint = ("; of PyMC's optimizers distvi takes pm.sgd ... pm.adamax, bare or called "
+                    "without loss and params" if str(getattr(getattr(opt, "func", opt), "__module__",
+                                                             "")).startswith("pymc") else "")
             raise TypeError(
                 "obj_optimizer must be one of distvi's optimizers, e.g. "
                 f"distvi.adam(learning_rate=0.01), or the function itself (distvi.adam: its "

@@ -278,9 +278,20 @@ def test_every_optimizer_function_is_taken_bare(no_work, linreg, name):
     assert inference._optimizer == getattr(dv, name)()
 
 
+@pytest.mark.parametrize("pymc_opt, ours", [
+    (pm.adam, dv.adam()),
+    (pm.adam(learning_rate=0.05), dv.adam(learning_rate=0.05)),
+    (pm.adagrad_window(learning_rate=0.02, n_win=5), dv.adagrad_window(learning_rate=0.02, n_win=5)),
+    (pm.momentum(learning_rate=0.01, momentum=0.8), dv.momentum(learning_rate=0.01, momentum=0.8)),
+])
+def test_pymc_optimizers_are_taken_as_distvi_s_of_the_same_name(model, pymc_opt, ours):
+    theirs, mine = fitted(model, 30, obj_optimizer=pymc_opt), fitted(model, 30, obj_optimizer=ours)
+    assert theirs._optimizer == ours
+    np.testing.assert_array_equal(theirs.hist, mine.hist)
+
+
 @pytest.mark.parametrize("optimizer, message", [
-    (pm.adam, r"distvi's optimizers.*got adam; PyMC's optimizers update shared variables"),
-    (pm.adam(learning_rate=0.1), r"got partial; PyMC's optimizers"),
+    (pm.variational.updates.apply_momentum, r"got apply_momentum; of PyMC's optimizers"),
     (lambda: dv.adam(), r"obj_optimizer must be one of distvi's optimizers.*got <lambda>$"),
     (dv.apply_momentum, r"got apply_momentum$"),
     (dv.optimizers.Optimizer, r"got Optimizer$"),
