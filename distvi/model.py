@@ -645,7 +645,14 @@ def _minibatch_nodes(graphs) -> list:
 
 
 def _source_of(v: Variable) -> Variable:
-    """For a ``pm.Minibatch`` output, the array it draws rows from; else ``v``."""
+    """For a ``pm.Minibatch`` output, the array it draws rows from; else ``v`` (both through
+    the dtype casts PyMC puts on observed data, e.g. int32 rows of a Bernoulli)."""
+    from pytensor.scalar.basic import Cast
+    from pytensor.tensor.elemwise import Elemwise
+
+    while (v.owner is not None and isinstance(v.owner.op, Elemwise)
+           and isinstance(v.owner.op.scalar_op, Cast)):
+        v = v.owner.inputs[0]
     if v.owner is not None and isinstance(v.owner.op, MinibatchOp):
         return v.owner.inputs[v.owner.outputs.index(v)]
     return v
