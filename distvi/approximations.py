@@ -32,14 +32,28 @@ def softplus_inv(y: np.ndarray) -> np.ndarray:
 
 
 class ParamArray(np.ndarray):
-    """A numpy array that also answers ``.eval()``, as PyMC's symbolic moments do."""
+    """A numpy array that also answers ``.eval()``, as PyMC's symbolic moments do: like
+    PyMC's, ``approx.mean.eval()`` gives the moment at the *current* parameters (so
+    ``Tracker(mean=approx.mean.eval)`` records it at every step), while the array itself is
+    the value when it was read."""
+
+    _source: tuple | None = None  # (approximation, property name) the value was read from
+
+    def __array_finalize__(self, obj) -> None:
+        self._source = None  # a slice or a result of arithmetic is a plain value
 
     def eval(self, *args, **kwargs) -> np.ndarray:
+        if self._source is not None:
+            owner, attr = self._source
+            return np.asarray(getattr(owner, attr))
         return np.asarray(self)
 
 
-def _param(x: np.ndarray) -> ParamArray:
-    return np.asarray(x, dtype="float64").view(ParamArray)
+def _param(x: np.ndarray, owner: Any = None, attr: str | None = None) -> ParamArray:
+    out = np.asarray(x, dtype="float64").view(ParamArray)
+    if owner is not None:
+        out._source = (owner, attr)
+    return out
 
 
 # ---------------------------------------------------------------------------- families
@@ -659,7 +673,7 @@ class Approximation:
         m = np.zeros(self.ndim)
         for g in self.groups:
             m[g.indices] = g.family.mean(g.params)
-        return _param(m)
+        return _param(m, self, "mean")
 
     @property
     def cov(self) -> ParamArray:
@@ -668,7 +682,7 @@ class Approximation:
         c = np.zeros((self.ndim, self.ndim))
         for g in self.groups:
             c[np.ix_(g.indices, g.indices)] = g.family.cov(g.params)
-        return _param(c)
+        return _param(c, self, "cov")
 
     @property
     def std(self) -> ParamArray:
@@ -677,7 +691,7 @@ class Approximation:
         v = np.zeros(self.ndim)
         for g in self.groups:
             v[g.indices] = g.family.var(g.params)
-        return _param(np.sqrt(v))
+        return _param(np.sqrt(v), self, "std")
 
     def _by_var(self, flat: np.ndarray) -> xr.Dataset:
         ad = self._require_bound()

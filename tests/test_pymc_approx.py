@@ -253,3 +253,18 @@ def test_total_size_beyond_the_rows_is_refused(lr):
         pm.Normal("y", w, 1.0, observed=Y, total_size=[200, 2])
         with pytest.raises(ModelError, match="total_size beyond its first"):
             dv.ADVI()
+
+
+def test_tracker_of_mean_eval_records_every_step_as_in_pymc(lr):
+    """PyMC's notebook idiom: Tracker(mean=approx.mean.eval) records the moment at each step."""
+    with _ready(lr):
+        inference = dv.ADVI(random_seed=3)
+        approx = inference.approx
+        tracker = pm.callbacks.Tracker(mean=approx.mean.eval, std=approx.std.eval)
+        inference.fit(20, callbacks=[tracker], progressbar=False,
+                      obj_optimizer=dv.adam(learning_rate=0.1))
+    means = np.array(tracker["mean"])
+    assert means.shape == (20, 3) and len({tuple(m) for m in means}) == 20
+    np.testing.assert_array_equal(means[-1], approx.mean)
+    np.testing.assert_array_equal(np.array(tracker["std"])[-1], approx.std)
+    assert not hasattr(approx.mean[:2], "_source") or approx.mean[:2]._source is None
