@@ -67,8 +67,13 @@ def blas_threads() -> int:
 def blas_flags() -> str:
     """The ``blas__ldflags`` distvi compiles with: the user's if set, else the bundled
     OpenBLAS, else ``""`` (``DISTVI_BLAS=off``, or ``scipy-openblas32`` missing)."""
-    if pytensor.config.blas__ldflags:
-        return pytensor.config.blas__ldflags
+    import warnings
+
+    with warnings.catch_warnings():  # the first read warns that pip's PyTensor has no BLAS
+        warnings.simplefilter("ignore")
+        user = pytensor.config.blas__ldflags
+    if user:
+        return user
     if os.environ.get("DISTVI_BLAS", "auto").strip().lower() in ("off", "0", "no", "false", "none"):
         return ""
     return _bundled_flags()

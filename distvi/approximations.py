@@ -42,6 +42,10 @@ class ParamArray(np.ndarray):
     def __array_finalize__(self, obj) -> None:
         self._source = None  # a slice or a result of arithmetic is a plain value
 
+    def get_value(self, *args, **kwargs) -> np.ndarray:
+        """As ``eval()`` (PyMC code reads some moments from shared variables)."""
+        return self.eval()
+
     def eval(self, *args, **kwargs) -> np.ndarray:
         if self._source is not None:
             owner, attr = self._source
@@ -274,6 +278,9 @@ class SharedParams(dict):
 
     def __contains__(self, key) -> bool:
         return key in self.shared
+
+    def __reduce__(self):  # rebuilt from the values (a dict's default pickling sets items first)
+        return (SharedParams, ({k: np.array(self[k]) for k in self.shared},))
 
     def items(self):
         return [(k, self[k]) for k in self.shared]

@@ -119,6 +119,12 @@ def _call_form(name: str, fn: Any) -> str:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):  # some builtins and extension callables
         return "try"
+    params = list(sig.parameters.values())
+    required = [p for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if any(p.kind is p.VAR_POSITIONAL for p in params) and not required:
+        # ``lambda *t: ...`` takes both calls: PyMC's order, fn() first, then fn(approx, hist, i)
+        return "varargs"
     for form, args in (("none", ()), ("full", (None, None, None))):
         try:
             sig.bind(*args)
@@ -153,6 +159,11 @@ class Tracker:
                 value = fn()
             elif form == "full":
                 value = fn(approx, losses, i)
+            elif form == "varargs":
+                try:
+                    value = fn()
+                except Exception:  # e.g. ``lambda *t: t[-1]``: it wants the arguments
+                    value = fn(approx, losses, i)
             else:
                 try:
                     value = fn()

@@ -162,6 +162,11 @@ class Profile:
             rows["other"] = max(self.wall - sum(self.phases.values()), 0.0)
         return rows
 
+    def summary(self, file=None) -> None:
+        """Print the table, as PyTensor's profile ``summary()`` that ``pymc``'s
+        ``run_profiling`` returns does."""
+        print(self, file=file or sys.stdout)
+
     def __str__(self) -> str:
         rows = self.rows()
         total = self.wall or sum(rows.values()) or 1.0
@@ -1212,6 +1217,12 @@ class ASVGD(ImplicitGradient):
             if key in kwargs:
                 raise TypeError(f"ASVGD() got an unexpected keyword argument {key!r}: give the "
                                 f"approximation its start, e.g. approx=FullRank({key}=...)")
+        import warnings
+
+        warnings.warn(  # as PyMC's ASVGD, whose users' code may expect this warning
+            "You are using experimental inference Operator (ASVGD): it needs a careful choice "
+            "of temperature (default 1, which tends to underestimate the posterior variance; "
+            "> 1 explores more) and many draws per step (obj_n_mc)", UserWarning, stacklevel=2)
         super().__init__(FullRank(model=LATER) if approx is None else approx, estimator=estimator,
                          kernel=kernel, **kwargs)
 

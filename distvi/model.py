@@ -45,6 +45,16 @@ class ModelError(ValueError):
     """The model cannot be fitted by distvi as written."""
 
 
+try:
+    from pymc.variational.opvi import ParametrizationError as _PyMCParametrizationError
+except ImportError:  # pragma: no cover
+    _PyMCParametrizationError = ValueError
+
+
+class DiscreteVariableError(ModelError, _PyMCParametrizationError):
+    """A discrete free variable: also PyMC's ``ParametrizationError``, which PyMC raises for it."""
+
+
 class ModelFactoryError(RuntimeError):
     """The user's model factory raised while building the model."""
 
@@ -629,7 +639,7 @@ def _check_discrete(model: pm.Model) -> None:
     """Discrete free variables are refused first, before any check of the data."""
     for rv in model.free_RVs:
         if rv.dtype.startswith(("int", "uint", "bool")):
-            raise ModelError(
+            raise DiscreteVariableError(
                 f"free variable {rv.name!r} is discrete ({rv.dtype}); distvi's variational "
                 "inference needs continuous free variables: marginalise it out of the model "
                 "(e.g. a mixture likelihood over its values), or sample the model with PyMC's "
@@ -724,7 +734,14 @@ def _plain_model(model: pm.Model, n_rows: int | None, inputs=()) -> tuple[pm.Mod
             )
     from pymc.model.fgraph import fgraph_from_model, model_from_fgraph
 
-    fgraph, memo = fgraph_from_model(model)
+    # PyMC's conversion refuses initial values: set them aside, and on the rebuilt model again
+    initvals = {rv.name: v for rv, v in model.rvs_to_initial_values.items() if v is not None}
+    saved = dict(model.rvs_to_initial_values)
+    try:
+        model.rvs_to_initial_values = {rv: None for rv in saved}
+        fgraph, memo = fgraph_from_model(model)
+    finally:
+        model.rvs_to_initial_values = saved
     # the rebuilt model reads copies of the graph's root inputs: keep the factory's row inputs
     # (the data term's inputs) as they are
     fgraph.replace_all([(memo[v], v) for v in inputs if v in memo and memo[v] is not v],
@@ -739,7 +756,10 @@ def _plain_model(model: pm.Model, n_rows: int | None, inputs=()) -> tuple[pm.Mod
                 stand_in.name = full.name or out.name
                 views[stand_in] = full
                 fgraph.replace(out, stand_in, import_missing=True)
-    return model_from_fgraph(fgraph, mutate_fgraph=True), views
+    rebuilt = model_from_fgraph(fgraph, mutate_fgraph=True)
+    for name, value in initvals.items():
+        rebuilt.set_initval(rebuilt[name], value)
+    return rebuilt, views
 
 
 def _rebuild_with_rows(graph: Variable, replace: dict[Variable, Variable]) -> Variable:

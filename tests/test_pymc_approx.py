@@ -268,3 +268,23 @@ def test_tracker_of_mean_eval_records_every_step_as_in_pymc(lr):
     np.testing.assert_array_equal(means[-1], approx.mean)
     np.testing.assert_array_equal(np.array(tracker["std"])[-1], approx.std)
     assert not hasattr(approx.mean[:2], "_source") or approx.mean[:2]._source is None
+
+
+def test_approximation_pickles_with_its_parameters(lr):
+    import cloudpickle
+
+    with _ready(lr):
+        approx = dv.fit(50, random_seed=1, progressbar=False)
+    again = cloudpickle.loads(cloudpickle.dumps(approx))
+    np.testing.assert_array_equal(again.mean, approx.mean)
+    assert again.params[0] is not approx.params[0]
+    np.testing.assert_array_equal(approx.mean.get_value(), approx.mean)
+
+
+def test_asvgd_warns_as_pymc_s_and_profile_has_a_summary(lr, capsys):
+    with _ready(lr):
+        with pytest.warns(UserWarning, match="experimental inference Operator"):
+            dv.ASVGD()
+        profile = dv.ADVI(random_seed=1).run_profiling(5)
+    profile.summary()
+    assert "update" in capsys.readouterr().out

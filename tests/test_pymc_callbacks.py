@@ -438,3 +438,13 @@ def test_sample_as_multitrace_from_a_factory_fit(logistic_data):
         ready.unobserved_value_vars, inputs=ready.value_vars, on_unused_input="ignore")(point))))
     assert {k: trace[k].shape[1:] for k in expected} == shapes
     np.testing.assert_allclose(trace["w_scaled"], trace["w"] * trace["s"][:, None], rtol=1e-14)
+
+
+def test_tracker_star_args_wanting_the_arguments_get_them_as_in_pymc():
+    """``lambda *t: t[-1]`` fails called bare; PyMC then calls it with (approx, hist, i)."""
+    fn = lambda *t: t[-1]  # noqa: E731
+    ours, theirs = dv.Tracker(i=fn), pm.callbacks.Tracker(i=fn)
+    for step in (1, 2, 3):
+        ours(None, [], step)
+        theirs(None, [], step)
+    assert ours["i"] == theirs["i"] == [1, 2, 3]

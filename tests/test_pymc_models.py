@@ -243,3 +243,23 @@ def test_minibatch_of_pm_data_with_int32_labels_keeps_the_data_names():
     ref = dv.fit(200, model=factory, data={"X": X, "labels": y}, batch_size=25, num_workers=2,
                  backend="local", random_seed=1, progressbar=False)
     np.testing.assert_array_equal(ours.mean, ref.mean)
+
+
+def test_minibatch_model_keeps_its_initial_values(lr):
+    """initval= on a free variable of a pm.Minibatch model is the start, as in PyMC."""
+    Xm, ym = pm.Minibatch(lr.X, lr.y, batch_size=30)
+    with pm.Model():
+        w = pm.Normal("w", 0.0, 1.0, shape=3, initval=np.array([0.5, -0.5, 2.0]))
+        pm.Normal("y", Xm @ w, lr.sigma, observed=ym, total_size=300)
+        inference = dv.ADVI()
+    np.testing.assert_array_equal(inference.approx.mean, [0.5, -0.5, 2.0])
+
+
+def test_discrete_error_is_also_pymc_s_parametrization_error(lr):
+    from pymc.variational.opvi import ParametrizationError
+
+    with pm.Model():
+        pm.Poisson("k", 3.0)
+        pm.Normal("y", 0.0, 1.0, observed=lr.y)
+        with pytest.raises(ParametrizationError, match="'k' is discrete"):
+            dv.ADVI()
