@@ -3,9 +3,12 @@
 from distvi import data
 from distvi.approximations import Approximation
 from distvi.approximations import Empirical
+from distvi.approximations import EmpiricalGroup
 from distvi.approximations import FullRank
+from distvi.approximations import FullRankGroup
 from distvi.approximations import Group
 from distvi.approximations import MeanField
+from distvi.approximations import MeanFieldGroup
 from distvi.callbacks import CheckLossConvergence
 from distvi.callbacks import CheckParametersConvergence
 from distvi.diagnostics import Diagnosis
@@ -53,8 +56,10 @@ __all__ = [
     "CheckParametersConvergence",
     "Diagnosis",
     "Empirical",
+    "EmpiricalGroup",
     "FullRank",
     "FullRankADVI",
+    "FullRankGroup",
     "Group",
     "ImplicitGradient",
     "Inference",
@@ -63,6 +68,7 @@ __all__ = [
     "KSD",
     "MLflowTracking",
     "MeanField",
+    "MeanFieldGroup",
     "NotFiniteError",
     "RBF",
     "SVGD",

@@ -347,6 +347,23 @@ class Group:
         ``start``) and ``random_seed``.
     """
 
+    family_name: str | None = None  # set by the subclass of each family
+
+    def __new__(cls, group=None, vfam=None, params=None, *args, **kwargs):
+        # as PyMC's: Group(...) is an instance of the family's class (MeanFieldGroup, ...)
+        if cls is Group:
+            cls = GROUP_CLASSES[_family_for(vfam, params)]
+        return super().__new__(cls)
+
+    @classmethod
+    def get_param_spec_for(cls, d: int, s: int | None = None) -> dict:
+        """The shapes of the family's parameters for ``d`` variables (and ``s`` draws)."""
+        if cls.family_name is None:
+            raise TypeError("get_param_spec_for needs a family: MeanFieldGroup, FullRankGroup "
+                            "or EmpiricalGroup")
+        shapes = FAMILIES[cls.family_name].param_shapes(FAMILIES[cls.family_name], int(d))
+        return {k: tuple(s if v is None else v for v in shape) for k, shape in shapes.items()}
+
     def __init__(
         self,
         group: Sequence[Any] | None = None,
@@ -360,7 +377,12 @@ class Group:
         start_sigma: Mapping[str, Any] | None = None,
         jitter: float | None = None,
     ) -> None:
+        fixed = type(self).family_name
+        if fixed is not None and vfam is None and params is None:
+            vfam = fixed
         vfam = _family_for(vfam, params)
+        if fixed is not None and vfam != fixed:
+            raise TypeError(f"a {type(self).__name__} is a {fixed} group, not {vfam}")
         options = dict(options or {})
         for key, value in (("size", size), ("random_seed", random_seed), ("jitter", jitter)):
             if value is not None:
@@ -463,6 +485,28 @@ class Group:
                     raise ValueError(f"start_sigma for {key!r} must be > 0")
                 sigma[offset[lay.name]:offset[lay.name] + lay.size] = s
         self.params = self.family.init(mean, sigma)
+
+
+class MeanFieldGroup(Group):
+    """A mean-field group (``Group(..., vfam="mean_field")`` is one)."""
+
+    family_name = "mean_field"
+
+
+class FullRankGroup(Group):
+    """A full-rank group (``Group(..., vfam="full_rank")`` is one)."""
+
+    family_name = "full_rank"
+
+
+class EmpiricalGroup(Group):
+    """A group of draws or particles (``Group(..., vfam="empirical")`` is one)."""
+
+    family_name = "empirical"
+
+
+GROUP_CLASSES = {"mean_field": MeanFieldGroup, "full_rank": FullRankGroup,
+                 "empirical": EmpiricalGroup}
 
 
 # ---------------------------------------------------------------------------- approximation
@@ -889,10 +933,16 @@ class Approximation:
         mean). ``size=None`` gives one draw, (1, D)."""
         import pytensor
 
+        from pytensor.graph.basic import Variable
+
         self._require_bound()
-        n = 1 if size is None else int(size)
-        if n < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
+        if isinstance(size, Variable):  # a symbolic size, as PyMC takes: given at evaluation
+            n = pt.as_tensor(size).astype("int64")
+        else:
+            n = 1 if size is None else int(size)
+            if n < 1:
+                raise ValueError(f"size must be >= 1, got {size}")
+        symbolic_det = isinstance(deterministic, Variable)
         # one generator, drawn from in draw_flat's order (the normals of every group, then an
         # Empirical group's picks), so a first evaluation equals sample(random_seed=...)'s draws
         rng = pytensor.shared(np.random.default_rng(random_seed))
@@ -900,19 +950,24 @@ class Approximation:
         sym = self._group_params(self._shared_inputs())
         parts = []
         for g, p in zip(self.groups, sym):
-            if deterministic:
+            if deterministic is True:
                 eps = pt.zeros((n, g.ndim))
             else:
                 state, eps = pt.random.normal(0.0, 1.0, size=(n, g.ndim), rng=state).owner.outputs
+                if symbolic_det:
+                    eps = pt.switch(pt.as_tensor(deterministic).astype("bool"), 0.0, eps)
             if g.vfam != "empirical":
                 parts.append(g.family.draw(p, eps))
                 continue
             hist = p["histogram"]
-            if deterministic:
-                parts.append(pt.repeat(hist.mean(axis=0, keepdims=True), n, axis=0))
+            at_mean = pt.repeat(hist.mean(axis=0, keepdims=True), n, axis=0)
+            if deterministic is True:
+                parts.append(at_mean)
                 continue
             state, idx = pt.random.integers(0, hist.shape[0], size=(n,), rng=state).owner.outputs
-            parts.append(hist[idx])
+            picked = hist[idx]
+            parts.append(pt.switch(pt.as_tensor(deterministic).astype("bool"), at_mean, picked)
+                         if symbolic_det else picked)
         if state is not rng:
             rng.default_update = state
         z = parts[0] if len(parts) == 1 else pt.concatenate(parts, axis=1)

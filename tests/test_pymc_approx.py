@@ -288,3 +288,28 @@ def test_asvgd_warns_as_pymc_s_and_profile_has_a_summary(lr, capsys):
         profile = dv.ADVI(random_seed=1).run_profiling(5)
     profile.summary()
     assert "update" in capsys.readouterr().out
+
+
+def test_sample_node_takes_symbolic_size_and_deterministic_as_pymc(lr):
+    import pytensor.tensor as pt
+
+    with _ready(lr) as m:
+        approx = dv.fit(100, random_seed=1, progressbar=False)
+        size, det = pt.iscalar("size"), pt.bscalar("det")
+        node = approx.sample_node(m["w"], size=size, deterministic=det)
+        fn = pytensor.function([size, det], node)
+    assert fn(7, 0).shape == (7, 3)
+    np.testing.assert_allclose(fn(2, 1), np.tile(approx.mean, (2, 1)))
+    assert not np.array_equal(fn(5, 0), fn(5, 0))
+
+
+def test_group_is_an_instance_of_its_family_class_as_in_pymc(lr):
+    assert type(dv.Group(None, vfam="FR")) is dv.FullRankGroup
+    assert type(dv.Group(None, params={"histogram": np.zeros((4, 3))})) is dv.EmpiricalGroup
+    assert type(dv.Group(None)) is dv.MeanFieldGroup
+    assert dv.MeanFieldGroup(None).vfam == "mean_field"
+    assert dv.FullRankGroup.get_param_spec_for(d=4) == {"mu": (4,), "L_tril": (10,)}
+    assert (pm.variational.approximations.FullRankGroup.get_param_spec_for(d=4)
+            == {"mu": (4,), "L_tril": (10,)})
+    with pytest.raises(TypeError, match="a FullRankGroup is a full_rank group, not mean_field"):
+        dv.FullRankGroup(None, vfam="mf")
