@@ -528,18 +528,16 @@ class Approximation:
         if model is LATER:  # an Inference binds it to its own model
             self.model = None
             return
-        if model is None:  # as PyMC: the model on the context stack, when there is one
+        import pymc as pm
+
+        if model is None:  # as PyMC: a group's model, else the one on the context stack
             model = next((g.model for g in self.groups if g.model is not None), None)
         if model is None:
-            import pymc as pm
-
             try:
                 model = pm.modelcontext(None)
             except TypeError:
                 model = None
         self.model = model
-        import pymc as pm
-
         if isinstance(model, pm.Model):  # bound now: ndim, sample() from the initial params
             from distvi.model import adapt
 

@@ -325,34 +325,29 @@ class Inference:
         self._backend = LocalBackend(workers)
         return self._backend
 
-    def full_data_logp(self, points: np.ndarray) -> np.ndarray:
-        """The log-likelihood of all the rows at each flat point (S, D): every shard worker
-        sums its whole shard (no minibatch); workers are started for it if they were closed,
-        and closed again after."""
-        if not self.has_data:
-            return np.zeros(np.shape(points)[0])
+    def _on_whole_shards(self, method: str, points: np.ndarray, *before) -> list:
+        """``worker.method(*before, points)`` on every shard worker, over its whole shard;
+        workers are started for it if they were closed, and closed again after."""
         was_open = self._backend is not None
         backend = self._ensure_backend()
         try:
             shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
-            parts = backend.call("full_logp", (shared,), [()] * self.num_workers)
+            return backend.call(method, (*before, shared), [()] * self.num_workers)
         finally:
             if not was_open:
                 self.close()
-        return np.sum(parts, axis=0)
+
+    def full_data_logp(self, points: np.ndarray) -> np.ndarray:
+        """The log-likelihood of all the rows at each flat point (S, D): every shard worker
+        sums its whole shard (no minibatch)."""
+        if not self.has_data:
+            return np.zeros(np.shape(points)[0])
+        return np.sum(self._on_whole_shards("full_logp", points), axis=0)
 
     def data_deterministics(self, term, points: np.ndarray) -> list[np.ndarray]:
         """The row-wise deterministics of ``term`` at each flat point (S, D), computed by the
-        shard workers on their whole shards and concatenated in row order: (S, N, ...) each.
-        Workers are started for it if they were closed, and closed again after."""
-        was_open = self._backend is not None
-        backend = self._ensure_backend()
-        try:
-            shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
-            parts = backend.call("deterministics", (term, shared), [()] * self.num_workers)
-        finally:
-            if not was_open:
-                self.close()
+        shard workers on their whole shards and concatenated in row order: (S, N, ...) each."""
+        parts = self._on_whole_shards("deterministics", points, term)
         return [np.concatenate([p[i] for p in parts], axis=1) for i in range(len(term.names))]
 
     def _record_diagnosis(self, diagnosis) -> None:
