@@ -15,15 +15,15 @@ from distvi.diagnostics import Diagnosis
 from distvi.diagnostics import diagnose
 from distvi.errors import NotFiniteError
 from distvi.callbacks import Tracker
-from distvi.inference import ADVI
-from distvi.inference import ASVGD
-from distvi.inference import FullRankADVI
-from distvi.inference import ImplicitGradient
+from distvi.methods import ADVI
+from distvi.methods import ASVGD
+from distvi.methods import FullRankADVI
+from distvi.methods import ImplicitGradient
 from distvi.inference import Inference
-from distvi.inference import KLqp
-from distvi.inference import SVGD
-from distvi.inference import fit
-from distvi.inference import resume
+from distvi.methods import KLqp
+from distvi.methods import SVGD
+from distvi.runs import fit
+from distvi.runs import resume
 from distvi.operators import KL
 from distvi.operators import KSD
 from distvi.optimizers import adadelta
@@ -43,7 +43,7 @@ from distvi.results import sample_approx
 from distvi.stein import RBF
 from distvi.stein import Stein
 from distvi.stein import rbf
-from distvi.store import open_run
+from distvi.runs import open_run
 from distvi.tracking import MLflowTracking
 
 __version__ = "0.1.0"

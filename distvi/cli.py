@@ -23,7 +23,7 @@ def build(cfg: dict[str, Any]):
     """The Inference and the fit keywords a validated config describes."""
     from distvi import optimizers
     from distvi.config import _defaults
-    from distvi.inference import METHODS
+    from distvi.runs import METHODS
     from distvi.tracking import MLflowTracking
 
     model = resolve(cfg["model"], "model")
@@ -75,7 +75,7 @@ def summary_text(store: str, max_rows: int | None = None, sample: bool = False) 
     import arviz as az
     import numpy as np
 
-    from distvi.store import open_run
+    from distvi.runs import open_run
 
     run = open_run(store)
     fit = run.config.get("fit", {})

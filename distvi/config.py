@@ -213,7 +213,7 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
         raise ConfigError(f"optimizer: {err}") from None
     cfg["optimizer"] = {"name": name, **opt, **({"decay": decay} if decay is not None else {})}
     _positive("n", cfg["n"], allow_none=False)
-    from distvi.inference import MAX_STEPS
+    from distvi._validate import MAX_STEPS
 
     for key, most in (("n", MAX_STEPS), ("num_workers", 10_000), ("obj_n_mc", 100_000)):
         if cfg[key] is not None and cfg[key] > most:
@@ -233,10 +233,10 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
         raise ConfigError(f"progress must be one of {', '.join(PROGRESS)}, got {cfg['progress']!r}")
     if cfg["checkpoint_every"] is not None and cfg["store"] is None:
         raise ConfigError("checkpoint_every needs a store")
-    from distvi.inference import _check_average_from
+    from distvi import _validate
 
     try:
-        _check_average_from(cfg["average_from"], cfg["n"])
+        _validate.average_from(cfg["average_from"], cfg["n"])
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     if cfg["diagnose"] is True:

@@ -112,7 +112,7 @@ def diagnose(approx, draws: int = 1000, random_seed: Any = None) -> Diagnosis:
     weights = np.exp(smoothed)
     ess = float(1.0 / np.sum(weights**2))
     result = Diagnosis(khat, ess, draws, verdict(khat), points, ratios, np.asarray(smoothed))
-    approx._inference._record_diagnosis(result)
+    approx._inference.record_diagnosis(result)
     return result
 
 

@@ -12,12 +12,37 @@ the surrogate ``sum(z * g)``, with ``g`` the workers' gradient held constant.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
 from pytensor.gradient import disconnected_grad
 from pytensor.graph.basic import Apply
 from pytensor.graph.op import Op
+
+
+def _finite(x):
+    return pt.invert(pt.or_(pt.isnan(x), pt.isinf(x)))
+
+
+class Direction(NamedTuple):
+    """A Stein step's explicit phase: ``phi`` at the points (None when ``ok`` is False), the
+    log density (data + prior) at each point, and whether its gradients were finite."""
+
+    phi: np.ndarray | None
+    logp: np.ndarray
+    ok: bool
+
+
+class StepTerms(NamedTuple):
+    """An operator's part of the compiled step: its extra inputs, the loss, the surrogate
+    whose gradient is the update's, and whether the loss is finite."""
+
+    inputs: list
+    loss: Any
+    surrogate: Any
+    ok: Any
 
 
 class KL:
@@ -35,6 +60,8 @@ class KL:
         term whose expectation is zero. Lower variance as q approaches the posterior.
     """
 
+    needs_logp = True  # the loss needs the data term's value
+
     def __init__(self, approx, beta: float = 1.0, stl: bool = False) -> None:
         beta = float(beta)
         if not beta > 0 or beta != beta or beta == float("inf"):
@@ -49,6 +76,28 @@ class KL:
         if f is not None:
             raise TypeError("KL takes no test function")
         return Objective(self)
+
+    def step_terms(self, params, eps, n_points: int) -> StepTerms:
+        """The step's symbolic terms: the summed worker answers at the ``n_points`` points
+        are its inputs."""
+        adapter = self.approx.adapter
+        datalogp = pt.vector("datalogp", dtype="float64", shape=(n_points,))
+        datagrad = pt.matrix("datagrad", dtype="float64", shape=(n_points, adapter.ndim))
+
+        def prior_rows(points):
+            return adapter.rows_of(adapter.prior_logp, points, n_points)
+
+        loss, surrogate = self.objective(params, eps, datalogp, datagrad, prior_rows)
+        return StepTerms([datalogp, datagrad], loss, surrogate, _finite(loss))
+
+    @staticmethod
+    def direction(points, answers, backend) -> None:
+        """KL has no explicit phase: its update is the loss's gradient."""
+        return None
+
+    @staticmethod
+    def step_inputs(answers, direction, with_logp: bool) -> tuple[tuple, bool]:
+        return answers, True
 
     def objective(self, params, eps, datalogp, datagrad, prior_rows):
         """Symbolic (loss, surrogate) for one step.
@@ -87,19 +136,58 @@ class KSD:
         The approximation.
     temperature
         Divides the density part of ``phi``; > 1 spreads the particles more.
+    kernel, shard_kernel_above
+        The kernel, and the kernel work ``n * n * D`` from which the shard workers compute
+        ``phi`` by slices of points (see :class:`~distvi.stein.SteinDirection`).
     """
 
-    def __init__(self, approx, temperature: float = 1) -> None:
-        from distvi.stein import check_temperature
+    needs_logp = False  # the update needs only the gradients; a loss is reported on request
+
+    def __init__(self, approx, temperature: float = 1, *, kernel: Any = None,
+                 shard_kernel_above: float | None = None) -> None:
+        from distvi.stein import RBF, SteinDirection, check_temperature
 
         self.approx = approx
         self.temperature = check_temperature(temperature)
+        self.stein = SteinDirection(RBF if kernel is None else kernel, shard_kernel_above,
+                                    self.temperature)
+        self._priors: dict[int, Any] = {}
 
     @staticmethod
     def surrogate(points, phi):
         """Its gradient with respect to the parameters is minus ``phi`` pulled back through
         the points (``phi`` is an input, held constant)."""
         return -pt.sum(points * phi)
+
+    def step_terms(self, params, eps, n_points: int) -> StepTerms:
+        """The step's symbolic terms: ``phi`` and the loss (computed from the direction's
+        log density, or NaN without one) are its inputs."""
+        phi = pt.matrix("phi", dtype="float64", shape=(n_points, self.approx.adapter.ndim))
+        loss = pt.scalar("loss", dtype="float64")
+        points = self.approx.symbolic_points(params, eps)
+        return StepTerms([phi, loss], loss, self.surrogate(points, phi),
+                         pt.as_tensor(np.array(True)))
+
+    def direction(self, points: np.ndarray, answers, backend) -> Direction:
+        """The Stein direction at ``points`` from the workers' summed answers plus the prior
+        term (computed here, once)."""
+        datalogp, datagrad = answers
+        n = len(points)
+        if n not in self._priors:
+            self._priors[n] = self.approx.adapter.compile_prior_term(n)
+        prior_logp, prior_grad = self._priors[n](points)
+        grads = datagrad + prior_grad
+        logp = datalogp + prior_logp
+        if not np.all(np.isfinite(grads)):
+            return Direction(None, logp, False)
+        return Direction(self.stein(points, grads, backend), logp, True)
+
+    @staticmethod
+    def step_inputs(answers, direction: Direction, with_logp: bool) -> tuple[tuple, bool]:
+        # without a loss to report the workers skip the data term's value (NaN here)
+        loss = -float(np.mean(direction.logp)) if with_logp else np.nan
+        ok = direction.ok and (np.isfinite(loss) or not with_logp)
+        return (direction.phi, np.asarray(loss)), ok
 
 
 class _Numeric(Op):

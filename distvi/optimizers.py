@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import pytensor
@@ -27,6 +27,7 @@ from distvi.errors import NotFiniteError
 
 __all__ = [
     "LearningRate",
+    "OptState",
     "Optimizer",
     "adadelta",
     "adagrad",
@@ -223,6 +224,25 @@ _RULES: dict[str, _Rule] = {
 }
 
 
+NAMES: tuple[str, ...] = tuple(_RULES)  # the optimizers, by the names of their functions
+
+
+class OptState(NamedTuple):
+    """An optimizer's accumulators, by what they belong to.
+
+    ``slots[j]`` holds parameter ``j``'s own accumulators (adam's ``m, v``; none for sgd);
+    ``counters`` are shared by all parameters (adam's ``t``). :attr:`flat` is the order a
+    compiled step and a checkpoint take them in: every parameter's slots, then the counters.
+    """
+
+    slots: tuple[tuple[np.ndarray, ...], ...]
+    counters: tuple[np.ndarray, ...]
+
+    @property
+    def flat(self) -> tuple[np.ndarray, ...]:
+        return (*(a for per_param in self.slots for a in per_param), *self.counters)
+
+
 def _like(new: TensorVariable, old: TensorVariable) -> TensorVariable:
     """Keep each output's dtype equal to its input's, so values can be fed back."""
     return new if new.dtype == old.dtype else pt.cast(new, old.dtype)
@@ -315,6 +335,21 @@ class Optimizer:
         ]
         state += [np.zeros((), np.float64) for _ in range(rule.n_counters)]
         return tuple(state)
+
+    def init_state(self, shapes: Sequence[tuple[int, ...]]) -> OptState:
+        """The zero initial state for params of the given ``shapes``, by parameter."""
+        return self.state_from_flat(self.init(shapes), len(shapes))
+
+    def state_from_flat(self, flat: Sequence[np.ndarray], n_params: int) -> OptState:
+        """The :class:`OptState` of ``flat`` (ordered as :meth:`init` returns it)."""
+        rule = self._rule
+        k = rule.n_slots
+        if len(flat) != k * n_params + rule.n_counters:
+            raise ValueError(f"{self.name} keeps {k * n_params + rule.n_counters} state arrays "
+                             f"for {n_params} parameters, got {len(flat)}")
+        flat = tuple(flat)
+        return OptState(tuple(flat[j * k:(j + 1) * k] for j in range(n_params)),
+                        flat[k * n_params:])
 
     def update(
         self,
@@ -755,3 +790,33 @@ class GeometricDecay:
             return self.lr0
         frac = min((step - self.start) / max(self.total - self.start, 1), 1.0)
         return self.lr0 * (self.end / self.lr0) ** frac
+
+
+def as_optimizer(opt: Any) -> Optimizer:
+    """``opt`` as an :class:`Optimizer`: one already; one of these optimizer functions itself
+    (``adam``: its default hyperparameters, as PyMC takes them); or PyMC's own, bare
+    (``pm.adam``) or called without loss and params (``pm.adam(learning_rate=0.01)``, a
+    ``functools.partial``): the same update rule of the same name (the rules equal PyMC's)."""
+    import functools
+    import sys
+
+    this = sys.modules[__name__]
+    if any(opt is getattr(this, name) for name in _RULES):
+        return opt()
+    func, keywords = opt, {}
+    if isinstance(opt, functools.partial) and not opt.args:
+        func, keywords = opt.func, dict(opt.keywords)
+    name = getattr(func, "__name__", None)
+    if getattr(func, "__module__", "") == "pymc.variational.updates" and name in _RULES:
+        keywords = {k: v for k, v in keywords.items() if k not in ("loss_or_grads", "params")}
+        return getattr(this, name)(**keywords)
+    if not isinstance(opt, Optimizer):
+        hint = ("; of PyMC's optimizers distvi takes pm.sgd ... pm.adamax, bare or called "
+                "without loss and params" if str(getattr(getattr(opt, "func", opt), "__module__",
+                                                         "")).startswith("pymc") else "")
+        raise TypeError(
+            "obj_optimizer must be one of distvi's optimizers, e.g. "
+            f"distvi.adam(learning_rate=0.01), or the function itself (distvi.adam: its "
+            f"defaults); got {getattr(opt, '__qualname__', type(opt).__name__)}{hint}"
+        )
+    return opt

@@ -43,7 +43,8 @@ class StoreError(ValueError):
         super().__init__(redact(message))
 
 
-def _url(store: Any) -> str:
+def store_url(store: Any) -> str:
+    """The URL of a store given as a path or URL (refused when it is neither)."""
     import os
 
     if isinstance(store, os.PathLike):
@@ -53,7 +54,7 @@ def _url(store: Any) -> str:
     return store.rstrip("/")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """A JSON value for an attribute (numbers, strings, lists, dicts; repr otherwise)."""
     if value is None or isinstance(value, bool | str):
         return value
@@ -63,9 +64,9 @@ def _jsonable(value: Any) -> Any:
         v = float(value)
         return v if math.isfinite(v) else repr(v)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return repr(value)
 
 
@@ -146,7 +147,7 @@ class RunStore:
         """A new store; refuses a location that already holds one (nothing is overwritten)."""
         import zarr
 
-        url = _url(store)
+        url = store_url(store)
         if cls.exists(url):
             raise StoreError(f"a run store already exists at {url!r}: resume it (resume=True) "
                              f"or give a new path")
@@ -154,7 +155,7 @@ class RunStore:
             group = zarr.open_group(url, mode="w-", zarr_format=3)
         except Exception as err:
             raise StoreError(f"cannot create a run store at {url!r}: {err}") from err
-        group.attrs.update(_jsonable({MARKER: FORMAT, **attrs, "checkpoint": None,
+        group.attrs.update(jsonable({MARKER: FORMAT, **attrs, "checkpoint": None,
                                       "status": "running"}))
         for name in TRACES:  # a lost chunk reads as the fill value: -1 and NaN show it
             step = name == "step"
@@ -168,7 +169,7 @@ class RunStore:
         import zarr
 
         try:
-            zarr.open_group(_url(store), mode="r")
+            zarr.open_group(store_url(store), mode="r")
         except Exception:
             return False
         return True
@@ -178,7 +179,7 @@ class RunStore:
         """An existing store, checked to be a distvi run store of this format."""
         import zarr
 
-        url = _url(store)
+        url = store_url(store)
         try:
             group = zarr.open_group(url, mode=mode)
         except Exception as err:
@@ -203,7 +204,7 @@ class RunStore:
         return dict(self.group.attrs)
 
     def set_attrs(self, **attrs: Any) -> None:
-        self.group.attrs.update(_jsonable(attrs))
+        self.group.attrs.update(jsonable(attrs))
 
     # ------------------------------------------------------------------ traces
     def append(self, step: np.ndarray, **values: np.ndarray) -> None:
@@ -391,191 +392,3 @@ def posterior_digest(idata) -> str:
             else:  # labels: their text
                 h.update(repr(values.tolist()).encode())
     return h.hexdigest()
-
-
-def open_run(store: Any, model: Any = None, data: Any = None) -> Run:
-    """Read a run store: config, traces, last checkpoint, and (given the model, and the data
-    for a factory) the approximation at the last checkpoint.
-
-    Examples
-    --------
-    >>> run = open_run("runs/logreg.zarr", model=factory, data=source)   # doctest: +SKIP
-    >>> run.traces["loss"], run.approximation.mean                       # doctest: +SKIP
-    """
-    rs = RunStore.open(store)
-    attrs = rs.attrs
-    ckpt = rs.last_checkpoint()
-    run = Run(rs.url, attrs["config"], attrs["layout"], attrs["data"], attrs.get("versions", {}),
-              str(attrs.get("status", "unknown")), rs.checked_traces(None if ckpt is None else ckpt.n_trace), ckpt,
-              diagnosis=attrs.get("diagnosis") if isinstance(attrs.get("diagnosis"), dict) else None,
-              posterior_sha256=attrs.get("posterior_sha256") if isinstance(attrs.get("posterior_sha256"), str) else None)
-    if model is not None:
-        from distvi.inference import build_inference
-
-        inference = build_inference(attrs["config"], model=model, data=data)
-        check_matches(rs, inference)
-        if ckpt is not None:  # the averaged parameters when the run averages its iterates
-            inference.approx.params_values = [np.array(p) for p in (ckpt.average or ckpt.params)]
-        run.approximation = inference.approx
-    return run
-
-
-def layout_of(approx) -> list[dict[str, Any]]:
-    return [{"name": lay.name, "rv_name": lay.rv_name, "shape": list(lay.shape),
-             "start": lay.start, "stop": lay.stop, "transform": lay.transform}
-            for lay in approx.adapter.layout]
-
-
-def check_matches(rs: RunStore, inference) -> None:
-    """Refuse a store recorded for another model layout or other data."""
-    attrs = rs.attrs
-    mine = _jsonable(layout_of(inference.approx))
-    if attrs["layout"] != mine:
-        raise StoreError(f"run store {rs.url!r} was written for another model: its free "
-                         f"variables are {_describe(attrs['layout'])}, this model's are "
-                         f"{_describe(mine)}")
-    theirs, ours = attrs["data"], _jsonable(data_description(inference))
-    for key in ("n_rows", "arrays", "shards"):
-        if theirs.get(key) != ours.get(key):
-            raise StoreError(f"run store {rs.url!r} was written for other data: {key} "
-                             f"{theirs.get(key)!r} there, {ours.get(key)!r} here")
-
-
-def _describe(layout) -> str:
-    return ", ".join(f"{v['name']}{tuple(v['shape'])}" for v in layout) or "none"
-
-
-def data_description(inference) -> dict[str, Any]:
-    from distvi.data import source_bounds
-
-    desc = dict(inference.source.describe())
-    desc["arrays"] = {k: [d, list(s)] for k, (d, s) in inference.source.schema().items()}
-    desc["shards"] = [list(b) for b in source_bounds(inference.source, inference.num_workers)]
-    return desc
-
-
-# ---------------------------------------------------------------------- rebuilding a run
-# What resume(store) needs to build the run again without model= and data=: the model
-# factory as an importable 'module:qualname' (or why it is not one) and the data as a Zarr or
-# Parquet source by path (in-memory arrays by name and shape only: a store does not hold them).
-
-def model_reference(model: Any) -> tuple[str | None, str | None]:
-    """``("module:qualname", None)`` for a model factory another process can import, else
-    ``(None, why not)``."""
-    import sys
-
-    import pymc as pm
-
-    if model is None or isinstance(model, pm.Model):
-        return None, ("the run's model was a ready pm.Model, which is not importable by "
-                      "reference: pass model= (the same pm.Model)")
-    module, qual = getattr(model, "__module__", None), getattr(model, "__qualname__", None)
-    if not (isinstance(module, str) and isinstance(qual, str)):
-        kind = f"{type(model).__module__}.{type(model).__qualname__}"
-        return None, (f"the run's model factory (a {kind} object) is not a function defined in a "
-                      "module (it has no module and qualified name), so it is not importable by "
-                      "name: pass model=")
-    what = f"the run's model factory {qual!r}"
-    if module == "__main__":
-        return None, (f"{what} is defined in __main__ (a script, notebook or the interpreter), "
-                      "which another process cannot import: define it in a module, or pass model=")
-    if "<lambda>" in qual:
-        return None, f"{what} (in {module}) is a lambda, which is not importable by name"
-    if "<locals>" in qual:
-        return None, (f"{what} (in {module}) is defined inside a function (a closure), which "
-                      "is not importable by name: define it at module level, or pass model=")
-    obj = sys.modules.get(module)
-    for part in qual.split("."):
-        obj = getattr(obj, part, None)
-    if obj is None or not (obj is model or obj == model):
-        return None, (f"{what}: {module}:{qual} does not import to it (a method of an object, "
-                      "or a decorated or replaced function), so it is not importable by name")
-    return f"{module}:{qual}", None
-
-
-def rebuild_description(model: Any, source: Any) -> dict[str, Any]:
-    """The ``rebuild`` attribute of a run store (see :func:`rebuilt_model_and_data`)."""
-    import os
-
-    from distvi.data import ArraySource, ParquetSource, ZarrSource
-
-    def where(path: str) -> str:  # a relative path from wherever the run is resumed
-        return path if "://" in path else os.path.abspath(path)
-
-    ref, why = model_reference(model)
-    if type(source) is ZarrSource:
-        data = {"kind": "zarr", "path": where(source.path), "arrays": list(source.schema())}
-    elif type(source) is ParquetSource:
-        data = {"kind": "parquet", "paths": [where(p) for p in source.paths],
-                "columns": source.columns}
-    elif type(source) is ArraySource:
-        data = {"kind": "arrays", "arrays": {k: [str(v.dtype), list(v.shape)]
-                                             for k, v in source.arrays.items()}}
-    else:
-        data = {"kind": str(source.describe().get("kind", "")), "type": type(source).__qualname__}
-    return {"model": ref, "model_why": why, "data": data}
-
-
-def _import_ref(url: str, ref: str):
-    import importlib
-    import os
-    import sys
-
-    module, _, qual = ref.partition(":")
-    cwd = os.getcwd()
-    if cwd not in sys.path:  # as a config's references: jobs/ in the working directory
-        sys.path.insert(0, cwd)
-    try:
-        obj = importlib.import_module(module)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-    except Exception as err:
-        raise StoreError(f"resume({url!r}) cannot import the run's model factory {ref!r} "
-                         f"({type(err).__name__}: {err}): pass model=") from None
-    return obj
-
-
-def rebuilt_model_and_data(url: str, attrs: dict[str, Any], model: Any, data: Any):
-    """``model`` and ``data`` for resuming the run in the store at ``url``: those given, else
-    the model factory imported by the reference the store records, and a Zarr or Parquet
-    source opened again by the path it records (credentials that were masked there come from
-    the environment, as for ``distvi resume``). Refused, saying what to pass, when the store
-    records no importable factory or the data were in-memory arrays."""
-    import pymc as pm
-
-    from distvi.redact import strip_masked
-
-    rebuild = attrs.get("rebuild")
-    if model is None:
-        if rebuild is None:
-            raise StoreError(f"resume({url!r}) needs model=: the store records no model reference "
-                             f"(it was written by an older distvi)")
-        if rebuild.get("model") is None:
-            raise StoreError(f"resume({url!r}) needs model=: {rebuild.get('model_why')}")
-        model = _import_ref(url, rebuild["model"])
-    if data is not None or isinstance(model, pm.Model):
-        return model, data
-    if rebuild is None:
-        raise StoreError(f"resume({url!r}) needs data=: the store records no data reference "
-                         f"(it was written by an older distvi)")
-    desc = strip_masked(rebuild["data"])
-    kind = desc.get("kind")
-    from distvi.data import DataError, ParquetSource, ZarrSource
-
-    try:
-        if kind == "zarr":
-            return model, ZarrSource(desc["path"], arrays=desc.get("arrays"))
-        if kind == "parquet":
-            return model, ParquetSource(desc["paths"], columns=desc.get("columns"))
-    except DataError as err:
-        raise StoreError(f"resume({url!r}) cannot open the run's data again ({err}): pass "
-                         f"data=") from None
-    if kind == "arrays":
-        arrays = ", ".join(f"{k} {tuple(shape)} {dtype}"
-                           for k, (dtype, shape) in desc.get("arrays", {}).items())
-        hint = " (or run 'distvi resume', which loads them as its config says)" if attrs.get("job") else ""
-        raise StoreError(f"resume({url!r}) needs data=: the run's data were in-memory arrays "
-                         f"({arrays}), which a run store does not hold; pass data= with the same "
-                         f"arrays{hint}")
-    raise StoreError(f"resume({url!r}) needs data=: the run's data were a "
-                     f"{desc.get('type', kind)!r} source, which distvi cannot open again by itself")

@@ -26,7 +26,7 @@ def _tripwire(*args, **kwargs):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    monkeypatch.setattr(distvi.inference, "CompiledStep", _tripwire)
+    monkeypatch.setattr(distvi.inference, "compile_program", _tripwire)
     monkeypatch.setattr(distvi.worker, "ShardWorker", _tripwire)
     monkeypatch.setattr(distvi.model.ModelAdapter, "compile_data_term", _tripwire)
 

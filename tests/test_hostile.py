@@ -22,7 +22,8 @@ import distvi as dv
 from distvi.cli import main, summary_text
 from distvi.config import ConfigError, apply_override, load, validate
 from distvi.data import ArraySource, DataError
-from distvi.store import StoreError, open_run
+from distvi.runs import open_run
+from distvi.store import StoreError
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = settings(derandomize=True, deadline=None, max_examples=150, database=None,

@@ -251,7 +251,7 @@ def _tripwire(*args, **kwargs):
 def no_work(monkeypatch):
     """As in test_errors: the compiled step, the shard workers and the data-term compiler
     are tripwires."""
-    monkeypatch.setattr(distvi.inference, "CompiledStep", _tripwire)
+    monkeypatch.setattr(distvi.inference, "compile_program", _tripwire)
     monkeypatch.setattr(distvi.worker, "ShardWorker", _tripwire)
     monkeypatch.setattr(distvi.model.ModelAdapter, "compile_data_term", _tripwire)
 

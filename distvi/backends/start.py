@@ -1,0 +1,36 @@
+"""Starting the backend a fit asked for: in-process shard workers or Ray actors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def start_backend(name: str, adapter, source, num_workers: int, random_seed: int,
+                  shard_batches: Sequence[int | None], points_per_step: int, with_logp: bool,
+                  has_data: bool = True, address: str | None = None,
+                  options: dict[str, Any] | None = None):
+    """A started backend whose shard ``k`` holds the ``k``-th row range of ``source`` and
+    answers the model's data term on ``shard_batches[k]`` rows a step (None: all of them).
+
+    ``"local"``: the shard workers live in this process (none when the model has no data);
+    ``"ray"``: one actor per shard, on the cluster at ``address``.
+    """
+    from distvi.data import source_bounds
+    from distvi.worker import ShardWorker, compiled_by_points
+
+    if name == "ray":
+        from distvi.backends.ray import RayBackend, WorkerSpec
+
+        spec = WorkerSpec(adapter.data_term(), None, random_seed, tuple(shard_batches),
+                          points_per_step, with_logp)
+        return RayBackend(spec, source, num_workers, address=address, **(options or {})).start()
+    from distvi.backends.local import LocalBackend
+
+    if not has_data:
+        return LocalBackend([])
+    data_term = compiled_by_points(adapter.data_term())
+    return LocalBackend([
+        ShardWorker(source.read(a, b), rank, random_seed, shard_batches[rank], data_term)
+        for rank, (a, b) in enumerate(source_bounds(source, num_workers))
+    ])

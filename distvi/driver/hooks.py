@@ -1,0 +1,183 @@
+"""Hooks: everything that watches a run, outside the loop.
+
+A hook is called as ``hook(state, info)`` after every step, in order; raising
+``StopIteration`` ends the run after that step, with the state whole. The loop knows nothing
+of traces, stores, MLflow, progress bars or profiles: each is a hook here (or in the layer
+that owns it), built by whoever runs the loop.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol
+
+import numpy as np
+
+from distvi.driver.state import DriverState
+from distvi.driver.step import StepInfo
+
+CHECKPOINT_SECONDS = 60.0  # checkpoint cadence when no checkpoint_every is given
+
+
+class Hook(Protocol):
+    def __call__(self, state: DriverState, info: StepInfo) -> None: ...
+
+
+class Trace:
+    """Per step of a run of ``n``: loss, gradient norm, wall seconds and learning rate.
+
+    ``done`` steps so far; the seconds of a step run from the previous hook call (or
+    :meth:`start`) to this one.
+    """
+
+    def __init__(self, n: int, step0: int, scored: bool) -> None:
+        self.losses, self.norms = np.empty(n), np.empty(n)
+        self.seconds, self.rates = np.empty(n), np.empty(n)
+        self.step0, self.scored, self.done = step0, scored, 0
+        self._t = time.perf_counter()
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def __call__(self, state: DriverState, info: StepInfo) -> None:
+        i = self.done
+        self.losses[i], self.norms[i], self.rates[i] = info.loss, info.grad_norm, info.lr
+        t_prev, self._t = self._t, time.perf_counter()
+        self.seconds[i] = self._t - t_prev
+        self.done = i + 1
+
+    @property
+    def shown(self) -> np.ndarray:
+        """What a progress line shows: the loss, or the gradient norm when none is computed."""
+        return self.losses if self.scored else self.norms
+
+
+class Progress:
+    """Progress every ``every`` steps with the running loss (or gradient norm when no loss is
+    computed): a live tqdm bar (it/s, ETA) in a terminal, plain lines otherwise (CI, Ray Jobs
+    logs), at most one every ``LINE_SECONDS``.
+
+    ``mode``: True/"auto" (by whether stderr is a terminal), "bar", "lines".
+    """
+
+    LINE_SECONDS = 10.0
+
+    def __init__(self, trace: Trace, n: int, mode) -> None:
+        if mode not in (True, "auto", "bar", "lines"):
+            raise ValueError(f"progressbar must be True, False, 'auto', 'bar' or 'lines', got {mode!r}")
+        if mode in (True, "auto"):
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.trace, self.n, self.mode = trace, n, mode
+        self.label = "loss" if trace.scored else "|grad|"
+        self.every = max(1, min(100, n // 100))
+        self.shown = 0
+        self.t0 = self.t_line = time.perf_counter()
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=n, unit="it", smoothing=0.1)
+
+    def __call__(self, state: DriverState, info: StepInfo) -> None:
+        done = self.trace.done
+        if done % self.every == 0 or done == self.n:
+            self.update(done, self.trace.shown[max(0, done - self.every):done].mean())
+
+    def update(self, done: int, running: float) -> None:
+        if self.mode == "bar":
+            self.bar.set_postfix_str(f"{self.label}={running:.4g}", refresh=False)
+            self.bar.update(done - self.shown)
+            self.shown = done
+            return
+        now = time.perf_counter()
+        if now - self.t_line < self.LINE_SECONDS and done != self.n:
+            return
+        self.t_line = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.n - done) / rate if rate > 0 else float("inf")
+        print(f"step {done}/{self.n} ({done / self.n:.0%})  {self.label}={running:.6g}  "
+              f"{rate:.1f} it/s  ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            self.bar.close()
+
+
+class Recorder:
+    """Traces and checkpoints into a run store, and MLflow batches, at step boundaries.
+
+    ``store`` is a :class:`~distvi.store.RunStore` (or None), ``tracker`` an MLflow tracking
+    (or None); a checkpoint every ``checkpoint_every`` steps, or every
+    :data:`CHECKPOINT_SECONDS` of wall time when none is given.
+    """
+
+    def __init__(self, store, checkpoint_every: int | None, tracker, rows_per_step: int) -> None:
+        self.store, self.tracker = store, tracker
+        self.ckpt_every = checkpoint_every if store is not None else None
+        self.by_time = store is not None and checkpoint_every is None
+        self.next_ckpt_time = time.monotonic() + CHECKPOINT_SECONDS
+        self.log_every = tracker.log_every if tracker is not None else None
+        self.rows_per_step = rows_per_step
+        self.trace: Trace | None = None
+        self.written, self.logged = 0, 0
+        self.last_ckpt_step = None
+
+    def bind(self, trace: Trace) -> Recorder:
+        self.trace, self.written, self.logged = trace, 0, 0
+        return self
+
+    def __call__(self, state: DriverState, info: StepInfo) -> None:
+        step, done = state.step, self.trace.done
+        if self.log_every is not None and step % self.log_every == 0:
+            self._log(done)
+        if ((self.ckpt_every is not None and step % self.ckpt_every == 0)
+                or (self.by_time and time.monotonic() >= self.next_ckpt_time)):
+            self.next_ckpt_time = time.monotonic() + CHECKPOINT_SECONDS
+            self._write(done)
+            save_checkpoint(self.store, state)
+            self.last_ckpt_step = step
+
+    def _rows(self, lo: int, hi: int):
+        t = self.trace
+        steps = np.arange(t.step0 + lo + 1, t.step0 + hi + 1)
+        loss = t.losses[lo:hi] if t.scored else np.full(hi - lo, np.nan)
+        sec = t.seconds[lo:hi]
+        return steps, loss, t.norms[lo:hi], sec, t.rates[lo:hi], self.rows_per_step / np.maximum(sec, 1e-12)
+
+    def _log(self, done: int) -> None:
+        if self.tracker is None or done <= self.logged:
+            return
+        steps, loss, norm, sec, lr, _ = self._rows(self.logged, done)
+        window = {"grad_norm": float(norm.mean()), "step_seconds": float(sec.mean()),
+                  "rows_per_s": float(self.rows_per_step / max(float(sec.mean()), 1e-12)),
+                  "learning_rate": float(lr[-1])}
+        if self.trace.scored:
+            window["loss_running"] = float(np.mean(loss))
+        self.tracker.log_steps(steps, loss if self.trace.scored else None, window)
+        self.logged = done
+
+    def _write(self, done: int) -> None:
+        if done > self.written:
+            steps, loss, norm, sec, lr, rows = self._rows(self.written, done)
+            self.store.append(steps, loss=loss, grad_norm=norm, step_seconds=sec,
+                              learning_rate=lr, rows_per_s=rows)
+            self.written = done
+
+    def close(self, state: DriverState | None) -> None:
+        """At the end (or on an error): the remaining traces and a checkpoint of the last
+        good state."""
+        if self.trace is None or state is None:
+            return
+        done = state.step - self.trace.step0
+        self._log(done)
+        if self.store is not None:
+            self._write(done)
+            if self.last_ckpt_step != state.step:
+                save_checkpoint(self.store, state)
+            self.store.flush()
+
+
+def save_checkpoint(store, state: DriverState) -> None:
+    """``state`` into a run store's next checkpoint (the store takes plain arrays)."""
+    store.checkpoint(state.params, state.opt_state.flat, state.step, state.opt_step,
+                     state.draw_position, state.average, state.n_averaged)

@@ -1,0 +1,204 @@
+"""A recorded fit's lifecycle: the run store and the MLflow run around the loop.
+
+:class:`RecordedFit` creates the store (or opens it to resume, refusing another model, other
+data or other fit settings), starts the MLflow run, runs the loop with a
+:class:`~distvi.driver.hooks.Recorder` hook, and at the end writes the posterior draws and the
+status. It works on the Inference it is given through its public surface (``approx``,
+``source``, ``state``, ``settings()``, ``fit_config()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from distvi import _validate
+from distvi.driver.hooks import Recorder
+from distvi.driver.state import DriverState
+from distvi.store import RunStore, StoreError, jsonable, store_url, versions
+
+DRAWS_IN_STORE = 1000  # posterior draws written to a run store at the end
+
+
+def check_recording(store, checkpoint_every, resume) -> int | None:
+    """Validate the run keywords before any work; the checkpoint interval (None: no store)."""
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if store is None:
+        if resume:
+            raise ValueError("resume=True needs the store to resume from (store=...)")
+        if checkpoint_every is not None:
+            raise ValueError("checkpoint_every needs a store to write checkpoints to (store=...)")
+        return None
+    store_url(store)
+    return _validate.positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+
+
+def record_diagnosis(url: str | None, tracker, diagnosis) -> None:
+    """A diagnostic into a run store and an MLflow run, where there are."""
+    if url is not None:
+        RunStore.open(url, mode="r+").set_attrs(diagnosis=diagnosis.as_dict())
+    if tracker is not None:
+        tracker.log_diagnosis(diagnosis)
+
+
+def state_of(checkpoint, optimizer) -> DriverState:
+    """The driver state a checkpoint holds (its optimizer state by parameter)."""
+    params = tuple(np.array(p) for p in checkpoint.params)
+    return DriverState(params, optimizer.state_from_flat([np.array(s) for s in checkpoint.opt_state],
+                                                         len(params)),
+                       checkpoint.step, checkpoint.opt_step, checkpoint.draw_position,
+                       tuple(np.array(a) for a in checkpoint.average), checkpoint.n_averaged)
+
+
+class RecordedFit:
+    """One fit of ``inference`` recorded in ``store`` (or None) and ``tracker`` (or None)."""
+
+    def __init__(self, inference, store: Any, every: int | None, resume: bool, tracker) -> None:
+        self.inference, self.store, self.every = inference, store, every
+        self.resume, self.tracker = resume, tracker
+
+    def _resume(self, rs: RunStore, score) -> tuple[int, dict, str | None]:
+        inf = self.inference
+        check_matches(rs, inf)
+        attrs = rs.attrs  # one metadata read
+        recorded = attrs["config"]["fit"]
+        mine = jsonable(inf.fit_config(recorded["n"], recorded["checkpoint_every"]))
+        recorded.setdefault("average_from", None)  # stores written before averaging
+        for key in ("optimizer", "obj_n_mc", "total_grad_norm_constraint", "average_from"):
+            if recorded.get(key) != mine.get(key):
+                raise StoreError(f"run store {rs.url!r} was run with {key}={recorded.get(key)!r}; "
+                                 f"this fit has {mine.get(key)!r}: a resumed run must use the same")
+        self.every = recorded["checkpoint_every"]
+        inf._average_start = recorded.get("average_start")  # counted from the run's start
+        ckpt = rs.last_checkpoint()
+        if ckpt is None:
+            inf.state = inf._fresh_state()
+            rs.truncate(0)
+        else:
+            inf.state = state_of(ckpt, inf._optimizer)
+            inf.approx.params_values = list(inf.state.result)
+            rs.truncate(ckpt.n_trace)
+            if (inf._scores_by_default if score is None else score):
+                inf.hist = rs.traces()["loss"]
+        return ckpt, attrs, recorded
+
+    def _start(self, n: int, score, average_after) -> tuple[RunStore | None, int, dict, str | None]:
+        from distvi.rebuild import rebuild_description
+        from distvi.redact import redact_obj
+
+        inf, store = self.inference, self.store
+        if store is not None and self.resume and RunStore.exists(store):
+            rs = RunStore.open(store, mode="r+")
+            _, attrs, recorded = self._resume(rs, score)
+            config = {**attrs["config"], "fit": {**recorded, "n": n}}
+            rs.set_attrs(status="running", config=config, posterior_sha256=None)  # draws are stale now
+            return rs, max(n - inf.state.step, 0), config, attrs.get("mlflow_run_id")
+        inf.state = inf._fresh_state()
+        inf._average_start = None if average_after is None else inf.state.step + average_after
+        config = {"method": type(inf).__name__, "inference": inf.settings(),
+                  "fit": {**inf.fit_config(inf.state.step + n, self.every),
+                          "average_start": inf._average_start}}
+        rs = None
+        if store is not None:
+            rs = RunStore.create(store, {
+                "config": config, "layout": layout_of(inf.approx),
+                "approximation": [{"vfam": g.vfam, "names": [lay.name for lay in g.layout]}
+                                  for g in inf.approx.groups],
+                "data": redact_obj(data_description(inf)), "versions": versions(),
+                "job": redact_obj(inf.job),
+                # what resume(store) rebuilds the run from without model= and data=
+                "rebuild": redact_obj(rebuild_description(inf.approx.model, inf.source))})
+        return rs, n, config, None
+
+    def _start_tracking(self, rs, config, parent) -> None:
+        from distvi import __version__
+        from distvi.tracking import git_commit
+
+        inf = self.inference
+        tags = {"distvi.version": __version__, "distvi.method": type(inf).__name__}
+        if rs is not None:
+            tags["distvi.store"] = rs.url
+        commit = git_commit()
+        if commit:
+            tags["git.commit"] = commit
+        run_id = self.tracker.start(jsonable(config), tags, parent_run_id=parent)
+        if rs is not None and run_id is not None and parent is None:
+            rs.set_attrs(mlflow_run_id=run_id)
+
+    def run(self, n: int, score, callbacks, progressbar, average_after=None) -> None:
+        inf, tracker = self.inference, self.tracker
+        rs, remaining, config, parent = self._start(n, score, average_after)
+        if tracker is not None:
+            self._start_tracking(rs, config, parent)
+        recorder = Recorder(rs, self.every, tracker, inf._rows_per_step())
+        inf._recorded = (None if rs is None else rs.url, tracker)
+        signals = inf._signals
+        status, forced = "failed", False
+        try:
+            inf._run(remaining, score, callbacks, progressbar, recorder=recorder)
+            status = "finished" if inf.state.step >= n else "stopped"
+            if signals is not None and signals.signum is not None:
+                status = "interrupted"  # no posterior draws: the last checkpoint is the result
+        except KeyboardInterrupt:
+            forced = signals is not None and signals.forced
+            if forced:
+                status = "interrupted"  # the last committed checkpoint stands
+            raise
+        finally:
+            if not forced:
+                recorder.close(inf.state)
+            self._finish(rs, status)
+
+    def _finish(self, rs, status: str) -> None:
+        inf, tracker = self.inference, self.tracker
+        idata = None
+        if status in ("finished", "stopped"):
+            idata = inf.approx.sample(DRAWS_IN_STORE, random_seed=inf.random_seed)
+        if rs is not None:
+            if idata is not None:
+                rs.write_posterior(idata)
+            rs.set_attrs(status=status)
+        if tracker is not None:
+            mlflow_status = {"finished": "FINISHED", "stopped": "KILLED",
+                             "interrupted": "KILLED"}.get(status, "FAILED")
+            quick = status == "interrupted"  # the process may have seconds left
+            tracker.finish(mlflow_status, None if quick else inf.hist, idata,
+                           None if rs is None or quick else rs.url.removeprefix("file://"),
+                           None if rs is None else rs.size_bytes())
+
+
+# ---------------------------------------------------------------- what a store describes
+def layout_of(approx) -> list[dict[str, Any]]:
+    return [{"name": lay.name, "rv_name": lay.rv_name, "shape": list(lay.shape),
+             "start": lay.start, "stop": lay.stop, "transform": lay.transform}
+            for lay in approx.adapter.layout]
+
+
+def check_matches(rs: RunStore, inference) -> None:
+    """Refuse a store recorded for another model layout or other data."""
+    attrs = rs.attrs
+    mine = jsonable(layout_of(inference.approx))
+    if attrs["layout"] != mine:
+        raise StoreError(f"run store {rs.url!r} was written for another model: its free "
+                         f"variables are {describe_layout(attrs['layout'])}, this model's are "
+                         f"{describe_layout(mine)}")
+    theirs, ours = attrs["data"], jsonable(data_description(inference))
+    for key in ("n_rows", "arrays", "shards"):
+        if theirs.get(key) != ours.get(key):
+            raise StoreError(f"run store {rs.url!r} was written for other data: {key} "
+                             f"{theirs.get(key)!r} there, {ours.get(key)!r} here")
+
+
+def describe_layout(layout) -> str:
+    return ", ".join(f"{v['name']}{tuple(v['shape'])}" for v in layout) or "none"
+
+
+def data_description(inference) -> dict[str, Any]:
+    from distvi.data import source_bounds
+
+    desc = dict(inference.source.describe())
+    desc["arrays"] = {k: [d, list(s)] for k, (d, s) in inference.source.schema().items()}
+    desc["shards"] = [list(b) for b in source_bounds(inference.source, inference.num_workers)]
+    return desc
