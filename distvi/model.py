@@ -1,7 +1,6 @@
 """The model adapter: a PyMC model seen as a prior term plus a data term over one flat vector.
 
-This is one of the two modules that touch PyMC (the other is the worker). It turns either
-a factory ``model(data) -> pm.Model`` or a ready ``pm.Model`` into:
+It turns either a factory ``model(data) -> pm.Model`` or a ready ``pm.Model`` into:
 
 - the flat unconstrained layout (value variables in PyMC's order, with shapes and slices),
 - the prior term ``varlogp(z)``: free variables, their Jacobians and the potentials that do

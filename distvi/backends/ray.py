@@ -48,7 +48,7 @@ class _GraphTimeout(Exception):
 class WorkerSpec:
     """Everything an actor needs to build its worker (pickled to it once)."""
 
-    data_term: Any          # distvi.model.DataTerm: a symbolic graph, no data
+    data_term: Any          # distvi.model_terms.DataTerm: a symbolic graph, no data
     source: Any = None      # a Source the actor reads; None when rows come from the object store
     seed: int = 0
     batch_size: int | None | tuple = None  # rows per step: for every shard, or one per rank
