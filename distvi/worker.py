@@ -112,7 +112,7 @@ class ShardWorker:
         return total
 
     def deterministics(self, term, points: np.ndarray) -> list[np.ndarray]:
-        """The deterministics of ``term`` (a :class:`~distvi.model.DeterministicTerm`) at each
+        """The deterministics of ``term`` (a :class:`~distvi.model_terms.DeterministicTerm`) at each
         point over the whole shard, rows in the shard's own order: (S, N_k, ...) each."""
         cache = self.__dict__.setdefault("_det_fns", {})
         key = (term.key, points.shape[0])

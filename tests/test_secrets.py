@@ -174,37 +174,37 @@ def test_joining_a_token_protected_cluster_without_the_token_is_a_clear_error(tm
 
 
 def test_the_token_file_distvi_writes_is_private(tmp_path, monkeypatch):
-    from distvi.backends.ray import _owner_only_token
+    from distvi.backends.ray_cluster import owner_only_token
 
     path = tmp_path / "dir" / "auth_token"
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    _owner_only_token()
+    owner_only_token()
     assert not path.exists()  # auth off: no token
     monkeypatch.delenv("RAY_AUTH_MODE")
-    _owner_only_token()
+    owner_only_token()
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
     token = path.read_text()
     assert re.fullmatch(r"[0-9a-f]{64}", token)
-    _owner_only_token()
+    owner_only_token()
     assert path.read_text() == token  # an existing token is kept ...
     path.chmod(0o644)
-    _owner_only_token()
+    owner_only_token()
     assert path.stat().st_mode & 0o777 == 0o600  # ... and narrowed to its owner
     target = tmp_path / "elsewhere"
     target.write_text("x")
     target.chmod(0o644)
     path.unlink()
     path.symlink_to(target)
-    _owner_only_token()
+    owner_only_token()
     assert target.stat().st_mode & 0o777 == 0o644  # a symlink is not followed
 
 
 def test_an_address_where_nothing_answers_fails_at_once():
-    from distvi.backends.ray import WorkerError, _check_can_join
+    from distvi.backends.ray_cluster import WorkerError, check_can_join
 
     t0 = time.monotonic()
     with pytest.raises(WorkerError, match=r"no Ray cluster answers at 127.0.0.1:1 "):
-        _check_can_join("127.0.0.1:1")
+        check_can_join("127.0.0.1:1")
     assert time.monotonic() - t0 < 10

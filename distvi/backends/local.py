@@ -5,6 +5,8 @@ The reference every other backend is compared with: same workers, same summation
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from distvi.worker import ShardWorker
@@ -17,6 +19,8 @@ class LocalBackend:
 
     def __init__(self, workers: list[ShardWorker]) -> None:
         self.workers = workers
+        # all of an in-process call is compute: timed as the caller times the call
+        self.last_compute_s = 0.0
 
     @property
     def num_workers(self) -> int:
@@ -26,6 +30,12 @@ class LocalBackend:
                  with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Sum over shards of the scaled minibatch log-likelihood and its gradient (zeros
         for a model without data, which has no shards)."""
+        t0 = time.perf_counter()
+        logp, grad = self._sum(points, step, with_logp)
+        self.last_compute_s = time.perf_counter() - t0
+        return logp, grad
+
+    def _sum(self, points: np.ndarray, step: int, with_logp: bool):
         if not self.workers:
             return np.zeros(points.shape[0]), np.zeros_like(points)
         logp, grad = self.workers[0].evaluate(points, step, with_logp)
@@ -40,6 +50,7 @@ class LocalBackend:
 
     @staticmethod
     def share(array: np.ndarray) -> np.ndarray:
+        """The array itself: the workers share the driver's memory."""
         return array
 
     def call(self, method: str, shared: tuple, per_worker: list[tuple]) -> list:

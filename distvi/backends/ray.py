@@ -25,8 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from distvi.backends.base import WorkerError
+from distvi.backends.ray_cluster import join_or_start
 from distvi.data import ArraySource, source_bounds
 from distvi.worker import ShardWorker, compiled_by_points
+
+__all__ = ["AUTO_COMPILED_BELOW_S", "RayBackend", "ShardActor", "WorkerError", "WorkerSpec"]
 
 
 # "auto" uses the compiled graph only when a step computes for less than this: its
@@ -34,10 +38,6 @@ from distvi.worker import ShardWorker, compiled_by_points
 # slows steps whose workers compute for milliseconds (2 workers x 20,000 rows x 100: 15 ms
 # per step compiled against 12 ms plain)
 AUTO_COMPILED_BELOW_S = 2e-3
-
-
-class WorkerError(RuntimeError):
-    """A shard worker failed, hung, or could not be started."""
 
 
 class _GraphTimeout(Exception):
@@ -48,94 +48,12 @@ class _GraphTimeout(Exception):
 class WorkerSpec:
     """Everything an actor needs to build its worker (pickled to it once)."""
 
-    data_term: Any          # distvi.model.DataTerm: a symbolic graph, no data
+    data_term: Any          # distvi.model_terms.DataTerm: a symbolic graph, no data
     source: Any = None      # a Source the actor reads; None when rows come from the object store
     seed: int = 0
     batch_size: int | None | tuple = None  # rows per step: for every shard, or one per rank
     n_points: int = 1       # compiled in __init__ so the first step does not pay for it
     with_logp: bool = True  # the variant compiled in __init__
-
-
-def _token_path() -> str | None:
-    """Where Ray reads its auth token from when no ``RAY_AUTH_TOKEN`` is given."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return None
-    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
-
-
-def _owner_only_token() -> None:
-    """Before distvi starts a local Ray instance: Ray would write a new auth token readable by
-    everyone on the machine (mode 0644); distvi writes it first, readable by its owner only,
-    and Ray uses it. An existing token file is narrowed to its owner as well."""
-    path = _token_path()
-    if path is None or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return
-    import secrets
-    import stat
-
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        st = os.lstat(path)
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:  # never through a symlink
-            os.chmod(path, 0o600)
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-
-
-def _python_handlers() -> dict:
-    """The Python-level SIGINT/SIGTERM handlers (a fit's deferral, or the program's own)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
-            if callable(signal.getsignal(sig))}
-
-
-def _restore_handlers(handlers: dict) -> None:
-    """After ``ray.init``, which sets a SIGTERM handler of its own that exits at once: the
-    handlers from before, so a fit stops at a step boundary even while its workers start."""
-    import signal
-
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
-def _check_can_join(address: str) -> None:
-    """Ask the cluster's GCS, before ``ray.init``, whether this process may join: a
-    token-protected cluster refuses a client without the token, which ``ray.init`` would only
-    report after ~20 s of retries as a bare connection error."""
-    if "://" in address or address == "auto":
-        return  # Ray Client and address discovery: Ray's own checks apply
-    import socket
-
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-    except OSError as err:
-        raise WorkerError(f"no Ray cluster answers at {address} ({err})") from None
-    try:
-        from ray._raylet import GcsClient
-        from ray.exceptions import AuthenticationError
-    except ImportError:  # another Ray version: no probe
-        return
-    try:
-        GcsClient(address=address)
-    except AuthenticationError:
-        raise WorkerError(
-            f"the Ray cluster at {address} requires an auth token and this process has none "
-            f"(or the wrong one): set RAY_AUTH_MODE=token and give the cluster's token in "
-            f"RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token "
-            f"(`ray get-auth-token` on the head node prints it)") from None
-    except Exception:
-        return  # unreachable or other trouble: ray.init reports it
 
 
 class ShardActor:
@@ -246,16 +164,7 @@ class RayBackend:
         if self.actors:  # already started
             return self
         if not ray.is_initialized():
-            address = self.address or os.environ.get("RAY_ADDRESS")
-            handlers = _python_handlers()
-            if address:
-                _check_can_join(address)
-                ray.init(address=address, log_to_driver=True)
-            else:
-                _owner_only_token()
-                ray.init(include_dashboard=False, log_to_driver=True)
-                self._started_ray = True
-            _restore_handlers(handlers)
+            self._started_ray = join_or_start(self.address)
         try:
             self._pg = placement_group([{"CPU": self.num_cpus}] * self.k, strategy="SPREAD")
             ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)

@@ -1,0 +1,113 @@
+"""Joining a Ray cluster, or starting a local one, from the driver.
+
+Three things ``ray.init`` does not do for distvi: a local instance's auth token is written
+readable by its owner only, a cluster that would refuse this process is reported at once
+(not after ~20 s of retries), and the driver's own SIGINT/SIGTERM handlers survive it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from distvi.backends.base import WorkerError
+
+
+def join_or_start(address: str | None) -> bool:
+    """Join the cluster at ``address`` (default: ``RAY_ADDRESS``), else start a local Ray
+    instance; True when one was started here (and is the caller's to shut down)."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    handlers = python_handlers()
+    if address:
+        check_can_join(address)
+        ray.init(address=address, log_to_driver=True)
+        started = False
+    else:
+        owner_only_token()
+        ray.init(include_dashboard=False, log_to_driver=True)
+        started = True
+    restore_handlers(handlers)
+    return started
+
+
+def token_path() -> str | None:
+    """Where Ray reads its auth token from when no ``RAY_AUTH_TOKEN`` is given."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+
+
+def owner_only_token() -> None:
+    """Before distvi starts a local Ray instance: Ray would write a new auth token readable by
+    everyone on the machine (mode 0644); distvi writes it first, readable by its owner only,
+    and Ray uses it. An existing token file is narrowed to its owner as well."""
+    path = token_path()
+    if path is None or os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return
+    import secrets
+    import stat
+
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:  # never through a symlink
+            os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def python_handlers() -> dict:
+    """The Python-level SIGINT/SIGTERM handlers (a fit's deferral, or the program's own)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
+            if callable(signal.getsignal(sig))}
+
+
+def restore_handlers(handlers: dict) -> None:
+    """After ``ray.init``, which sets a SIGTERM handler of its own that exits at once: the
+    handlers from before, so a fit stops at a step boundary even while its workers start."""
+    import signal
+
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def check_can_join(address: str) -> None:
+    """Ask the cluster's GCS, before ``ray.init``, whether this process may join: a
+    token-protected cluster refuses a client without the token, which ``ray.init`` would only
+    report after ~20 s of retries as a bare connection error."""
+    if "://" in address or address == "auto":
+        return  # Ray Client and address discovery: Ray's own checks apply
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise WorkerError(f"no Ray cluster answers at {address} ({err})") from None
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # another Ray version: no probe
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        raise WorkerError(
+            f"the Ray cluster at {address} requires an auth token and this process has none "
+            f"(or the wrong one): set RAY_AUTH_MODE=token and give the cluster's token in "
+            f"RAY_AUTH_TOKEN, in a file named by RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token "
+            f"(`ray get-auth-token` on the head node prints it)") from None
+    except Exception:
+        return  # unreachable or other trouble: ray.init reports it

@@ -1,0 +1,116 @@
+"""A model's pieces over one flat unconstrained vector: where each value variable lives in
+it, the schema of the row-aligned data, and the picklable data and deterministic terms the
+shard workers compile. Nothing here reads a PyMC model; :mod:`distvi.model` builds these."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pytensor.tensor as pt
+from pytensor.graph.basic import Variable
+from pytensor.graph.replace import graph_replace, vectorize_graph
+
+from distvi._compile import compile_mode, function
+
+
+@dataclass(frozen=True)
+class VarLayout:
+    """Where one value variable lives in the flat unconstrained vector."""
+
+    name: str
+    rv_name: str
+    shape: tuple[int, ...]
+    start: int
+    stop: int
+    transform: str | None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """Names, dtypes and trailing shapes of the row-aligned data arrays."""
+
+    columns: tuple[tuple[str, str, tuple[int, ...]], ...]
+
+    @classmethod
+    def of(cls, arrays: Mapping[str, np.ndarray]) -> DataSchema:
+        return cls(tuple((k, str(v.dtype), tuple(v.shape[1:])) for k, v in arrays.items()))
+
+    def inputs(self) -> dict[str, pt.TensorVariable]:
+        return {
+            name: pt.tensor(name=name, dtype=dtype, shape=(None, *trailing))
+            for name, dtype, trailing in self.columns
+        }
+
+
+def rows_of(graph: Variable, z: Variable, points: Variable, n_points: int):
+    """``graph`` of the flat vector ``z`` evaluated at each row of ``points`` (S, D).
+
+    For one point the plain graph is used: it compiles to faster code than the vectorised one.
+    """
+    if n_points == 1:
+        return pt.shape_padleft(graph_replace(graph, {z: points[0]}, strict=False))
+    return vectorize_graph(graph, {z: points})
+
+
+@dataclass
+class DataTerm:
+    """The data term's graph: ``logp`` of the flat point ``z`` and the minibatch ``inputs``."""
+
+    z: Variable
+    logp: Variable
+    inputs: list
+    check_bounds: bool
+
+    def compile(self, n_points: int, with_logp: bool = True, with_grad: bool = True) -> Callable:
+        """``f(points[S, D], *rows, scale) -> (scale * datalogp[S], scale * grad[S, D])``;
+        with ``with_logp=False`` only ``[scale * grad]`` (the log density's elementwise work,
+        e.g. two softplus per row for a logistic likelihood, is then not done), with
+        ``with_grad=False`` only ``[scale * datalogp]``."""
+        if not (with_logp or with_grad):
+            raise ValueError("a data term computes the log density, its gradient, or both")
+        ndim = self.z.type.shape[0]
+        points = pt.matrix("points", dtype="float64", shape=(n_points, ndim))
+        scale = pt.scalar("scale", dtype="float64")
+        outputs = []
+        if with_grad:
+            grad = pt.grad(self.logp, self.z) if ndim else pt.zeros((0,))
+            outputs.append(scale * rows_of(grad, self.z, points, n_points))
+        if with_logp:
+            outputs.insert(0, scale * rows_of(self.logp, self.z, points, n_points))
+        return function(
+            [points, *self.inputs, scale],
+            outputs,
+            mode=compile_mode(self.check_bounds),
+            trust_input=True,
+            on_unused_input="ignore",
+        )
+
+
+@dataclass
+class DeterministicTerm:
+    """Deterministics that depend on the data rows, as a picklable graph of the flat point
+    ``z`` and the row ``inputs``: what a shard worker evaluates on its whole shard for the
+    draws of ``approx.sample()``. Every output has the rows on its first axis."""
+
+    z: Variable
+    outputs: list
+    inputs: list
+    names: tuple[str, ...]
+    key: str
+
+    def compile(self, n_points: int) -> Callable:
+        """``f(points[S, D], *rows) -> [(S, n_rows, ...) per deterministic]``."""
+        points = pt.matrix("points", dtype="float64", shape=(n_points, self.z.type.shape[0]))
+        outs = [vectorize_graph(o, {self.z: points}) for o in self.outputs]
+        return function([points, *self.inputs], outs, on_unused_input="ignore")
+
