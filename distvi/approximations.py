@@ -4,8 +4,9 @@ An :class:`Approximation` is a list of groups (:mod:`distvi.groups`) covering ev
 variable once; each group's draws land in its variables' slots of the model's flat
 unconstrained vector. Its symbolic draws, entropy and log density are what the driver's
 compiled step is built on; its numeric moments and draws are compiled from the same
-expressions (:mod:`distvi.families`). Results (:mod:`distvi.results`) and PyMC's symbolic
-API (:mod:`distvi.nodes`) are its base classes.
+expressions (:mod:`distvi.families`). Its results (:mod:`distvi.results`), PyMC's symbolic
+API (:mod:`distvi.nodes`) and its evaluations on the model's full data
+(:mod:`distvi.fulldata`) come from its base classes.
 """
 
 from __future__ import annotations

@@ -65,21 +65,27 @@ class Family:
         raise NotImplementedError
 
     def entropy(self, p):
+        """The entropy of q, a scalar."""
         raise TypeError(f"a {self.name} group has no density (entropy)")
 
     def logq(self, p, z):
+        """log q at the points ``z`` (S, d), (S,)."""
         raise TypeError(f"a {self.name} group has no density (logq)")
 
     def mean(self, p):
+        """The mean of q, (d,)."""
         raise NotImplementedError
 
     def var(self, p):
+        """The variances of q, (d,)."""
         raise NotImplementedError
 
     def cov(self, p):
+        """The covariance of q, (d, d)."""
         raise NotImplementedError
 
     def std(self, p):
+        """The standard deviations of q, (d,)."""
         return pt.sqrt(self.var(p))
 
     def evaluate(self, what: str, params: Mapping[str, Any], *args: np.ndarray) -> np.ndarray:

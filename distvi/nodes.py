@@ -32,7 +32,7 @@ class SymbolicNodes:
             if n < 1:
                 raise ValueError(f"size must be >= 1, got {size}")
         symbolic_det = isinstance(deterministic, Variable)
-        # one generator, drawn from in draw_flat's order (the normals of every group, then an
+        # one generator, drawn from in draw_flat's order (group after group: its normals, then an
         # Empirical group's picks), so a first evaluation equals sample(random_seed=...)'s draws
         rng = pytensor.shared(np.random.default_rng(random_seed))
         state = rng
