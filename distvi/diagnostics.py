@@ -95,7 +95,7 @@ def diagnose(approx, draws: int = 1000, random_seed: Any = None) -> Diagnosis:
 
     draws = check_draws(draws)
     seed = check_seed(random_seed)
-    approx._require_bound()
+    approx.require_bound()
     if any(g.vfam == "empirical" for g in approx.groups):
         raise TypeError("PSIS needs the density of q: an Empirical approximation (draws or "
                         "SVGD particles) has none")

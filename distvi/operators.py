@@ -222,6 +222,6 @@ class Objective:
             raise ValueError(f"nmc must be an int >= 1, got {nmc!r}")
         rng = np.random.default_rng(random_seed)
         approx, beta = self.approx, self.op.beta
-        approx._require_bound()
+        approx.require_bound()
         token = pytensor.shared(np.int64(0), name="mc_token")
         return _Numeric(lambda: approx.mc_loss(int(nmc), beta, rng))(token)

@@ -1,6 +1,169 @@
-"""Results as ArviZ InferenceData."""
+"""Results of an approximation: draws from q in the constrained space (InferenceData or
+PyMC's ``MultiTrace``) with the model's deterministics, and moments by variable."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import xarray as xr
+
+# draws of data-dependent deterministics that approx.sample() computes on the workers, at most
+DETERMINISTICS_MAX_MB = 512
+
+
+class Results:
+    """What an :class:`~distvi.approximations.Approximation` gives as results (a base class
+    of it): :meth:`sample`, and the moments by variable."""
+
+    def _by_var(self, flat: np.ndarray) -> xr.Dataset:
+        ad = self.require_bound()
+        names = [lay.name for lay in ad.layout] + [lay.rv_name for lay in ad.layout]
+        dims, coords = ad.dims_and_coords(names)
+        out = {}
+        for lay in ad.layout:
+            d = dims.get(lay.name) or (dims.get(lay.rv_name) if lay.transform is None else None)
+            if not d or len(d) != len(lay.shape):
+                d = [f"{lay.name}_dim_{i}" for i in range(len(lay.shape))]
+            out[lay.name] = xr.DataArray(flat[lay.slice].reshape(lay.shape), dims=d)
+        return xr.Dataset(out, coords={k: v for k, v in coords.items()
+                                       if any(k in a.dims for a in out.values())})
+
+    @property
+    def mean_data(self) -> xr.Dataset:
+        """Mean of q by value-variable name."""
+        return self._by_var(np.asarray(self.mean))
+
+    @property
+    def std_data(self) -> xr.Dataset:
+        """Standard deviation of q by value-variable name."""
+        return self._by_var(np.asarray(self.std))
+
+    def sample(self, draws: int = 500, random_seed: int | None = None,
+               return_inferencedata: bool = True, include_transformed: bool = False,
+               psis: bool = False, psis_draws: int | None = None):
+        """Draws from q in the constrained space, with the model's deterministics.
+
+        With ``psis=True``: importance-resampled draws. ``psis_draws`` (default
+        ``max(draws, 1000)``) draws of q are weighted by their Pareto-smoothed importance
+        ratios against the full-data posterior (see :meth:`diagnose`) and ``draws`` of them
+        are picked by weight, with replacement; refused when k̂ > 0.7. The picked draws'
+        normalized weights are in ``sample_stats["psis_weight"]`` and k̂, the weights' ESS and
+        the verdict in the group's attributes.
+
+        Returns
+        -------
+        arviz.InferenceData
+            A posterior group of one chain and ``draws`` draws, using the model's coords and
+            dims (the transformed value variables too with ``include_transformed=True``).
+        pymc.backends.base.MultiTrace
+            With ``return_inferencedata=False``, as PyMC returns: one chain of ``draws`` draws
+            of the value variables (transformed ones included, whatever
+            ``include_transformed`` says, as in PyMC), the free variables in the constrained
+            space and the deterministics, in PyMC's order; with ``psis=True`` the weights are
+            its sampler stat ``psis_weight``.
+        """
+        import arviz as az
+
+        if isinstance(draws, bool) or not isinstance(draws, int | np.integer) or draws < 1:
+            raise ValueError(f"draws must be a positive int, got {draws!r}")
+        ad = self.require_bound()
+        rng = np.random.default_rng(random_seed)
+        stats = None
+        if psis:
+            from distvi import diagnostics
+
+            pool = diagnostics.check_draws(max(int(draws), 1000) if psis_draws is None else psis_draws)
+            diag = diagnostics.diagnose(self, pool, random_seed=int(rng.integers(2**62)))
+            picked = diagnostics.resample(int(draws), diag, rng)
+            flat = diag.points[picked]
+            weights = diag.weights / diag.weights.sum()
+            stats = {"psis_weight": weights[picked][None]}
+        else:
+            flat = self.draw_flat(int(draws), rng)
+        if not return_inferencedata:
+            values = ad.constrained_fn(True)(flat)
+            values.update(self._data_deterministics(flat))
+            return self._multitrace(values, stats)
+        values = ad.constrained_fn(include_transformed)(flat)
+        values.update(self._data_deterministics(flat))
+        dims, coords = ad.dims_and_coords(values)
+        posterior = {k: np.asarray(v)[None] for k, v in values.items()}
+        idata = az.from_dict(posterior=posterior, sample_stats=stats, dims=dims, coords=coords)
+        if psis:
+            idata.sample_stats.attrs.update({"psis_khat": diag.khat, "psis_ess": diag.ess,
+                                             "psis_draws": diag.draws, "psis_verdict": diag.verdict})
+        return idata
+
+    def _multitrace(self, values: Mapping[str, np.ndarray], stats: Mapping[str, np.ndarray] | None):
+        """Draws by name (leading draw axis) as PyMC's one-chain ``MultiTrace``, its variables in
+        the order of ``model.unobserved_value_vars`` (value variables, constrained transformed
+        variables, deterministics)."""
+        from pymc.backends.base import MultiTrace
+        from pymc.backends.ndarray import NDArray
+
+        model = self.adapter.model
+        free = model.free_RVs
+        order = ([model.rvs_to_values[rv] for rv in free]
+                 + [rv for rv in free if model.rvs_to_transforms[rv] is not None]
+                 + list(model.deterministics))
+        tracked = [v for v in order if v.name in values]
+        arrays = {v.name: np.asarray(values[v.name]) for v in tracked}
+        n = len(next(iter(arrays.values())))
+
+        def not_recording(*point):
+            raise TypeError("a trace of draws from q records no further points")
+
+        trace = NDArray(model=model, vars=tracked, fn=not_recording,
+                        var_shapes={k: a.shape[1:] for k, a in arrays.items()},
+                        var_dtypes={k: a.dtype for k, a in arrays.items()})
+        trace.setup(n, chain=0, sampler_vars=None if stats is None else
+                    [{k: np.asarray(w).dtype for k, w in stats.items()}])
+        for k, a in arrays.items():
+            trace.samples[k][...] = a
+        for k, w in (stats or {}).items():
+            trace._stats[0][k][...] = np.asarray(w).reshape(n)
+        trace.draw_idx = n
+        trace.close()
+        return MultiTrace([trace])
+
+    def _data_deterministics(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """The deterministics that depend on the data, at the draws ``flat``: computed on the
+        fit's shard workers (or here, from the data attached, outside a fit), rows in order.
+        Those that cannot be (not row by row, or over :data:`DETERMINISTICS_MAX_MB` for these
+        draws) are left out with one warning that names them."""
+        import warnings
+
+        ad = self.require_bound()
+        term, others = ad.data_deterministics()
+        out: dict[str, np.ndarray] = {}
+        if term is not None:
+            n_rows = getattr(self.source, "n_rows", 0)
+            trailing = [int(np.prod([s or 1 for s in o.type.shape[1:]], dtype=int))
+                        for o in term.outputs]
+            mb = flat.shape[0] * n_rows * sum(trailing) * 8 / 2**20
+            if mb > DETERMINISTICS_MAX_MB:
+                warnings.warn(
+                    f"deterministics {list(term.names)} depend on the data and would take "
+                    f"{mb:.0f} MB for {flat.shape[0]} draws (limit distvi.results."
+                    f"DETERMINISTICS_MAX_MB = {DETERMINISTICS_MAX_MB}): they are left out of "
+                    "the draws; take fewer draws, raise the limit, or compute them from the "
+                    "draws with approx.sample_node(...) on the rows you need", stacklevel=3)
+            else:
+                inference = getattr(self, "_inference", None)
+                if inference is not None:
+                    arrays = inference.data_deterministics(term, flat)
+                else:
+                    rows = self.source.read(0, n_rows)
+                    arrays = term.compile(flat.shape[0])(np.ascontiguousarray(flat), *rows.values())
+                out.update(zip(term.names, (np.asarray(a) for a in arrays)))
+        if others:
+            warnings.warn(
+                f"deterministics {others} depend on the data but not row by row (e.g. a sum "
+                "over the rows), which sharded rows cannot give: they are left out of the "
+                "draws; compute them from the draws with approx.sample_node(...)",
+                stacklevel=3)
+        return out
 
 
 def sample_approx(approx, draws: int = 100, include_transformed: bool = True,

@@ -6,7 +6,7 @@ import pytest
 from scipy import stats
 
 import distvi as dv
-from distvi.approximations import softplus_inv
+from distvi.families import softplus_inv
 from distvi.optimizers import GeometricDecay
 
 from conftest import LinearRegression

@@ -172,9 +172,9 @@ def test_deterministics_not_row_by_row_are_named_in_a_warning(lr):
 
 
 def test_deterministics_over_the_size_limit_are_named_in_a_warning(lr, monkeypatch):
-    import distvi.approximations as approximations
+    import distvi.results as results
 
-    monkeypatch.setattr(approximations, "DETERMINISTICS_MAX_MB", 0.01)
+    monkeypatch.setattr(results, "DETERMINISTICS_MAX_MB", 0.01)
     with pm.Model():
         w = pm.Normal("w", 0.0, 1.0, shape=3)
         pm.Deterministic("mu", lr.X @ w)

@@ -7,7 +7,7 @@ from pytensor.compile.sharedvalue import SharedVariable
 
 import distvi as dv
 from conftest import logistic_factory
-from distvi.approximations import softplus, softplus_inv
+from distvi.families import softplus, softplus_inv
 
 
 @pytest.fixture(scope="module")
@@ -228,25 +228,49 @@ def test_empirical_from_inference_data(logistic, logistic_data):
 
 
 @pytest.mark.parametrize("family", ["mean_field", "full_rank"])
-def test_symbolic_and_numeric_family_maths_agree(family):
-    """The driver's step uses the symbolic draws/entropy; results use the numpy ones."""
-    import pytensor
-    import pytensor.tensor as pt
-
-    from distvi.approximations import FAMILIES
+def test_family_maths_agree_with_the_gaussian_formulas(family):
+    """Each family is written once, symbolically; its compiled draws, moments, entropy and
+    log density agree with the Gaussian formulas written here in numpy."""
+    from distvi.families import FAMILIES
 
     fam = FAMILIES[family]()
     rng = np.random.default_rng(7)
     d = 4
     params = fam.init(rng.normal(size=d), np.abs(rng.normal(size=d)) + 0.1)
     params = {k: v + 0.1 * rng.normal(size=v.shape) for k, v in params.items()}
+    if family == "mean_field":
+        L = np.diag(softplus(params["rho"]))
+    else:
+        L = np.zeros((d, d))
+        L[np.tril_indices(d)] = params["L_tril"]
+        L[np.diag_indices(d)] = softplus(np.diag(L))
     eps = rng.normal(size=(5, d))
-    sym = {k: pt.tensor(dtype="float64", shape=v.shape) for k, v in params.items()}
-    e = pt.matrix(shape=(5, d))
-    draw, entropy = pytensor.function([*sym.values(), e],
-                                      [fam.draw(sym, e), fam.entropy(sym)])(*params.values(), eps)
-    np.testing.assert_allclose(draw, fam.draw_numeric(params, eps, rng), rtol=1e-12)
-    cov = fam.cov(params)
+    cov = L @ L.T
+    np.testing.assert_allclose(fam.evaluate("draw", params, eps), params["mu"] + eps @ L.T,
+                               rtol=1e-12)
+    np.testing.assert_allclose(fam.evaluate("cov", params), cov, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(fam.evaluate("var", params), np.diag(cov), rtol=1e-12)
+    np.testing.assert_allclose(fam.evaluate("std", params), np.sqrt(np.diag(cov)), rtol=1e-12)
+    np.testing.assert_array_equal(fam.evaluate("mean", params), params["mu"])
     gaussian_entropy = 0.5 * np.linalg.slogdet(2 * np.pi * np.e * cov)[1]
-    np.testing.assert_allclose(entropy, gaussian_entropy, rtol=1e-12)
-    np.testing.assert_allclose(fam.var(params), np.diag(cov), rtol=1e-12)
+    np.testing.assert_allclose(fam.evaluate("entropy", params), gaussian_entropy, rtol=1e-12)
+    z = params["mu"] + eps @ L.T
+    r = np.linalg.solve(L, (z - params["mu"]).T).T
+    logq = -0.5 * np.sum(r**2, axis=1) - 0.5 * np.linalg.slogdet(2 * np.pi * cov)[1]
+    np.testing.assert_allclose(fam.evaluate("logq", params, z), logq, rtol=1e-12)
+
+
+def test_empirical_family_moments_and_picks():
+    from distvi.families import EmpiricalFamily
+
+    h = np.random.default_rng(3).normal(size=(9, 3))
+    fam = EmpiricalFamily()
+    np.testing.assert_allclose(fam.evaluate("mean", {"histogram": h}), h.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(fam.evaluate("cov", {"histogram": h}),
+                               np.cov(h, rowvar=False, bias=True), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(fam.evaluate("var", {"histogram": h}), h.var(axis=0), rtol=1e-12)
+    picks = np.array([4, 0, 4])
+    np.testing.assert_array_equal(
+        fam.evaluate("draw", {"histogram": h}, np.zeros((3, 3)), picks), h[picks])
+    with pytest.raises(TypeError, match="no density"):
+        fam.logq({"histogram": None}, None)
