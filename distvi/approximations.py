@@ -71,7 +71,8 @@ class Approximation(Results, SymbolicNodes, FullData):
             raise ValueError("an Approximation needs at least one Group")
         self.groups = list(groups)
         self.adapter = None
-        self.source = None  # the data it is fitted to (set by the Inference)
+        self.source = None  # the data it is fitted to (set by the Inference, see attach)
+        self.shard_data = None  # the fit's shard workers over those data
         self.scale_cost_to_minibatch = False
         if model is LATER:  # an Inference binds it to its own model
             self.model = None
@@ -94,6 +95,11 @@ class Approximation(Results, SymbolicNodes, FullData):
             self.source = source
 
     # -------------------------------------------------------------- binding
+    def attach(self, shard_data) -> None:
+        """Where the full data is: the shard workers of the fit (a
+        :class:`~distvi.shard_data.ShardData`, given by the Inference that fits this)."""
+        self.shard_data, self.source = shard_data, shard_data.source
+
     def bind(self, adapter) -> None:
         """Assign every free variable to exactly one group and initialise parameters."""
         all_names = [lay.name for lay in adapter.layout]
@@ -291,8 +297,11 @@ class Approximation(Results, SymbolicNodes, FullData):
         return cache[what, shapes]
 
     def __getstate__(self) -> dict:
-        # compiled functions are rebuilt on demand, not carried
-        return {k: v for k, v in self.__dict__.items() if k != "_fns"}
+        # compiled functions are rebuilt on demand, not carried; a fit's shard workers belong
+        # to its process (an unpickled approximation reads its source itself)
+        state = {k: v for k, v in self.__dict__.items() if k != "_fns"}
+        state["shard_data"] = None
+        return state
 
     def draw_flat(self, draws: int, rng: np.random.Generator) -> np.ndarray:
         """``draws`` points from q, flat and unconstrained, shape (draws, D): the compiled

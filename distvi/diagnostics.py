@@ -73,12 +73,12 @@ def check_draws(draws: Any) -> int:
 def log_importance_ratios(approx, points: np.ndarray) -> np.ndarray:
     """``log p(z, all data) - log q(z)`` at flat unconstrained points (S, D): the data term on
     the shard workers of the approximation's Inference, the prior term and log q here."""
-    inference = getattr(approx, "_inference", None)
-    if inference is None:
+    shard_data = approx.shard_data
+    if shard_data is None:
         raise RuntimeError("the approximation has no data attached: fit it with distvi first")
     adapter = approx.adapter
     points = np.ascontiguousarray(points, dtype="float64")
-    data = inference.full_data_logp(points)
+    data = shard_data.logp(points)
     prior, _ = adapter.compile_prior_term(points.shape[0])(points)
     return data + prior - approx.logq_at(points)
 
@@ -112,7 +112,7 @@ def diagnose(approx, draws: int = 1000, random_seed: Any = None) -> Diagnosis:
     weights = np.exp(smoothed)
     ess = float(1.0 / np.sum(weights**2))
     result = Diagnosis(khat, ess, draws, verdict(khat), points, ratios, np.asarray(smoothed))
-    approx._inference.record_diagnosis(result)
+    approx.shard_data.record_diagnosis(result)
     return result
 
 

@@ -44,9 +44,8 @@ class FullData:
         if n not in cache:
             cache[n] = ad.compile_prior_term(n)
         prior = cache[n](points)[0]
-        inference = getattr(self, "_inference", None)
-        if inference is not None:
-            return inference.full_data_logp(points), prior
+        if self.shard_data is not None:
+            return self.shard_data.logp(points), prior
         if self.source is None or not getattr(self.source, "n_rows", 0):
             return np.zeros(n), prior
         rows = self.source.read(0, self.source.n_rows)
@@ -63,7 +62,6 @@ class FullData:
         points = self.draw_flat(int(n_mc), rng)
         data, prior = self._data_and_prior(points)
         loss = float(np.mean(-data + beta * (self.logq_at(points) - prior)))
-        inference = getattr(self, "_inference", None)
-        if self.scale_cost_to_minibatch and inference is not None:
-            loss /= inference._cost_divisor()
+        if self.scale_cost_to_minibatch and self.shard_data is not None:
+            loss /= self.shard_data.cost_divisor()
         return loss

@@ -26,6 +26,7 @@ from distvi.driver.profile import Profile, Profiler
 from distvi.driver.signals import DeferredSignals, StopOnSignal
 from distvi.driver.state import DriverState
 from distvi.driver.step import Program, Step, compile_program
+from distvi.shard_data import ShardData
 
 BACKENDS = ("local", "ray")
 
@@ -138,8 +139,9 @@ class Inference:
         else:
             approx.adapter = adapter
         approx.model = getattr(adapter, "user_model", None) or model
-        approx.source = self.source
-        approx._inference = self  # what approx.diagnose() evaluates the full data with
+        approx.attach(ShardData(self.source, self.has_data, self.num_workers, self._ensure_backend,
+                                lambda: self._backend is not None, self.close,
+                                self.record_diagnosis, self._cost_divisor))
         self._recorded: tuple[str | None, Any] = (None, None)  # the last fit's store, tracker
         self._average_from: float | int | None = None
         self._average_start: int | None = None  # the step after which iterates are averaged
@@ -188,30 +190,10 @@ class Inference:
                 self._finalizer = weakref.finalize(self, self._backend.close)
         return self._backend
 
-    def _on_whole_shards(self, method: str, points: np.ndarray, *before) -> list:
-        """``worker.method(*before, points)`` on every shard worker, over its whole shard;
-        workers are started for it if they were closed, and closed again after."""
-        was_open = self._backend is not None
-        backend = self._ensure_backend()
-        try:
-            shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
-            return backend.call(method, (*before, shared), [()] * self.num_workers)
-        finally:
-            if not was_open:
-                self.close()
-
     def full_data_logp(self, points: np.ndarray) -> np.ndarray:
         """The log-likelihood of all the rows at each flat point (S, D): every shard worker
         sums its whole shard (no minibatch)."""
-        if not self.has_data:
-            return np.zeros(np.shape(points)[0])
-        return np.sum(self._on_whole_shards("full_logp", points), axis=0)
-
-    def data_deterministics(self, term, points: np.ndarray) -> list[np.ndarray]:
-        """The row-wise deterministics of ``term`` at each flat point (S, D), computed by the
-        shard workers on their whole shards and concatenated in row order: (S, N, ...) each."""
-        parts = self._on_whole_shards("deterministics", points, term)
-        return [np.concatenate([p[i] for p in parts], axis=1) for i in range(len(term.names))]
+        return self.approx.shard_data.logp(points)
 
     def record_diagnosis(self, diagnosis) -> None:
         """The diagnostic into the last fit's run store and MLflow run, when it had them."""
@@ -261,12 +243,15 @@ class Inference:
         """Rows of normals the driver draws per step."""
         return self._n_mc
 
+    def _cost_divisor(self) -> float:
+        """``N / B``: all the rows over the rows a step evaluates (PyMC divides its loss by it
+        when ``approx.scale_cost_to_minibatch`` is set)."""
+        per_step = self._rows_per_step()
+        return self.source.n_rows / per_step if per_step else 1.0
+
     def _cost_scale(self) -> float:
         """``B / N`` when ``approx.scale_cost_to_minibatch`` (PyMC's per-minibatch units)."""
-        if not self.approx.scale_cost_to_minibatch:
-            return 1.0
-        per_step = self._rows_per_step()
-        return 1.0 / (self.source.n_rows / per_step if per_step else 1.0)
+        return 1.0 / self._cost_divisor() if self.approx.scale_cost_to_minibatch else 1.0
 
     def _program(self) -> Program:
         # keyed by what the compiled graph depends on (an optimizer is a frozen name +

@@ -150,9 +150,8 @@ class Results:
                     "the draws; take fewer draws, raise the limit, or compute them from the "
                     "draws with approx.sample_node(...) on the rows you need", stacklevel=3)
             else:
-                inference = getattr(self, "_inference", None)
-                if inference is not None:
-                    arrays = inference.data_deterministics(term, flat)
+                if self.shard_data is not None:
+                    arrays = self.shard_data.deterministics(term, flat)
                 else:
                     rows = self.source.read(0, n_rows)
                     arrays = term.compile(flat.shape[0])(np.ascontiguousarray(flat), *rows.values())

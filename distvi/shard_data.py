@@ -15,16 +15,17 @@ class ShardData:
 
     ``start()`` returns the fit's backend, starting its workers when they are not running;
     ``started()`` says whether they are; ``stop()`` releases them (workers started only for
-    one evaluation are released after it). ``on_diagnosis(diagnosis)`` records a diagnostic
-    where the fit was recorded.
+    one evaluation are released after it). ``record_diagnosis(diagnosis)`` records a
+    diagnostic where the fit was recorded; ``cost_divisor()`` is ``N / B``, all the rows over
+    the rows a step evaluates.
     """
 
     def __init__(self, source: Any, has_data: bool, num_workers: int, start: Callable,
                  started: Callable[[], bool], stop: Callable[[], None],
-                 on_diagnosis: Callable[[Any], None]) -> None:
+                 record_diagnosis: Callable[[Any], None], cost_divisor: Callable[[], float]) -> None:
         self.source, self.has_data, self.num_workers = source, has_data, num_workers
         self._start, self._started, self._stop = start, started, stop
-        self.record_diagnosis = on_diagnosis
+        self.record_diagnosis, self.cost_divisor = record_diagnosis, cost_divisor
 
     @property
     def n_rows(self) -> int:

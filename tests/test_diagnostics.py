@@ -236,13 +236,13 @@ def test_loss_convergence_needs_a_loss_and_valid_settings(linreg):
 
 def test_non_finite_log_ratios_are_reported_not_fitted(linreg, monkeypatch):
     inf = dv.ADVI(model=linreg.factory, data=linreg.data, random_seed=1)
-    real = inf.full_data_logp
+    real = inf.approx.shard_data.logp
 
     def with_a_nan(points):  # a data term that is NaN at one draw
         out = real(points)
         out[3] = np.nan
         return out
 
-    monkeypatch.setattr(inf, "full_data_logp", with_a_nan)
+    monkeypatch.setattr(inf.approx.shard_data, "logp", with_a_nan)
     with pytest.raises(FloatingPointError, match="1 of 200 log importance ratios are NaN"):
         inf.approx.diagnose(200, random_seed=1)
