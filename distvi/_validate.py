@@ -82,3 +82,25 @@ def backend_options(options: dict | None) -> dict:
     if options.get("path", "auto") not in ("auto", "plain", "compiled"):
         raise ValueError(f"backend_options['path'] must be 'auto', 'plain' or 'compiled', got {options['path']!r}")
     return options
+
+
+UNSUPPORTED_FIT_KEYWORDS = ("tf_n_mc", "test_optimizer", "more_obj_params", "more_tf_params",
+                            "more_updates", "more_replacements", "fn_kwargs")
+
+
+def no_fit_keywords(kwargs: dict, method: str) -> None:
+    """Refuse keywords ``fit()`` does not take, naming PyMC's that distvi does not support."""
+    for key in kwargs:
+        if key in UNSUPPORTED_FIT_KEYWORDS:
+            raise TypeError(f"fit() keyword {key!r} is not supported by distvi's {method}")
+        raise TypeError(f"fit() got an unexpected keyword argument {key!r}")
+
+
+def max_norm(value: Any) -> float | None:
+    """``total_grad_norm_constraint``: None, or a finite number > 0."""
+    if value is None:
+        return None
+    norm = float(value)
+    if not norm > 0 or not np.isfinite(norm):
+        raise ValueError(f"total_grad_norm_constraint must be > 0, got {value}")
+    return norm

@@ -383,3 +383,18 @@ class ParquetSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": "parquet", "paths": self.paths, "n_rows": self.n_rows,
                 "columns": self.columns}
+
+
+def shard_batches(source, num_workers: int, batch_size: int | None,
+                  minibatch_size: int | None) -> list[int | None]:
+    """Rows per step on each shard: ``batch_size`` for each, or a ready model's
+    ``pm.Minibatch`` size split over the shards in proportion to their rows."""
+    if batch_size is not None or minibatch_size is None:
+        return [batch_size] * num_workers
+    return split_batch(minibatch_size, [b - a for a, b in source_bounds(source, num_workers)])
+
+
+def rows_per_step(source, batches: list[int | None]) -> int:
+    """Rows a step evaluates over all shards (a shard's batch of None: all its rows)."""
+    sizes = [b - a for a, b in source_bounds(source, len(batches))]
+    return sum(s if b is None else min(b, s) for s, b in zip(sizes, batches))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import signal
-import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,41 +19,16 @@ import numpy as np
 from distvi import _validate, optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
 from distvi.approximations import Approximation
-from distvi.driver.hooks import Progress, Recorder, Trace
+from distvi.driver.hooks import Callbacks, Progress, Recorder, Trace
 from distvi.driver.loop import Loop
 from distvi.driver.profile import Profile, Profiler
-from distvi.driver.signals import DeferredSignals, StopOnSignal
+from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
 from distvi.driver.state import DriverState
 from distvi.driver.step import Program, Step, compile_program
+from distvi.recording import RecordedFit, check_recording, record_diagnosis
 from distvi.shard_data import ShardData
 
 BACKENDS = ("local", "ray")
-
-
-def default_optimizer() -> optimizers.Optimizer:
-    """distvi's default: ``adam(learning_rate=0.01)``.
-
-    PyMC's default ``adagrad_window(learning_rate=1e-3)`` leaves the posterior sd about 9 %
-    too wide on a conjugate normal model; adam is scale-free, which matters because the
-    data term is in full-data units.
-    """
-    return optimizers.adam(learning_rate=0.01)
-
-
-class Callbacks:
-    """The user's callbacks as a hook: ``cb(approx, losses, step)``, seeing the approximation
-    the fit returns (the average, once averaging has begun)."""
-
-    def __init__(self, inference: Inference, callbacks: Sequence[Callable], trace: Trace) -> None:
-        self.inference, self.callbacks, self.trace = inference, list(callbacks), trace
-
-    def __call__(self, state: DriverState, info) -> None:
-        inference = self.inference
-        inference.approx.params_values = state.result
-        inference.state = state
-        losses = self.trace.losses[:self.trace.done]
-        for cb in self.callbacks:
-            cb(inference.approx, losses, state.step)
 
 
 class Inference:
@@ -141,7 +115,7 @@ class Inference:
         approx.model = getattr(adapter, "user_model", None) or model
         approx.attach(ShardData(self.source, self.has_data, self.num_workers, self._ensure_backend,
                                 lambda: self._backend is not None, self.close,
-                                self.record_diagnosis, self._cost_divisor))
+                                lambda d: record_diagnosis(*self._recorded, d), self._cost_divisor))
         self._recorded: tuple[str | None, Any] = (None, None)  # the last fit's store, tracker
         self._average_from: float | int | None = None
         self._average_start: int | None = None  # the step after which iterates are averaged
@@ -159,18 +133,11 @@ class Inference:
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
 
     def _split_batches(self, minibatch_size: int | None) -> list[int | None]:
-        from distvi.data import split_batch
+        from distvi.data import shard_batches
 
         if not self.has_data:
             return [None]
-        if self.batch_size is not None or minibatch_size is None:
-            return [self.batch_size] * self.num_workers
-        return split_batch(minibatch_size, self.shard_sizes())
-
-    def shard_sizes(self) -> list[int]:
-        from distvi.data import source_bounds
-
-        return [b - a for a, b in source_bounds(self.source, self.num_workers)]
+        return shard_batches(self.source, self.num_workers, self.batch_size, minibatch_size)
 
     # ---------------------------------------------------------------- resources
     @property
@@ -195,12 +162,6 @@ class Inference:
         sums its whole shard (no minibatch)."""
         return self.approx.shard_data.logp(points)
 
-    def record_diagnosis(self, diagnosis) -> None:
-        """The diagnostic into the last fit's run store and MLflow run, when it had them."""
-        from distvi.recording import record_diagnosis
-
-        record_diagnosis(*self._recorded, diagnosis)
-
     def _points_per_step(self) -> int:
         """How many points the workers evaluate per step."""
         return self._n_mc
@@ -223,20 +184,15 @@ class Inference:
     # ---------------------------------------------------------------- configuration
     def _configure(self, obj_n_mc: int, obj_optimizer, total_grad_norm_constraint, kwargs) -> None:
         """Check every fit setting, then set them together (a bad one changes nothing)."""
-        unsupported = {"tf_n_mc", "test_optimizer", "more_obj_params", "more_tf_params",
-                       "more_updates", "more_replacements", "fn_kwargs"}
-        for key in kwargs:
-            if key in unsupported:
-                raise TypeError(f"fit() keyword {key!r} is not supported by distvi's {type(self).__name__}")
-            raise TypeError(f"fit() got an unexpected keyword argument {key!r}")
+        _validate.no_fit_keywords(kwargs, type(self).__name__)
         n_mc = _validate.positive_int("obj_n_mc", obj_n_mc)
-        opt = optimizers.as_optimizer(default_optimizer() if obj_optimizer is None else obj_optimizer)
+        # distvi's default is adam(learning_rate=0.01): PyMC's adagrad_window(1e-3) leaves the
+        # posterior sd about 9 % too wide on a conjugate normal model; adam is scale-free, which
+        # matters because the data term is in full-data units
+        opt = optimizers.as_optimizer(optimizers.adam(learning_rate=0.01) if obj_optimizer is None
+                                      else obj_optimizer)
         opt.learning_rate_at(0)  # a schedule's first rate: NaN is a NotFiniteError before any work
-        max_norm = None
-        if total_grad_norm_constraint is not None:
-            max_norm = float(total_grad_norm_constraint)
-            if not max_norm > 0 or not np.isfinite(max_norm):
-                raise ValueError(f"total_grad_norm_constraint must be > 0, got {total_grad_norm_constraint}")
+        max_norm = _validate.max_norm(total_grad_norm_constraint)
         self._n_mc, self._optimizer, self._max_norm = n_mc, opt, max_norm
 
     def _draws_per_step(self) -> int:
@@ -265,6 +221,9 @@ class Inference:
                                                   n_points, self._max_norm, scale)
         return self._programs[key]
 
+    def _set_state(self, state: DriverState) -> None:
+        self.state = state
+
     def _step(self, with_logp: bool, n: int) -> Step:
         return Step(self._program(), self.approx, self.objective, self._optimizer,
                     Stream(self.random_seed, DRIVER_STREAM), with_logp, self._average_start,
@@ -278,9 +237,9 @@ class Inference:
                            0 if prev is None else prev.draw_position)
 
     def _rows_per_step(self) -> int:
-        if not self.has_data:
-            return 0
-        return sum(s if b is None else min(b, s) for s, b in zip(self.shard_sizes(), self._shard_batches))
+        from distvi.data import rows_per_step
+
+        return rows_per_step(self.source, self._shard_batches) if self.has_data else 0
 
     # ---------------------------------------------------------------- public loop
     def fit(self, n: int = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,
@@ -343,7 +302,6 @@ class Inference:
             NaN/inf rate; the approximation keeps the last finite parameters. It is a
             ``FloatingPointError`` (as PyMC raises) and a ``ValueError``.
         """
-        from distvi.recording import RecordedFit, check_recording
         from distvi.tracking import as_tracking
 
         n = _validate.steps(n)
@@ -378,15 +336,9 @@ class Inference:
     def _stop_for(self, signum: int) -> None:
         """After a signal stopped the loop: release the workers (and the Ray instance, when
         distvi started it) and say where the run stands."""
-        from distvi.redact import redact
-
         self.interrupted = signal.Signals(signum).name
         self.close()
-        url = self._recorded[0]
-        where = (f"; the run store {url} has a checkpoint at this step: distvi.resume({url!r}, ...)"
-                 if url is not None else "")
-        print(redact(f"distvi: {self.interrupted} received: the fit stopped after step "
-                     f"{self.state.step}{where}"), file=sys.stderr, flush=True)
+        report_stop(self.interrupted, self.state.step, self._recorded[0])
 
     def settings(self) -> dict[str, Any]:
         """What rebuilds this Inference from a run store's config (see
@@ -471,7 +423,7 @@ class Inference:
         if recorder is not None:
             hooks.append(recorder.bind(trace))
         if callbacks:
-            hooks.append(Callbacks(self, callbacks, trace))
+            hooks.append(Callbacks(self.approx, callbacks, trace, self._set_state))
         progress = Progress(trace, n, progressbar) if progressbar else None
         if progress is not None:
             hooks.append(progress)

@@ -103,6 +103,23 @@ class Progress:
             self.bar.close()
 
 
+class Callbacks:
+    """The user's callbacks, ``cb(approx, losses, step)``, seeing the approximation the fit
+    returns (the average, once averaging has begun); ``on_state(state)`` first makes the
+    state visible to them (``inference.state``)."""
+
+    def __init__(self, approx, callbacks, trace: Trace, on_state=None) -> None:
+        self.approx, self.callbacks, self.trace, self.on_state = approx, list(callbacks), trace, on_state
+
+    def __call__(self, state: DriverState, info: StepInfo) -> None:
+        self.approx.params_values = state.result
+        if self.on_state is not None:
+            self.on_state(state)
+        losses = self.trace.losses[:self.trace.done]
+        for cb in self.callbacks:
+            cb(self.approx, losses, state.step)
+
+
 class Recorder:
     """Traces and checkpoints into a run store, and MLflow batches, at step boundaries.
 

@@ -60,6 +60,18 @@ class DeferredSignals:
             raise SystemExit(128 + self.signum)
 
 
+def report_stop(name: str, step: int, url: str | None) -> None:
+    """Say on stderr that a signal stopped the fit, and where the run stands."""
+    import sys
+
+    from distvi.redact import redact
+
+    where = (f"; the run store {url} has a checkpoint at this step: distvi.resume({url!r}, ...)"
+             if url is not None else "")
+    print(redact(f"distvi: {name} received: the fit stopped after step {step}{where}"),
+          file=sys.stderr, flush=True)
+
+
 class StopOnSignal:
     """A hook: ends the run at the step boundary after a signal was noted."""
 
