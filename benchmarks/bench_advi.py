@@ -39,12 +39,6 @@ Usage
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import logging
-import os
-import platform
-import statistics
 import sys
 import time
 import traceback
@@ -53,25 +47,16 @@ from typing import Any
 
 import numpy as np
 
-D = 20
-DATA_SEED = 20240601
-FIT_SEED = 1
-LEARNING_RATE = 0.01
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (D, DATA_SEED, FIT_SEED, LEARNING_RATE, RESULTS,  # noqa: E402
+                     distvi_factory, environment, fmt, make_data, median, quiet_logs,
+                     refine_seconds, write_result)
+
 PROFILE_STEPS = 2000
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "advi.json"
+DEFAULT_OUT = RESULTS / "advi.json"
 
 
 # ---------------------------------------------------------------------------- data & reference
-def make_data(rows: int, d: int = D, seed: int = DATA_SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """X ~ N(0, 1) (rows x d, float64), w ~ N(0, 0.5), no intercept, y ~ Bernoulli(sigmoid(X w))."""
-    rng = np.random.default_rng(seed)
-    X = rng.normal(0.0, 1.0, size=(rows, d))
-    w_true = rng.normal(0.0, 0.5, size=d)
-    p = 1.0 / (1.0 + np.exp(-(X @ w_true)))
-    y = rng.binomial(1, p).astype(np.int64)
-    return X, y, w_true
-
-
 def newton_map(X: np.ndarray, y: np.ndarray, prior_sd: float = 1.0, tol: float = 1e-12,
                max_iter: int = 100) -> dict[str, Any]:
     """MAP of w ~ N(0, prior_sd^2 I), y ~ Bernoulli(logit_p = X w) on the full data.
@@ -150,22 +135,12 @@ def pymc_rate(X, y32, n, batch, warm) -> dict[str, Any]:
         inference = pm.ADVI(random_seed=FIT_SEED)
         t0 = time.perf_counter()
         inference.fit(warm, obj_optimizer=pm.adam(learning_rate=LEARNING_RATE), progressbar=False)
-        t1 = time.perf_counter()
-        inference.refine(n, progressbar=False)
-        t2 = time.perf_counter()
-    return {"warm_fit_s": t1 - t0, "iter_s": t2 - t1, "it_per_s": n / (t2 - t1)}
+        warm_s = time.perf_counter() - t0
+        iter_s = refine_seconds(inference, n)
+    return {"warm_fit_s": warm_s, "iter_s": iter_s, "it_per_s": n / iter_s}
 
 
 # ---------------------------------------------------------------------------- distvi
-def distvi_factory(data):
-    import pymc as pm
-
-    with pm.Model() as model:
-        w = pm.Normal("w", 0.0, 1.0, shape=D)
-        pm.Bernoulli("obs", logit_p=data["X"] @ w, observed=data["y"])
-    return model
-
-
 def distvi_wall(X, y, n, batch) -> dict[str, Any]:
     import distvi as dv
 
@@ -187,11 +162,10 @@ def distvi_rate(X, y, n, batch, warm):
                         random_seed=FIT_SEED)
     t0 = time.perf_counter()
     inference.fit(warm, obj_optimizer=dv.adam(learning_rate=LEARNING_RATE), progressbar=False)
-    t1 = time.perf_counter()
-    inference.refine(n, progressbar=False)
-    t2 = time.perf_counter()
+    warm_s = time.perf_counter() - t0
+    iter_s = refine_seconds(inference, n)
     final_loss = float(np.mean(inference.hist[-1000:])) if inference.hist.size else None
-    return {"warm_fit_s": t1 - t0, "iter_s": t2 - t1, "it_per_s": n / (t2 - t1),
+    return {"warm_fit_s": warm_s, "iter_s": iter_s, "it_per_s": n / iter_s,
             "final_loss_after_refine": final_loss}, inference
 
 
@@ -250,79 +224,6 @@ def numpyro_rate(X, y, n, batch, warm) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- reporting
-def environment() -> dict[str, Any]:
-    import numpy
-    import pymc
-    import pytensor
-
-    try:
-        import distvi
-        distvi_version = getattr(distvi, "__version__", "?")
-    except Exception as exc:  # reported, not fatal: the PyMC side can still run
-        distvi_version = f"import failed: {exc!r}"
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "processor": platform.processor(),
-        "cpu_model": cpu_model,
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "loadavg_at_start": load,
-        "python": platform.python_version(),
-        "pymc": pymc.__version__,
-        "pytensor": pytensor.__version__,
-        "numpy": numpy.__version__,
-        "distvi": distvi_version,
-        "pytensor_blas_ldflags": pytensor.config.blas__ldflags,
-        "distvi_blas": _distvi_blas(),
-        "pytensor_mode": str(pytensor.config.mode),
-        "threads_env": {k: os.environ.get(k) for k in
-                        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
-    }
-
-
-def _distvi_blas() -> str:
-    """What distvi links its own compiled functions against (pymc.fit links nothing)."""
-    try:
-        from distvi._compile import blas_flags
-    except Exception as exc:  # reported, not fatal
-        return f"unknown ({exc!r})"
-    flags = blas_flags()
-    return next((f for f in flags.split() if f.startswith("-l")), "none") if flags else "none"
-
-
-def write_result(path: Path, result: dict[str, Any]) -> None:
-    """A benchmark's JSON, written whole or not at all (numpy scalars as Python numbers)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=lambda x: x.item() if isinstance(x, np.generic) else str(x))
-                   + "\n")
-    os.replace(tmp, path)
-    print(f"\nwrote {path}")
-
-
-def median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     walls = [r["wall"]["wall_s"] for r in runs if "wall" in r]
     rates = [r["rate"]["it_per_s"] for r in runs if "rate" in r]
@@ -361,11 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
 
-    # pm.fit logs "Finished [100%]: Average Loss = ..." at INFO; keep the output to the report.
-    # (import first: importing pymc sets its logger's level to INFO.)
-    import pymc  # noqa: F401
-
-    logging.getLogger("pymc").setLevel(logging.WARNING)
+    quiet_logs()  # pm.fit logs "Finished [100%]: Average Loss = ..." at INFO
 
     env = environment()
     X, y, w_true = make_data(args.rows)

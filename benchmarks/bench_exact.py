@@ -23,8 +23,6 @@ Usage
 from __future__ import annotations
 
 import argparse
-import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from bench_advi import write_result
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, median, quiet_logs, write_result  # noqa: E402
 
 ROWS, D, NOISE, PRIOR_SD = 20_000, 6, 1.0, 10.0
 DATA_SEED = 7
 SD_TOL, MEAN_TOL = 0.02, 0.2
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "exact.json"
+DEFAULT_OUT = RESULTS / "exact.json"
 
 
 def make_data(rows: int = ROWS, d: int = D, seed: int = DATA_SEED):
@@ -126,15 +125,8 @@ def run_distvi(X, y, mean, cov, args) -> dict[str, Any]:
     return {"hit": crit.hit, "last": crit.last, "total_s": time.perf_counter() - crit.t0}
 
 
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def run(args) -> dict[str, Any]:
-    import pymc  # noqa: F401  (sets its logger first)
-
-    logging.getLogger("pymc").setLevel(logging.WARNING)
+    quiet_logs()
     X, y = make_data(args.rows)
     mean, cov = exact_posterior(X, y)
     runs: dict[str, list] = {"pymc": [], "distvi": []}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -33,7 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local benchmark cluster, loopback only
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (local_ray_without_auth, logistic_factory, refine_seconds,  # noqa: E402
+                     start_local_ray, write_result)
+
+local_ray_without_auth()  # at import: the memory child runs this module as its script too
 
 
 def tiny_factory(data):
@@ -45,31 +48,17 @@ def tiny_factory(data):
     return m
 
 
-def logistic_factory(data):
-    import pymc as pm
-
-    d = data["X"].type.shape[1]
-    with pm.Model() as m:
-        w = pm.Normal("w", 0.0, 1.0, shape=d)
-        pm.Bernoulli("y", logit_p=data["X"] @ w, observed=data["y"])
-    return m
-
-
 def seconds_per_step(inference, n: int) -> float:
     import distvi as dv
 
     inference.fit(20, obj_optimizer=dv.adam(learning_rate=0.01), progressbar=False)  # warm
-    t0 = time.perf_counter()
-    inference.refine(n, progressbar=False)
-    return (time.perf_counter() - t0) / n
+    return refine_seconds(inference, n) / n
 
 
 def overhead(args) -> dict:
-    import ray
-
     import distvi as dv
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_local_ray()
     rows = {}
     for k in (1, 2, 4):
         rng = np.random.default_rng(k)
@@ -116,12 +105,10 @@ def write_zarr(path: Path, rows: int, dim: int, chunk_rows: int = 10_000) -> str
 
 
 def scaling(args) -> dict:
-    import ray
-
     import distvi as dv
 
     path = write_zarr(Path(args.workdir) / f"logreg_{args.rows}x{args.dim}.zarr", args.rows, args.dim)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_local_ray()
     out = {}
     for k in (1, 2):
         inf = dv.ADVI(model=logistic_factory, data=dv.data.ZarrSource(path), batch_size=args.batch,
@@ -143,11 +130,9 @@ def scaling(args) -> dict:
 
 
 def memory_child(path: str, steps: int, batch: int) -> None:
-    import ray
-
     import distvi as dv
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray = start_local_ray()
     inf = dv.ADVI(model=logistic_factory, data=dv.data.ZarrSource(path), batch_size=batch,
                   num_workers=2, backend="ray", random_seed=1, backend_options={"num_cpus": 1})
     with inf:
@@ -191,9 +176,7 @@ def main() -> None:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     result = {"overhead": overhead, "scaling": scaling, "memory": memory}[args.what](args)
     result["date"] = time.strftime("%Y-%m-%d")
-    out = Path(args.out or f"benchmarks/results/ray_{args.what}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_result(Path(args.out or f"benchmarks/results/ray_{args.what}.json"), result)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -55,15 +53,15 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_advi import (D, FIT_SEED, LEARNING_RATE, distvi_factory, environment,  # noqa: E402
-                        make_data, write_result)
+from _common import (D, FIT_SEED, LEARNING_RATE, RESULTS, distvi_factory,  # noqa: E402
+                     environment, fmt, make_data, median, quiet_logs, write_result)
 
 CONFIGS = ("off", "store", "store+mlflow")
 CHECKPOINT_EVERY = None  # the default: a checkpoint every 60 s of wall time (and at the end)
 LOG_EVERY = 100
 WARMUP_STEPS = 200
 TARGET_PCT = 5.0
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "recording.json"
+DEFAULT_OUT = RESULTS / "recording.json"
 
 
 class Bench:
@@ -119,17 +117,8 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def pct(on: float | None, off: float | None) -> float | None:
     return None if on is None or not off else 100.0 * (on - off) / off
-
-
-def fmt(x: float | None, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,13 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
 
-    import pymc  # noqa: F401  (importing pymc sets its logger to INFO)
-
     import mlflow
     import zarr
 
-    logging.getLogger("pymc").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which sets INFO
+    quiet_logs("mlflow")  # after importing mlflow, which sets its logger to INFO
 
     env = environment()
     env.update(mlflow=mlflow.__version__, zarr=zarr.__version__)

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 import shutil
 import sys
@@ -85,7 +84,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_advi import environment, write_result  # noqa: E402
+from _common import (RESULTS, environment, fmt, local_ray_without_auth, quiet_logs,  # noqa: E402
+                     write_result)
 
 ROWS = 20_000
 D = 5
@@ -100,7 +100,7 @@ COUNT_LIMIT_PER_100K = 0.5  # fds, threads
 TRACE_BYTES_PER_STEP = 4 * 8  # loss, grad norm, step seconds, learning rate: float64 arrays of n
 TRACE_MB_PER_100K = TRACE_BYTES_PER_STEP * 100_000 / 2**20
 PER = 100_000  # slopes are per this many steps
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "soak.json"
+DEFAULT_OUT = RESULTS / "soak.json"
 
 
 # ---------------------------------------------------------------------------- data & model
@@ -345,10 +345,6 @@ def analyse(samples: list[dict[str, Any]], n: int) -> dict[str, Any]:
     return out
 
 
-def fmt(x: Any, spec: str) -> str:
-    return "n/a" if x is None else format(x, spec)
-
-
 def fmt_vec(v: list[float] | None) -> str:
     return "n/a" if v is None else "[" + ", ".join(f"{x:.3f}" for x in v) + "]"
 
@@ -373,16 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.n % LOG_EVERY:
         ap.error(f"--n must be a multiple of log_every={LOG_EVERY}")
     if args.backend == "ray":
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
-
-    import pymc  # noqa: F401  (importing pymc sets its logger to INFO)
+        local_ray_without_auth()  # distvi starts a throwaway local instance
 
     import mlflow
     import zarr
 
-    logging.getLogger("pymc").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # after the import, which sets INFO
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    quiet_logs("mlflow", "alembic")  # after importing mlflow, which sets its logger to INFO
 
     env = environment()
     env.update(mlflow=mlflow.__version__, zarr=zarr.__version__)

@@ -27,19 +27,21 @@ Usage
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import logging
 import os
 import platform
 import statistics
-import time
+import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "svgd.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (RESULTS, logistic_factory, now_utc, refine_seconds,  # noqa: E402
+                     start_local_ray, write_result)
+
+DEFAULT_OUT = RESULTS / "svgd.json"
 
 
 def logistic_data(rows: int, d: int, seed: int = 7):
@@ -48,15 +50,6 @@ def logistic_data(rows: int, d: int, seed: int = 7):
     w = rng.normal(size=d)
     y = (rng.random(rows) < 1 / (1 + np.exp(-(X @ w)))).astype("int64")
     return X, y
-
-
-def factory(data):
-    import pymc as pm
-
-    with pm.Model() as m:
-        w = pm.Normal("w", 0.0, 1.0, shape=data["X"].type.shape[1])
-        pm.Bernoulli("y", logit_p=data["X"] @ w, observed=data["y"])
-    return m
 
 
 def ready_model(X, y):
@@ -73,19 +66,15 @@ def time_pymc(X, y, particles, n, warm):
 
     inference = pm.SVGD(n_particles=particles, model=ready_model(X, y), random_seed=1)
     inference.fit(warm, obj_optimizer=pm.adam(learning_rate=0.01), progressbar=False)
-    t0 = time.perf_counter()
-    inference.refine(n, progressbar=False)
-    return n / (time.perf_counter() - t0), inference.approx.mean.eval()
+    return n / refine_seconds(inference, n), inference.approx.mean.eval()
 
 
 def time_distvi(X, y, particles, n, warm):
     import distvi as dv
 
-    inference = dv.SVGD(n_particles=particles, model=factory, data={"X": X, "y": y}, random_seed=1)
+    inference = dv.SVGD(n_particles=particles, model=logistic_factory, data={"X": X, "y": y}, random_seed=1)
     inference.fit(warm, obj_optimizer=dv.adam(learning_rate=0.01), progressbar=False)
-    t0 = time.perf_counter()
-    inference.refine(n, progressbar=False)
-    return n / (time.perf_counter() - t0), np.asarray(inference.approx.mean)
+    return n / refine_seconds(inference, n), np.asarray(inference.approx.mean)
 
 
 def part1(args) -> list[dict]:
@@ -118,7 +107,7 @@ def kernel_phase(particles, dim, workers, threshold, steps):
     import distvi as dv
 
     X, y = logistic_data(1000, dim)
-    inference = dv.SVGD(n_particles=particles, model=factory, data={"X": X, "y": y},
+    inference = dv.SVGD(n_particles=particles, model=logistic_factory, data={"X": X, "y": y},
                         random_seed=1, num_workers=workers, backend="ray",
                         shard_kernel_above=threshold)
     with inference:
@@ -184,23 +173,19 @@ def main() -> None:
         args.sweep = [256]
     warnings.filterwarnings("ignore")
     logging.getLogger("pymc").setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway local instance
-    import ray
 
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = now_utc()
     results = {"date": started, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                             "platform": platform.platform()},
                "svgd_vs_pymc": part1(args)}
     if not args.no_kernel:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray = start_local_ray()
         try:
             results["kernel_sharding"] = part2(args)
             results["threshold_sweep"] = part3(args)
         finally:
             ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_result(args.out, results)
 
 
 if __name__ == "__main__":

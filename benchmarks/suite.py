@@ -20,7 +20,6 @@ file handles flat, every step recorded once (``bench_soak.py``).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import platform
@@ -30,7 +29,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from _common import RESULTS, cpu_model, now_utc  # noqa: E402
 
 
 def _script(name: str) -> list[str]:
@@ -142,13 +142,7 @@ def table(rs: list[dict]) -> str:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "loadavg": os.getloadavg()}
 
 
@@ -163,7 +157,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(parts) - set("abcdef"))
     if unknown:
         ap.error(f"--only: unknown part(s) {', '.join(unknown)}; the parts are a, b, c, d, e")
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    started = now_utc()
     failed = []
     timings = {}
     if not args.table:

@@ -1,6 +1,22 @@
-"""Shared fixtures: small real models with closed-form posteriors."""
+"""Shared fixtures and helpers: small real models with closed-form posteriors, Zarr data on
+disk, local ports, a ``ray start`` head's clean stop, and a live ``mlflow server``.
+
+Test modules share code only through this file (``from conftest import ...``), never by
+importing one another: importing a test module runs its module-level setup and collects its
+tests a second time under another name.
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pymc as pm
@@ -76,3 +92,155 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------- data on disk
+def write_zarr(path, arrays, chunk_rows=100):
+    """``arrays`` (name -> array, rows first) as a Zarr group at ``path``; returns the path."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="w")
+    for k, v in arrays.items():
+        g.create_array(k, data=v, chunks=(chunk_rows, *v.shape[1:]))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- local ports
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(k: int) -> list[int]:
+    """``k`` distinct free ports (held open together so none is handed out twice)."""
+    socks = []
+    try:
+        for _ in range(k):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for_port(port: int, deadline_s: float) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {deadline_s} s")
+
+
+# ---------------------------------------------------------------------------- ray start --head
+def pids_using(marker: str) -> list[int]:
+    """Processes whose command line mentions ``marker`` (a cluster's unique temp dir)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    pids.append(int(entry))
+        except OSError:
+            pass
+    return pids
+
+
+def stop_ray_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """SIGTERM to ``ray start --block`` stops the processes it started (draining is off, so
+    at once); anything of this cluster still alive after that is killed by pid."""
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while pids_using(temp_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in pids_using(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- mlflow server
+class MlflowServer:
+    """``mlflow server`` in its own process group, with a SQLite backend and proxied artifacts."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.db, self.artifacts = root, root / "srv.db", root / "artifacts"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        # the job runner (a second process) is not needed here and slows the start
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", "1",
+                 "--backend-store-uri", f"sqlite:///{self.db}",
+                 "--artifacts-destination", str(self.artifacts)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        tail = self.log.read_text()[-2000:]
+        self.stop()
+        raise AssertionError(f"mlflow server did not become healthy in {timeout_s} s:\n{tail}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the CLI and its uvicorn child)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+        end = time.monotonic() + 10  # the child may outlive the CLI for a moment
+        while time.monotonic() < end:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()  # whatever is left of the group
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A live ``mlflow server`` per test module (module scope: its runs are that module's)."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()

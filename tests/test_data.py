@@ -8,18 +8,13 @@ import zarr
 
 from distvi.data import ArraySource, DataError, ParquetSource, ZarrSource, as_source
 
+from conftest import write_zarr
+
 
 @pytest.fixture()
 def arrays():
     rng = np.random.default_rng(0)
     return {"X": rng.normal(size=(250, 3)), "y": rng.integers(0, 2, 250)}
-
-
-def write_zarr(path, arrays, chunk_rows=100):
-    g = zarr.open_group(str(path), mode="w")
-    for k, v in arrays.items():
-        g.create_array(k, data=v, chunks=(chunk_rows, *v.shape[1:]))
-    return str(path)
 
 
 def test_zarr_source_reads_row_ranges_like_the_arrays(tmp_path, arrays):

@@ -11,8 +11,7 @@ import pytest
 import distvi as dv
 from distvi.backends.ray import ShardActor, WorkerError
 
-from conftest import LinearRegression
-from test_data import write_zarr
+from conftest import LinearRegression, free_port, wait_for_port, write_zarr
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -131,26 +130,6 @@ print(json.dumps({{"mean": inf.approx.mean.tolist(), "still_connected": ray.is_i
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, deadline_s: float) -> None:
-    import socket
-
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {deadline_s} s")
-
-
 def test_joins_a_cluster_started_with_ray_start_and_leaves_it_running(lr, local_run, tmp_path):
     import json
     import subprocess
@@ -158,7 +137,7 @@ def test_joins_a_cluster_started_with_ray_start_and_leaves_it_running(lr, local_
     import shutil
     import tempfile
 
-    port = _free_port()
+    port = free_port()
     short_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths: <= 107 bytes
     # no 30 s drain on SIGTERM: the cluster stops in seconds
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -171,7 +150,7 @@ def test_joins_a_cluster_started_with_ray_start_and_leaves_it_running(lr, local_
         start_new_session=True)
     try:
         try:
-            _wait_for_port(port, 90)
+            wait_for_port(port, 90)
         except TimeoutError:
             raise AssertionError((tmp_path / "head.log").read_text()[-1200:]) from None
         script = JOIN_SCRIPT.format(tests=os.path.dirname(__file__))

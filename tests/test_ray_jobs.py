@@ -10,9 +10,6 @@ other tests share) is neither used nor disturbed. The job's driver joins this cl
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,60 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_ports, stop_ray_head
+
 ROOT = Path(__file__).resolve().parent.parent
 N_STEPS = 100
 EXCLUDES = [".venv", "runs", ".git", "*.db", "mlruns", "mlartifacts", "benchmarks/data",
             "__pycache__", ".pytest_cache", "*.egg-info"]
-
-
-def _free_ports(k: int) -> list[int]:
-    """``k`` distinct free ports (held open together so none is handed out twice)."""
-    socks = []
-    try:
-        for _ in range(k):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _pids_using(marker: str) -> list[int]:
-    """Processes whose command line mentions ``marker`` (this cluster's unique temp dir)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            pass
-    return pids
-
-
-def _stop(head: subprocess.Popen, temp_dir: str) -> None:
-    """SIGTERM to ``ray start --block`` stops the processes it started (draining is off, so
-    at once); anything of this cluster still alive after that is killed by pid."""
-    if head.poll() is None:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while _pids_using(temp_dir) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _pids_using(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 PORT_FLAGS = ["port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
@@ -90,7 +39,7 @@ def ray_head(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process talks to the job API
     # every port given: another cluster on this machine (the session's) holds the defaults
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # unix socket paths: <= 107 bytes
     venv_bin = os.path.dirname(sys.executable)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -124,7 +73,7 @@ def ray_head(tmp_path, monkeypatch):
                 time.sleep(1)
         yield url
     finally:
-        _stop(head, temp_dir)
+        stop_ray_head(head, temp_dir)
 
 
 @pytest.mark.timeout(420)

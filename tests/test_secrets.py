@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
-from test_ray import _free_port, _wait_for_port
-from test_ray_jobs import _stop
-from test_tracking import server  # noqa: F401  (the mlflow server fixture)
 
 import distvi as dv
 from distvi.cli import main
 from distvi.redact import redact, redact_obj, strip_credentials, strip_masked
 from distvi.store import RunStore, StoreError
+
+from conftest import free_port, stop_ray_head, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "S3cr3t-pw"
@@ -145,7 +144,7 @@ def test_joining_a_token_protected_cluster_without_the_token_is_a_clear_error(tm
     token = subprocess.run([ray_bin, "get-auth-token", "--generate"], env={**base, "HOME": str(home_a)},
                            capture_output=True, text=True, timeout=60).stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"[0-9a-f]{64}", token)
-    port = _free_port()
+    port = free_port()
     short_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # unix socket paths: <= 107 bytes
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -153,7 +152,7 @@ def test_joining_a_token_protected_cluster_without_the_token_is_a_clear_error(tm
         env={**base, "HOME": str(home_a)}, stdout=open(tmp_path / "head.log", "w"),
         stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_port(port, 90)
+        wait_for_port(port, 90)
         client = {**base, "HOME": str(home_b), "RAY_ADDRESS": f"127.0.0.1:{port}"}
         t0 = time.monotonic()
         out = subprocess.run([sys.executable, "-c", JOIN], env=client, capture_output=True,
@@ -169,7 +168,7 @@ def test_joining_a_token_protected_cluster_without_the_token_is_a_clear_error(tm
         assert ok.returncode == 0 and "joined" in ok.stdout, ok.stderr[-2000:]
         assert token not in ok.stdout + ok.stderr + out.stdout + out.stderr
     finally:
-        _stop(head, short_dir)
+        stop_ray_head(head, short_dir)
         shutil.rmtree(short_dir, ignore_errors=True)
 
 

@@ -1,13 +1,8 @@
 """MLflow tracking against real MLflow: a SQLite store, a live ``mlflow server``, a server
 that is never there, and one that dies during the fit."""
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -18,7 +13,7 @@ from mlflow import MlflowClient
 
 import distvi as dv
 
-from conftest import LinearRegression
+from conftest import LinearRegression, MlflowServer, free_port
 
 N, LOG_EVERY, BATCH, SEED, LR = 300, 50, 50, 3, 0.05
 WINDOW_METRICS = ("loss_running", "grad_norm", "step_seconds", "rows_per_s", "learning_rate")
@@ -71,86 +66,9 @@ def assert_store_complete(store, hist):
 
 
 # ---------------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``mlflow server`` in its own process group, with a SQLite backend and proxied artifacts."""
-
-    def __init__(self, root: Path) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root, self.db, self.artifacts = root, root / "srv.db", root / "artifacts"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        # the job runner (a second process) is not needed here and slows the start
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.db}",
-                 "--artifacts-destination", str(self.artifacts)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-    def wait_healthy(self, timeout_s: float = 60.0) -> None:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        tail = self.log.read_text()[-2000:]
-        self.stop()
-        raise AssertionError(f"mlflow server did not become healthy in {timeout_s} s:\n{tail}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (the CLI and its uvicorn child)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
-        end = time.monotonic() + 10  # the child may outlive the CLI for a moment
-        while time.monotonic() < end:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) != 0:
-                    return
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()  # whatever is left of the group
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow_server"))
-    try:
-        srv.wait_healthy()
-        yield srv
-    finally:
-        srv.stop()
-
-
 @pytest.fixture
 def dying_server(tmp_path):
-    srv = Server(tmp_path / "dying_server")
+    srv = MlflowServer(tmp_path / "dying_server")
     try:
         srv.wait_healthy()
         yield srv
