@@ -46,7 +46,7 @@ from distvi.stein import rbf
 from distvi.runs import open_run
 from distvi.tracking import MLflowTracking
 
-__version__ = "0.1.0"
+from distvi._version import __version__  # noqa: E402
 
 __all__ = [
     "ADVI",

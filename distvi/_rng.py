@@ -13,6 +13,8 @@ import math
 import numpy as np
 from scipy.special import ndtri
 
+from distvi._validate import is_int
+
 DRIVER_STREAM = 0
 # workers use stream rank + 1; initial particle jitter has its own stream
 INIT_STREAM = 2**31
@@ -27,7 +29,7 @@ def check_seed(random_seed: int | None) -> int:
     """Validate a user seed, or draw a fresh one when it is ``None``."""
     if random_seed is None:
         return fresh_seed()
-    if isinstance(random_seed, bool) or not isinstance(random_seed, int | np.integer):
+    if not is_int(random_seed):
         raise TypeError(f"random_seed must be an int or None, got {type(random_seed).__name__}")
     if random_seed < 0:
         raise ValueError(f"random_seed must be >= 0, got {random_seed}")

@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from distvi._validate import is_int, is_real
+
 
 def _count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
@@ -46,7 +48,7 @@ class CheckParametersConvergence:
         if diff not in ("relative", "absolute"):
             raise ValueError(f"diff must be 'relative' or 'absolute', got {diff!r}")
         _count("every", every)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+        if not is_real(tolerance) or not tolerance > 0:
             raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
         self.every, self.tolerance, self.diff, self.ord = int(every), float(tolerance), diff, ord
         self.prev: np.ndarray | None = None
@@ -83,7 +85,7 @@ class CheckLossConvergence:
         _count("window", window)
         if every is not None:
             _count("every", every)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance > 0:
+        if not is_real(tolerance) or not tolerance > 0:
             raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
         self.window, self.tolerance = int(window), float(tolerance)
         self.every = max(1, self.window // 10) if every is None else int(every)

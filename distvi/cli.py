@@ -22,7 +22,7 @@ EXIT_INTERRUPTED = 130  # SIGINT stopped the fit (SIGTERM exits with 143)
 def build(cfg: dict[str, Any]):
     """The Inference and the fit keywords a validated config describes."""
     from distvi import optimizers
-    from distvi.config import _defaults
+    from distvi.config import optimizer_defaults
     from distvi.runs import METHODS
     from distvi.tracking import MLflowTracking
 
@@ -37,14 +37,14 @@ def build(cfg: dict[str, Any]):
     name = opt.pop("name")
     decay = opt.pop("decay", None)
     if decay is not None:  # constant, then geometric decay over the rest of the run
-        lr0 = opt.get("learning_rate", _defaults(name)["learning_rate"])
+        lr0 = opt.get("learning_rate", optimizer_defaults(name)["learning_rate"])
         opt["learning_rate"] = optimizers.GeometricDecay(
             float(lr0), float(decay["to"]), int(decay.get("start", 0.5) * cfg["n"]), cfg["n"])
     tracking = cfg["tracking"]
     if isinstance(tracking, dict):
         tracking = MLflowTracking(**tracking)
     fit_kwargs = {
-        "obj_optimizer": optimizers.Optimizer(name, {**_defaults(name), **opt}),
+        "obj_optimizer": optimizers.Optimizer(name, {**optimizer_defaults(name), **opt}),
         "total_grad_norm_constraint": cfg["total_grad_norm_constraint"],
         "store": cfg["store"], "checkpoint_every": cfg["checkpoint_every"],
         "tracking": tracking,

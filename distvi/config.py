@@ -208,7 +208,7 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     from distvi import optimizers
 
     try:
-        optimizers.Optimizer(name, {**_defaults(name), **opt})
+        optimizers.Optimizer(name, {**optimizer_defaults(name), **opt})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer: {err}") from None
     cfg["optimizer"] = {"name": name, **opt, **({"decay": decay} if decay is not None else {})}
@@ -252,7 +252,7 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     return cfg
 
 
-def _defaults(name: str) -> dict[str, Any]:
+def optimizer_defaults(name: str) -> dict[str, Any]:
     """The optimizer's own defaults (as ``distvi.<name>()`` sets them)."""
     from distvi import optimizers
 

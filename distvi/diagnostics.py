@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from distvi._validate import is_int
+
 GOOD, USABLE = 0.5, 0.7
 MIN_DRAWS = 100
 
@@ -63,7 +65,7 @@ class Diagnosis:
 
 
 def check_draws(draws: Any) -> int:
-    if isinstance(draws, bool) or not isinstance(draws, int | np.integer):
+    if not is_int(draws):
         raise TypeError(f"draws must be an int, got {type(draws).__name__}")
     if draws < MIN_DRAWS:
         raise ValueError(f"draws must be >= {MIN_DRAWS} for a Pareto fit to the tail, got {draws}")

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pytensor.tensor as pt
 
+from distvi._validate import is_int
+
 LOG_2PI = float(np.log(2 * np.pi))
 # compiled numeric functions kept at once (every family, quantity and shape together)
 COMPILED_MAX = 256
@@ -228,7 +230,7 @@ class EmpiricalFamily(Family):
     def __init__(self, size: int | None = None, jitter: float = 1.0,
                  random_seed: int | None = None) -> None:
         if size is not None:
-            if isinstance(size, bool) or not isinstance(size, int | np.integer):
+            if not is_int(size):
                 raise TypeError(f"size must be an int, got {type(size).__name__}")
             if size < 1:
                 raise ValueError(f"size must be >= 1, got {size}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from distvi._validate import is_int
+
 
 class FullData:
     """The full-data evaluations of an :class:`~distvi.approximations.Approximation` (a base
@@ -56,7 +58,7 @@ class FullData:
         """A Monte-Carlo estimate of the loss ``-datalogp + beta (logq - varlogp)`` (the
         negative ELBO for ``beta=1``) from ``n_mc`` draws of q, on all the data; divided by
         ``N / B`` when :attr:`scale_cost_to_minibatch` is set, as PyMC reports it."""
-        if isinstance(n_mc, bool) or not isinstance(n_mc, int | np.integer) or n_mc < 1:
+        if not is_int(n_mc) or n_mc < 1:
             raise ValueError(f"the number of draws must be an int >= 1, got {n_mc!r}")
         rng = np.random.default_rng() if rng is None else rng
         points = self.draw_flat(int(n_mc), rng)

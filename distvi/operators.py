@@ -21,6 +21,8 @@ from pytensor.gradient import disconnected_grad
 from pytensor.graph.basic import Apply
 from pytensor.graph.op import Op
 
+from distvi._validate import is_int
+
 
 def _finite(x):
     return pt.invert(pt.or_(pt.isnan(x), pt.isinf(x)))
@@ -218,7 +220,7 @@ class Objective:
     def __call__(self, nmc: int = 1, random_seed: int | None = None, **kwargs):
         if kwargs:
             raise TypeError(f"unexpected keywords {sorted(kwargs)}")
-        if isinstance(nmc, bool) or not isinstance(nmc, int | np.integer) or nmc < 1:
+        if not is_int(nmc) or nmc < 1:
             raise ValueError(f"nmc must be an int >= 1, got {nmc!r}")
         rng = np.random.default_rng(random_seed)
         approx, beta = self.approx, self.op.beta

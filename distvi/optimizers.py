@@ -10,7 +10,6 @@ returns their new values. The formulas match ``pymc.variational.updates`` (5.28.
 from __future__ import annotations
 
 import math
-import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pytensor.compile import SharedVariable
 from pytensor.tensor.variable import TensorVariable
 
 from distvi.errors import NotFiniteError
+from distvi._validate import is_int, is_real
 
 __all__ = [
     "LearningRate",
@@ -54,7 +54,7 @@ Params: TypeAlias = "Sequence[SharedVariable] | None"
 
 
 def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value):
         raise TypeError(f"`{name}` must be a real number, got {value!r}")
     if not math.isfinite(value):  # a FloatingPointError too, as PyMC's NaN errors are
         raise NotFiniteError(f"`{name}` must be finite, got {value!r}")
@@ -83,7 +83,7 @@ def _open_fraction(name: str, value: Any) -> None:  # 0 < value < 1
 
 
 def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"`{name}` must be an int, got {value!r}")
     if value < 1:
         raise ValueError(f"`{name}` must be >= 1, got {value!r}")
@@ -410,7 +410,7 @@ class Optimizer:
         ValueError
             If ``step`` is negative or the schedule yields a non-positive or non-finite value.
         """
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        if not is_int(step):
             raise TypeError(f"`step` must be an int, got {step!r}")
         if step < 0:
             raise ValueError(f"`step` must be >= 0, got {step}")

@@ -113,7 +113,7 @@ class RecordedFit:
         return rs, n, config, None
 
     def _start_tracking(self, rs, config, parent) -> None:
-        from distvi import __version__
+        from distvi._version import __version__
         from distvi.tracking import git_commit
 
         inf = self.inference

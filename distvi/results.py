@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
+from distvi._validate import is_int
+
 # draws of data-dependent deterministics that approx.sample() computes on the workers, at most
 DETERMINISTICS_MAX_MB = 512
 
@@ -65,7 +67,7 @@ class Results:
         """
         import arviz as az
 
-        if isinstance(draws, bool) or not isinstance(draws, int | np.integer) or draws < 1:
+        if not is_int(draws) or draws < 1:
             raise ValueError(f"draws must be a positive int, got {draws!r}")
         ad = self.require_bound()
         rng = np.random.default_rng(random_seed)

@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from distvi._validate import is_real
+
 TINY = float(np.finfo("float64").tiny)
 # squared distances each worker samples for the bracket around the median
 SAMPLE_PER_WORKER = 2**16
@@ -154,7 +156,7 @@ def as_kernel(kernel) -> RBF:
 
 
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.floating | np.integer):
+    if not is_real(temperature):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     t = float(temperature)
     if not (t > 0 and np.isfinite(t)):
@@ -169,7 +171,7 @@ SHARD_KERNEL_ABOVE = 3e8
 
 
 def check_shard_kernel_above(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_real(value):
         raise TypeError(f"shard_kernel_above must be a number, got {type(value).__name__}")
     if not value >= 0:
         raise ValueError(f"shard_kernel_above must be >= 0, got {value}")

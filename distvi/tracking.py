@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from distvi.redact import redact
+from distvi._validate import is_int
 
 MAX_BATCH = 1000
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -81,7 +82,7 @@ class MLflowTracking:
                  min_interval_s: float = 5.0) -> None:
         if not isinstance(experiment, str) or not experiment:
             raise TypeError(f"experiment must be a non-empty str, got {experiment!r}")
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        if not is_int(log_every) or log_every < 1:
             raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
         if not (isinstance(max_store_mb, int | float) and max_store_mb >= 0):
             raise ValueError(f"max_store_mb must be a number >= 0, got {max_store_mb!r}")

@@ -376,6 +376,57 @@ def test_no_module_imports_a_private_name_of_another():
     assert not found, "private names imported across modules:\n" + "\n".join(found)
 
 
+# The layers, lowest first: a module imports only from its own layer or the ones before it
+# (ARCHITECTURE.md). Modules not named here are not checked.
+LAYERS = [
+    ("base", {"distvi._validate", "distvi._rng", "distvi._compile", "distvi._version",
+              "distvi.errors", "distvi.redact"}),
+    ("model and data", {"distvi.model", "distvi.model_terms", "distvi.model_errors",
+                        "distvi.model_factory", "distvi.pymc_models", "distvi.data"}),
+    ("math", {"distvi.optimizers", "distvi.families", "distvi.groups", "distvi.approximations",
+              "distvi.results", "distvi.nodes", "distvi.fulldata", "distvi.operators",
+              "distvi.stein", "distvi.diagnostics", "distvi.callbacks"}),
+    ("driver", {"distvi.driver", "distvi.driver.state", "distvi.driver.step",
+                "distvi.driver.loop", "distvi.driver.hooks", "distvi.driver.signals",
+                "distvi.driver.profile"}),
+    ("backends", {"distvi.worker", "distvi.backends", "distvi.backends.base", "distvi.backends.local",
+                  "distvi.backends.ray", "distvi.backends.ray_cluster",
+                  "distvi.backends.start"}),
+    ("sinks", {"distvi.store", "distvi.tracking"}),
+    ("inference", {"distvi.shard_data", "distvi.rebuild", "distvi.recording",
+                   "distvi.inference", "distvi.methods"}),
+    ("runs", {"distvi.runs"}),
+    ("front", {"distvi.config", "distvi.cli", "distvi"}),
+]
+
+
+def upward_imports(graph, layers) -> list[str]:
+    rank = {m: i for i, (_, mods) in enumerate(layers) for m in mods}
+    names = [name for name, _ in layers]
+    bad = []
+    for importer, targets in graph.items():
+        for target, where in targets.items():
+            if importer in rank and target in rank and rank[target] > rank[importer]:
+                bad.append(f"{importer} ({names[rank[importer]]}) imports {target} "
+                           f"({names[rank[target]]}) at {_where(where)}")
+    return sorted(bad)
+
+
+def test_imports_run_down_the_layers():
+    graph = import_graph(PACKAGE)
+    unplaced = sorted(set(graph) - {m for _, mods in LAYERS for m in mods})
+    assert not unplaced, f"modules in no layer of LAYERS: {unplaced}"
+    bad = upward_imports(graph, LAYERS)
+    assert not bad, "imports against the layers:\n  " + "\n  ".join(bad)
+
+
+def test_an_upward_import_is_named(tmp_path):
+    pkg = write_package(tmp_path, {"toy/__init__.py": "", "toy/low.py": "from toy import high\n",
+                                   "toy/high.py": "X = 1\n"})
+    bad = upward_imports(import_graph(pkg), [("low", {"toy.low"}), ("high", {"toy.high"})])
+    assert len(bad) == 1 and bad[0].startswith("toy.low (low) imports toy.high (high) at"), bad
+
+
 def test_the_graph_reads_distvi_at_all():
     """Guards the checks above against passing because they read nothing."""
     graph = import_graph(PACKAGE)
