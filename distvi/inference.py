@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import signal
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,10 +25,7 @@ from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
 from distvi.driver.state import DriverState
 from distvi.driver.step import Program, Step, compile_program
 from distvi.recording import RecordedFit, check_recording, record_diagnosis
-from distvi.shard_data import ShardData
-
-BACKENDS = ("local", "ray")
-
+from distvi.shard_data import Shards, check_settings
 
 class Inference:
     """Base of every method: an operator, an approximation, and where the data is.
@@ -73,38 +69,18 @@ class Inference:
                  **op_kwargs: Any) -> None:
         from distvi.model import adapt
 
-        self.backend_options = _validate.backend_options(backend_options)
-        self.batch_size = _validate.positive_int("batch_size", batch_size, allow_none=True)
-        self.num_workers = _validate.positive_int("num_workers", 1 if num_workers is None else num_workers)
-        if backend is None:
-            backend = "local" if self.num_workers == 1 else "ray"
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
-        self.backend_name = backend
-        self.address = address
+        settings = check_settings(batch_size, num_workers, backend, backend_options)
         self.random_seed = check_seed(random_seed)
         model = approx.model if model is None else model
-        adapter, self.source = adapt(model, data)
-        self.has_data = adapter.has_data
-        if not self.has_data:  # priors and potentials only: fitted on the driver alone
-            if backend == "ray" or self.num_workers > 1:
-                import warnings
-
-                warnings.warn("the model has no observed data: it is fitted on the driver "
-                              "alone, without shard workers (num_workers and backend are "
-                              "not used)", stacklevel=3)
-            self.backend_name, self.num_workers = "local", 1
-        elif self.num_workers > self.source.n_rows:
-            raise ValueError(
-                f"num_workers={self.num_workers} is more than the {self.source.n_rows} rows of data"
-            )
+        adapter, source = adapt(model, data)
+        self.shards = Shards(source, adapter, batch_size=settings[0], num_workers=settings[1],
+                             backend=settings[2], address=address, options=settings[3],
+                             random_seed=self.random_seed, points_per_step=self._points_per_step,
+                             with_logp=self._scores_by_default)
         accepted = set(inspect.signature(op).parameters) - {"approx"}
         for key in op_kwargs:
             if key not in accepted:
                 raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
-        # rows per step on each shard: batch_size for each, or a ready model's pm.Minibatch
-        # batch_size split over the shards in proportion to their rows
-        self._shard_batches = self._split_batches(adapter.minibatch_size)
         self.objective = op(approx, **op_kwargs)  # checks its arguments before any binding
         if approx.adapter is None:
             approx.bind(adapter)
@@ -113,9 +89,8 @@ class Inference:
         else:
             approx.adapter = adapter
         approx.model = getattr(adapter, "user_model", None) or model
-        approx.attach(ShardData(self.source, self.has_data, self.num_workers, self._ensure_backend,
-                                lambda: self._backend is not None, self.close,
-                                lambda d: record_diagnosis(*self._recorded, d), self._cost_divisor))
+        self.shards.record_diagnosis = lambda d: record_diagnosis(*self._recorded, d)
+        approx.attach(self.shards)
         self._recorded: tuple[str | None, Any] = (None, None)  # the last fit's store, tracker
         self._average_from: float | int | None = None
         self._average_start: int | None = None  # the step after which iterates are averaged
@@ -126,18 +101,20 @@ class Inference:
         self._programs: dict[tuple, Program] = {}
         self._n_mc = 1
         self._max_norm: float | None = None
-        self._backend = None
-        self._finalizer = None
         self._signals: DeferredSignals | None = None  # set while a fit runs
         self.interrupted: str | None = None  # "SIGINT"/"SIGTERM" when the last fit was stopped by one
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
 
-    def _split_batches(self, minibatch_size: int | None) -> list[int | None]:
-        from distvi.data import shard_batches
-
-        if not self.has_data:
-            return [None]
-        return shard_batches(self.source, self.num_workers, self.batch_size, minibatch_size)
+    # where the data is and how it is split: the shards' settings, as attributes
+    source = property(lambda self: self.shards.source)
+    has_data = property(lambda self: self.shards.has_data)
+    num_workers = property(lambda self: self.shards.num_workers)
+    batch_size = property(lambda self: self.shards.batch_size)
+    backend_name = property(lambda self: self.shards.backend_name)
+    address = property(lambda self: self.shards.address)
+    backend_options = property(lambda self: self.shards.options)
+    _shard_batches = property(lambda self: self.shards.batches)
+    _backend = property(lambda self: self.shards.backend)
 
     # ---------------------------------------------------------------- resources
     @property
@@ -146,16 +123,7 @@ class Inference:
         return self.approx.adapter.model
 
     def _ensure_backend(self):
-        if self._backend is None:
-            from distvi.backends.start import start_backend
-
-            self._backend = start_backend(
-                self.backend_name, self.approx.adapter, self.source, self.num_workers,
-                self.random_seed, self._shard_batches, self._points_per_step(),
-                self._scores_by_default, self.has_data, self.address, self.backend_options)
-            if self.backend_name == "ray":  # an Inference dropped without close() still releases its actors
-                self._finalizer = weakref.finalize(self, self._backend.close)
-        return self._backend
+        return self.shards.start()
 
     def full_data_logp(self, points: np.ndarray) -> np.ndarray:
         """The log-likelihood of all the rows at each flat point (S, D): every shard worker
@@ -168,12 +136,7 @@ class Inference:
 
     def close(self) -> None:
         """Release the backend's workers."""
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        self.shards.close()
 
     def __enter__(self) -> Inference:
         return self
@@ -199,15 +162,9 @@ class Inference:
         """Rows of normals the driver draws per step."""
         return self._n_mc
 
-    def _cost_divisor(self) -> float:
-        """``N / B``: all the rows over the rows a step evaluates (PyMC divides its loss by it
-        when ``approx.scale_cost_to_minibatch`` is set)."""
-        per_step = self._rows_per_step()
-        return self.source.n_rows / per_step if per_step else 1.0
-
     def _cost_scale(self) -> float:
         """``B / N`` when ``approx.scale_cost_to_minibatch`` (PyMC's per-minibatch units)."""
-        return 1.0 / self._cost_divisor() if self.approx.scale_cost_to_minibatch else 1.0
+        return 1.0 / self.shards.cost_divisor() if self.approx.scale_cost_to_minibatch else 1.0
 
     def _program(self) -> Program:
         # keyed by what the compiled graph depends on (an optimizer is a frozen name +
@@ -237,9 +194,7 @@ class Inference:
                            0 if prev is None else prev.draw_position)
 
     def _rows_per_step(self) -> int:
-        from distvi.data import rows_per_step
-
-        return rows_per_step(self.source, self._shard_batches) if self.has_data else 0
+        return self.shards.rows_per_step
 
     # ---------------------------------------------------------------- public loop
     def fit(self, n: int = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,

@@ -1,46 +1,120 @@
-"""The full data, reached through a fit's shard workers: what an approximation evaluates its
-full-data log-likelihood and row-wise deterministics with (``approx.diagnose()``,
-``approx.sample()``), without copying the rows to the driver."""
+"""Where a fit's rows are and how they are split: :class:`Shards`.
+
+The shards are contiguous row ranges of the source; each has its batch (rows a step, or all
+of them) and lives in a shard worker of the backend, which is started on first use and
+released by :meth:`Shards.close`. An approximation reaches the full data through its fit's
+shards (``approx.shard_data``): the full-data log-likelihood and the row-wise deterministics
+are computed by the workers, without copying the rows to the driver.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from distvi import _validate
 
-class ShardData:
-    """The rows of ``source`` as the fit's shard workers hold them.
+BACKENDS = ("local", "ray")
 
-    ``start()`` returns the fit's backend, starting its workers when they are not running;
-    ``started()`` says whether they are; ``stop()`` releases them (workers started only for
-    one evaluation are released after it). ``record_diagnosis(diagnosis)`` records a
-    diagnostic where the fit was recorded; ``cost_divisor()`` is ``N / B``, all the rows over
-    the rows a step evaluates.
+
+def check_settings(batch_size, num_workers, backend, backend_options) -> tuple:
+    """The data keywords, checked before any work: ``(batch_size, num_workers, backend,
+    options)`` with the backend's default (local for one shard, else Ray) filled in."""
+    options = _validate.backend_options(backend_options)
+    batch_size = _validate.positive_int("batch_size", batch_size, allow_none=True)
+    num_workers = _validate.positive_int("num_workers", 1 if num_workers is None else num_workers)
+    if backend is None:
+        backend = "local" if num_workers == 1 else "ray"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
+    return batch_size, num_workers, backend, options
+
+
+class Shards:
+    """The rows of ``source`` split into ``num_workers`` shards for the model of ``adapter``.
+
+    A model without observed data has no shards to speak of: it is fitted on the driver, by a
+    local backend with no workers (asking for workers or Ray warns). ``points_per_step()``
+    and ``with_logp`` say what a started Ray backend's workers are compiled for.
     """
 
-    def __init__(self, source: Any, has_data: bool, num_workers: int, start: Callable,
-                 started: Callable[[], bool], stop: Callable[[], None],
-                 record_diagnosis: Callable[[Any], None], cost_divisor: Callable[[], float]) -> None:
-        self.source, self.has_data, self.num_workers = source, has_data, num_workers
-        self._start, self._started, self._stop = start, started, stop
-        self.record_diagnosis, self.cost_divisor = record_diagnosis, cost_divisor
+    def __init__(self, source: Any, adapter, *, batch_size: int | None, num_workers: int,
+                 backend: str, address: str | None, options: dict, random_seed: int,
+                 points_per_step: Callable[[], int], with_logp: bool) -> None:
+        from distvi.data import shard_batches
+
+        self.source, self.adapter, self.has_data = source, adapter, adapter.has_data
+        if not self.has_data:  # priors and potentials only: fitted on the driver alone
+            if backend == "ray" or num_workers > 1:
+                import warnings
+
+                warnings.warn("the model has no observed data: it is fitted on the driver "
+                              "alone, without shard workers (num_workers and backend are "
+                              "not used)", stacklevel=4)
+            backend, num_workers = "local", 1
+        elif num_workers > source.n_rows:
+            raise ValueError(f"num_workers={num_workers} is more than the {source.n_rows} rows of data")
+        self.batch_size, self.num_workers, self.backend_name = batch_size, num_workers, backend
+        self.address, self.options, self.random_seed = address, options, random_seed
+        self._points_per_step, self._with_logp = points_per_step, with_logp
+        # rows per step on each shard: batch_size for each, or a ready model's pm.Minibatch
+        # batch_size split over the shards in proportion to their rows
+        self.batches = (shard_batches(source, num_workers, batch_size, adapter.minibatch_size)
+                        if self.has_data else [None])
+        self.backend = None  # started by start()
+        self._finalizer = None
+        self.record_diagnosis: Callable[[Any], None] = lambda diagnosis: None
 
     @property
-    def n_rows(self) -> int:
-        return getattr(self.source, "n_rows", 0) if self.has_data else 0
+    def rows_per_step(self) -> int:
+        from distvi.data import rows_per_step
 
+        return rows_per_step(self.source, self.batches) if self.has_data else 0
+
+    def cost_divisor(self) -> float:
+        """``N / B``: all the rows over the rows a step evaluates (PyMC divides its loss by it
+        when ``approx.scale_cost_to_minibatch`` is set)."""
+        per_step = self.rows_per_step
+        return self.source.n_rows / per_step if per_step else 1.0
+
+    # ------------------------------------------------------------ the backend
+    def start(self):
+        """The backend, started (its workers loaded with their shards) if it is not."""
+        if self.backend is None:
+            from distvi.backends.start import start_backend
+
+            self.backend = start_backend(
+                self.backend_name, self.adapter, self.source, self.num_workers, self.random_seed,
+                self.batches, self._points_per_step(), self._with_logp, self.has_data,
+                self.address, self.options)
+            if self.backend_name == "ray":  # shards dropped without close() still release their actors
+                self._finalizer = weakref.finalize(self, self.backend.close)
+        return self.backend
+
+    def close(self) -> None:
+        """Release the backend's workers."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    # ------------------------------------------------------------ the full data
     def _on_whole_shards(self, method: str, points: np.ndarray, *before) -> list:
-        """``worker.method(*before, points)`` on every shard worker, over its whole shard."""
-        was_open = self._started()
-        backend = self._start()
+        """``worker.method(*before, points)`` on every shard worker, over its whole shard;
+        workers started only for it are released after."""
+        was_open = self.backend is not None
+        backend = self.start()
         try:
             shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
             return backend.call(method, (*before, shared), [()] * self.num_workers)
         finally:
             if not was_open:
-                self._stop()
+                self.close()
 
     def logp(self, points: np.ndarray) -> np.ndarray:
         """The log-likelihood of all the rows at each flat point (S, D): every shard worker
