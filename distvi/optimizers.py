@@ -10,6 +10,7 @@ returns their new values. The formulas match ``pymc.variational.updates`` (5.28.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -240,7 +241,7 @@ class OptState(NamedTuple):
 
     @property
     def flat(self) -> tuple[np.ndarray, ...]:
-        return (*(a for per_param in self.slots for a in per_param), *self.counters)
+        return (*chain.from_iterable(self.slots), *self.counters)
 
 
 def _like(new: TensorVariable, old: TensorVariable) -> TensorVariable:
@@ -348,7 +349,8 @@ class Optimizer:
             raise ValueError(f"{self.name} keeps {k * n_params + rule.n_counters} state arrays "
                              f"for {n_params} parameters, got {len(flat)}")
         flat = tuple(flat)
-        return OptState(tuple(flat[j * k:(j + 1) * k] for j in range(n_params)),
+        # a step makes one of these: grouped by zip over one iterator, not sliced in Python
+        return OptState(tuple(zip(*[iter(flat[:k * n_params])] * k)) if k else ((),) * n_params,
                         flat[k * n_params:])
 
     def update(
