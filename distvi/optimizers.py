@@ -10,7 +10,6 @@ returns their new values. The formulas match ``pymc.variational.updates`` (5.28.
 from __future__ import annotations
 
 import math
-from itertools import chain
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -232,16 +231,23 @@ class OptState(NamedTuple):
     """An optimizer's accumulators, by what they belong to.
 
     ``slots[j]`` holds parameter ``j``'s own accumulators (adam's ``m, v``; none for sgd);
-    ``counters`` are shared by all parameters (adam's ``t``). :attr:`flat` is the order a
-    compiled step and a checkpoint take them in: every parameter's slots, then the counters.
+    ``counters`` are shared by all parameters (adam's ``t``). ``flat`` is the order a
+    compiled step and a checkpoint take them in: every parameter's slots, then the counters
+    (kept as such, so that a step makes one of these at the cost of a tuple).
     """
 
-    slots: tuple[tuple[np.ndarray, ...], ...]
-    counters: tuple[np.ndarray, ...]
+    flat: tuple[np.ndarray, ...]
+    n_slots: int  # accumulators per parameter
+    n_params: int
 
     @property
-    def flat(self) -> tuple[np.ndarray, ...]:
-        return (*chain.from_iterable(self.slots), *self.counters)
+    def slots(self) -> tuple[tuple[np.ndarray, ...], ...]:
+        k = self.n_slots
+        return tuple(self.flat[j * k:(j + 1) * k] for j in range(self.n_params))
+
+    @property
+    def counters(self) -> tuple[np.ndarray, ...]:
+        return self.flat[self.n_slots * self.n_params:]
 
 
 def _like(new: TensorVariable, old: TensorVariable) -> TensorVariable:
@@ -344,14 +350,10 @@ class Optimizer:
     def state_from_flat(self, flat: Sequence[np.ndarray], n_params: int) -> OptState:
         """The :class:`OptState` of ``flat`` (ordered as :meth:`init` returns it)."""
         rule = self._rule
-        k = rule.n_slots
-        if len(flat) != k * n_params + rule.n_counters:
-            raise ValueError(f"{self.name} keeps {k * n_params + rule.n_counters} state arrays "
-                             f"for {n_params} parameters, got {len(flat)}")
-        flat = tuple(flat)
-        # a step makes one of these: grouped by zip over one iterator, not sliced in Python
-        return OptState(tuple(zip(*[iter(flat[:k * n_params])] * k)) if k else ((),) * n_params,
-                        flat[k * n_params:])
+        if len(flat) != rule.n_slots * n_params + rule.n_counters:
+            raise ValueError(f"{self.name} keeps {rule.n_slots * n_params + rule.n_counters} "
+                             f"state arrays for {n_params} parameters, got {len(flat)}")
+        return OptState(tuple(flat), rule.n_slots, n_params)
 
     def update(
         self,

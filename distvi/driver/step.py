@@ -24,7 +24,7 @@ from distvi._compile import function
 from distvi._rng import Stream
 from distvi.driver.state import DriverState
 from distvi.errors import NotFiniteError
-from distvi.optimizers import Optimizer, total_norm_constraint
+from distvi.optimizers import OptState, Optimizer, total_norm_constraint
 
 DRAW_BLOCK = 256  # steps of normals drawn at once (the stream is position-addressed)
 
@@ -99,16 +99,21 @@ class Normals:
         self._start = 0
 
     def at(self, position: int) -> np.ndarray:
+        return self.pair(position)[0]
+
+    def pair(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """The normals of the step at ``position`` and of the next one."""
         if self.per_step == 0:
-            return np.zeros(self.shape)
+            return np.zeros(self.shape), np.zeros(self.shape)
         offset = position - self._start
-        if self._block is None or not 0 <= offset < len(self._block) * self.per_step:
+        if self._block is None or not 0 <= offset < (len(self._block) - 1) * self.per_step:
             rows = DRAW_BLOCK
             if self.end is not None:
                 rows = max(1, min(rows, (self.end - position) // self.per_step))
             self._block = self.stream.normal((rows + 1, *self.shape), position)
             self._start, offset = position, 0
-        return self._block[offset // self.per_step]
+        i = offset // self.per_step
+        return self._block[i], self._block[i + 1]
 
 
 class Step:
@@ -155,13 +160,14 @@ class Step:
         Raises :class:`~distvi.errors.NotFiniteError` (``state`` stays the last finite one)
         when the loss, the gradients or the new parameters are NaN or inf.
         """
-        lr = self.learning_rate(state.opt_step)
+        lr = self._constant_lr if self._constant_lr is not None else self.learning_rate(state.opt_step)
         inputs, ok = self.operator.step_inputs(answers, direction, self.with_logp)
         if not ok:
             raise not_finite_error(self.approx, state.step, points, answers[1], state.params)
         pos = state.draw_position
-        eps, eps_next = self.normals.at(pos), self.normals.at(pos + self.normals.per_step)
-        out = self.program.update(*state.params, *state.opt_state.flat, lr, eps, *inputs, eps_next)
+        eps, eps_next = self.normals.pair(pos)
+        opt = state.opt_state
+        out = self.program.update(*state.params, *opt.flat, lr, eps, *inputs, eps_next)
         p = self.program.n_params
         params = tuple(out[:p])
         loss, grad_norm, ok, next_points = out[-4:]
@@ -172,7 +178,7 @@ class Step:
             n_avg += 1
             avg = (tuple(np.array(v) for v in params) if n_avg == 1 else
                    tuple(a + (v - a) / n_avg for a, v in zip(avg, params)))
-        new = DriverState(params, self.optimizer.state_from_flat(out[p:-4], p), step,
+        new = DriverState(params, OptState(tuple(out[p:-4]), opt.n_slots, p), step,
                           state.opt_step + 1, pos + self.normals.per_step, avg, n_avg)
         return new, StepInfo(loss, grad_norm, lr, True), next_points
 
