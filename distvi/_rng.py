@@ -52,6 +52,7 @@ class Stream:
 
     def uniform(self, n: int, position: int) -> np.ndarray:
         """``n`` uniforms on [0, 1) starting at ``position`` of the stream."""
+        position = int(position)  # PCG64.advance overflows on a numpy integer
         if position != self._position:
             self._bitgen.state = self._start_state
             self._bitgen.advance(position)

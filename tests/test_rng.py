@@ -101,3 +101,8 @@ def test_check_seed_accepts_non_negative_ints_and_draws_a_fresh_one_for_none():
     for bad, err in [(True, TypeError), (1.0, TypeError), ("3", TypeError), (-1, ValueError)]:
         with pytest.raises(err, match="random_seed"):
             check_seed(bad)
+
+
+def test_a_numpy_integer_position_is_the_same_position():
+    np.testing.assert_array_equal(Stream(3, 1).normal((4,), np.int64(10)),
+                                  Stream(3, 1).normal((4,), 10))
