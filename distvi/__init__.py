@@ -13,6 +13,7 @@ from distvi.callbacks import CheckLossConvergence
 from distvi.callbacks import CheckParametersConvergence
 from distvi.diagnostics import Diagnosis
 from distvi.diagnostics import diagnose
+from distvi.errors import DivergenceWarning
 from distvi.errors import NotFiniteError
 from distvi.callbacks import Tracker
 from distvi.methods import ADVI
@@ -55,6 +56,7 @@ __all__ = [
     "CheckLossConvergence",
     "CheckParametersConvergence",
     "Diagnosis",
+    "DivergenceWarning",
     "Empirical",
     "EmpiricalGroup",
     "FullRank",

@@ -11,3 +11,8 @@ class NotFiniteError(ValueError, FloatingPointError):
     It is a ``FloatingPointError``, as PyMC raises for a NaN loss, and a ``ValueError``, as a
     bad argument is: code written to catch either catches it.
     """
+
+
+class DivergenceWarning(UserWarning):
+    """A fit whose loss climbed far above the level it had reached: the learning rate is
+    likely too large for it (said once per fit, with the step)."""

@@ -18,7 +18,7 @@ import numpy as np
 from distvi import _validate, optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
 from distvi.approximations import Approximation
-from distvi.driver.hooks import Callbacks, Progress, Recorder, Trace
+from distvi.driver.hooks import Callbacks, DivergenceWatch, Progress, Recorder, Trace
 from distvi.driver.loop import Loop
 from distvi.driver.profile import Profile, Profiler
 from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
@@ -374,7 +374,7 @@ class Inference:
         # skip it on the workers and the progress bar shows the gradient norm instead
         step = self._step(self.objective.needs_logp or score, n)
         trace = Trace(n, self.state.step, scored=step.with_logp)
-        hooks = [trace]
+        hooks = [trace, DivergenceWatch(trace)] if step.with_logp else [trace]
         if recorder is not None:
             hooks.append(recorder.bind(trace))
         if callbacks:

@@ -53,6 +53,53 @@ class Trace:
         return self.losses if self.scored else self.norms
 
 
+class DivergenceWatch:
+    """Warns once (:class:`~distvi.errors.DivergenceWarning`) when the loss's running level
+    climbs far above the best level the fit had reached, before anything is NaN.
+
+    Every ``window`` steps it takes the median loss of the last window. A level above the best
+    one by more than ``rise`` of the best window's spreads (median absolute deviation) and by
+    more than the best level's own size is high; two high windows in a row, the second above
+    the first, are a divergence. Minibatch and Monte Carlo noise move window medians by a
+    fraction of a spread and a burst does not last; a decreasing loss never rises above its
+    best; a diverging one climbs by orders of magnitude.
+    """
+
+    def __init__(self, trace: Trace, window: int = 25, rise: float = 20.0) -> None:
+        self.trace, self.window, self.rise = trace, window, rise
+        self.best: tuple[float, float, int] | None = None  # level, spread, step
+        self.high: float | None = None  # the last window's level, when it was high
+        self.warned = False
+
+    def __call__(self, state: DriverState, info: StepInfo) -> None:
+        done = self.trace.done
+        if self.warned or done % self.window:
+            return
+        recent = self.trace.losses[done - self.window:done]
+        if not np.all(np.isfinite(recent)):
+            return
+        level = float(np.median(recent))
+        if self.best is None or level < self.best[0]:
+            self.best, self.high = (level, float(np.median(np.abs(recent - level))), state.step), None
+            return
+        best, best_spread, best_step = self.best
+        if not (level - best > self.rise * best_spread and level - best > abs(best)):
+            self.high = None
+            return
+        climbing, self.high = self.high is not None and level > self.high, level
+        if climbing:
+            import warnings
+
+            from distvi.errors import DivergenceWarning
+
+            self.warned = True
+            warnings.warn(
+                f"the fit looks divergent: at step {state.step} the loss's running level is "
+                f"{level:.4g} and climbing, up from {best:.4g} at step {best_step} (spread there "
+                f"{best_spread:.3g}); try a smaller learning rate (this step's: {info.lr:.3g}) "
+                "or total_grad_norm_constraint=", DivergenceWarning, stacklevel=2)
+
+
 class Progress:
     """Progress every ``every`` steps with the running loss (or gradient norm when no loss is
     computed): a live tqdm bar (it/s, ETA) in a terminal, plain lines otherwise (CI, Ray Jobs
