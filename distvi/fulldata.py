@@ -42,10 +42,7 @@ class FullData:
         here) and the prior term at flat points (S, D)."""
         ad = self.require_bound()
         n = points.shape[0]
-        cache = self.__dict__.setdefault("_prior_fns", {})
-        if n not in cache:
-            cache[n] = ad.compile_prior_term(n)
-        prior = cache[n](points)[0]
+        prior = ad.compile_prior_term(n)(points)[0]
         if self.shard_data is not None:
             return self.shard_data.logp(points), prior
         if self.source is None or not getattr(self.source, "n_rows", 0):

@@ -73,8 +73,7 @@ class Inference:
         self.random_seed = check_seed(random_seed)
         model = approx.model if model is None else model
         adapter, source = adapt(model, data)
-        self.shards = Shards(source, adapter, batch_size=settings[0], num_workers=settings[1],
-                             backend=settings[2], address=address, options=settings[3],
+        self.shards = Shards(source, adapter, **settings, address=address,
                              random_seed=self.random_seed, points_per_step=self._points_per_step,
                              with_logp=self._scores_by_default)
         accepted = set(inspect.signature(op).parameters) - {"approx"}
@@ -187,11 +186,7 @@ class Inference:
                     steps=n, start=self.state.draw_position)
 
     def _fresh_state(self) -> DriverState:
-        params = tuple(np.array(v, dtype="float64") for v in self.approx.params_values)
-        prev = self.state
-        return DriverState(params, self._optimizer.init_state([np.shape(p) for p in params]),
-                           0 if prev is None else prev.step, 0,
-                           0 if prev is None else prev.draw_position)
+        return DriverState.fresh(self._optimizer, self.approx.params_values, self.state)
 
     def _rows_per_step(self) -> int:
         return self.shards.rows_per_step

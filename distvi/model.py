@@ -140,14 +140,18 @@ class ModelAdapter:
         return self.data_term().compile(n_points)
 
     def compile_prior_term(self, n_points: int) -> Callable:
-        """``f(points[S, D]) -> (varlogp[S], grad[S, D])``: the prior term at each point."""
-        points = pt.matrix("points", dtype="float64", shape=(n_points, self.ndim))
-        grad = pt.grad(self.prior_logp, self.z) if self.ndim else pt.zeros((0,))
-        return function(
-            [points], [self.rows_of(self.prior_logp, points, n_points),
-                       self.rows_of(grad, points, n_points)],
-            mode=self.compile_mode, trust_input=True, on_unused_input="ignore",
-        )
+        """``f(points[S, D]) -> (varlogp[S], grad[S, D])``: the prior term at each point
+        (compiled once per ``n_points``)."""
+        cache = self.__dict__.setdefault("_prior_cache", {})
+        if n_points not in cache:
+            points = pt.matrix("points", dtype="float64", shape=(n_points, self.ndim))
+            grad = pt.grad(self.prior_logp, self.z) if self.ndim else pt.zeros((0,))
+            cache[n_points] = function(
+                [points], [self.rows_of(self.prior_logp, points, n_points),
+                           self.rows_of(grad, points, n_points)],
+                mode=self.compile_mode, trust_input=True, on_unused_input="ignore",
+            )
+        return cache[n_points]
 
     @property
     def compile_mode(self):

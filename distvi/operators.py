@@ -153,7 +153,6 @@ class KSD:
         self.temperature = check_temperature(temperature)
         self.stein = SteinDirection(RBF if kernel is None else kernel, shard_kernel_above,
                                     self.temperature)
-        self._priors: dict[int, Any] = {}
 
     @staticmethod
     def surrogate(points, phi):
@@ -174,10 +173,7 @@ class KSD:
         """The Stein direction at ``points`` from the workers' summed answers plus the prior
         term (computed here, once)."""
         datalogp, datagrad = answers
-        n = len(points)
-        if n not in self._priors:
-            self._priors[n] = self.approx.adapter.compile_prior_term(n)
-        prior_logp, prior_grad = self._priors[n](points)
+        prior_logp, prior_grad = self.approx.adapter.compile_prior_term(len(points))(points)
         grads = datagrad + prior_grad
         logp = datalogp + prior_logp
         if not np.all(np.isfinite(grads)):

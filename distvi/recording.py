@@ -59,7 +59,7 @@ class RecordedFit:
         self.inference, self.store, self.every = inference, store, every
         self.resume, self.tracker = resume, tracker
 
-    def _resume(self, rs: RunStore, score) -> tuple[int, dict, str | None]:
+    def _resume(self, rs: RunStore, score) -> tuple[dict, dict]:
         inf = self.inference
         check_matches(rs, inf)
         attrs = rs.attrs  # one metadata read
@@ -82,7 +82,7 @@ class RecordedFit:
             rs.truncate(ckpt.n_trace)
             if (inf._scores_by_default if score is None else score):
                 inf.hist = rs.traces()["loss"]
-        return ckpt, attrs, recorded
+        return attrs, recorded
 
     def _start(self, n: int, score, average_after) -> tuple[RunStore | None, int, dict, str | None]:
         from distvi.rebuild import rebuild_description
@@ -91,7 +91,7 @@ class RecordedFit:
         inf, store = self.inference, self.store
         if store is not None and self.resume and RunStore.exists(store):
             rs = RunStore.open(store, mode="r+")
-            _, attrs, recorded = self._resume(rs, score)
+            attrs, recorded = self._resume(rs, score)
             config = {**attrs["config"], "fit": {**recorded, "n": n}}
             rs.set_attrs(status="running", config=config, posterior_sha256=None)  # draws are stale now
             return rs, max(n - inf.state.step, 0), config, attrs.get("mlflow_run_id")

@@ -20,9 +20,9 @@ from distvi import _validate
 BACKENDS = ("local", "ray")
 
 
-def check_settings(batch_size, num_workers, backend, backend_options) -> tuple:
-    """The data keywords, checked before any work: ``(batch_size, num_workers, backend,
-    options)`` with the backend's default (local for one shard, else Ray) filled in."""
+def check_settings(batch_size, num_workers, backend, backend_options) -> dict[str, Any]:
+    """The data keywords, checked before any work, as :class:`Shards` takes them, with the
+    backend's default (local for one shard, else Ray) filled in."""
     options = _validate.backend_options(backend_options)
     batch_size = _validate.positive_int("batch_size", batch_size, allow_none=True)
     num_workers = _validate.positive_int("num_workers", 1 if num_workers is None else num_workers)
@@ -30,7 +30,8 @@ def check_settings(batch_size, num_workers, backend, backend_options) -> tuple:
         backend = "local" if num_workers == 1 else "ray"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {list(BACKENDS)}")
-    return batch_size, num_workers, backend, options
+    return {"batch_size": batch_size, "num_workers": num_workers, "backend": backend,
+            "options": options}
 
 
 class Shards:

@@ -3,7 +3,6 @@ and what state it leaves; with exact gradients from the fake backend it reaches 
 closed-form posterior."""
 
 import numpy as np
-import pymc as pm
 import pytest
 
 import distvi as dv

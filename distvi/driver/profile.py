@@ -116,8 +116,7 @@ class Profiler:
                 t0 = time.perf_counter()
                 out = backend.evaluate(points, step, with_logp)
                 wall = time.perf_counter() - t0
-                compute = getattr(backend, "last_compute_s", None)
-                compute = wall if compute is None else compute
+                compute = backend.last_compute_s
                 profiler._add("workers", compute)
                 profiler._add("transfer", wall - compute)
                 return out

@@ -26,6 +26,15 @@ class DriverState(NamedTuple):
     average: tuple[np.ndarray, ...] = ()
     n_averaged: int = 0
 
+    @classmethod
+    def fresh(cls, optimizer, params, previous: DriverState | None = None) -> DriverState:
+        """A fresh ``optimizer`` at ``params``; the run's step and stream position go on from
+        ``previous``."""
+        params = tuple(np.array(v, dtype="float64") for v in params)
+        return cls(params, optimizer.init_state([np.shape(p) for p in params]),
+                   0 if previous is None else previous.step, 0,
+                   0 if previous is None else previous.draw_position)
+
     @property
     def result(self) -> tuple[np.ndarray, ...]:
         """The parameters a fit returns: the average once averaging has begun, else the

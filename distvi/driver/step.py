@@ -135,13 +135,10 @@ class Step:
     def init(self, params, previous: DriverState | None = None) -> DriverState:
         """A fresh optimizer at ``params``; the run's step and stream position go on from
         ``previous``."""
-        params = tuple(np.array(v, dtype="float64") for v in params)
-        return DriverState(params, self.optimizer.init_state([np.shape(p) for p in params]),
-                           0 if previous is None else previous.step, 0,
-                           0 if previous is None else previous.draw_position)
+        return DriverState.fresh(self.optimizer, params, previous)
 
     def learning_rate(self, opt_step: int) -> np.ndarray:
-        if self._constant_lr is not None:
+        if self._constant_lr is not None:  # no call into the schedule on every step
             return self._constant_lr
         return np.array(self.optimizer.learning_rate_at(opt_step), dtype="float64")
 
@@ -160,7 +157,7 @@ class Step:
         Raises :class:`~distvi.errors.NotFiniteError` (``state`` stays the last finite one)
         when the loss, the gradients or the new parameters are NaN or inf.
         """
-        lr = self._constant_lr if self._constant_lr is not None else self.learning_rate(state.opt_step)
+        lr = self.learning_rate(state.opt_step)
         inputs, ok = self.operator.step_inputs(answers, direction, self.with_logp)
         if not ok:
             raise not_finite_error(self.approx, state.step, points, answers[1], state.params)
