@@ -18,6 +18,8 @@ from distvi._validate import is_int
 DRIVER_STREAM = 0
 # workers use stream rank + 1; initial particle jitter has its own stream
 INIT_STREAM = 2**31
+# the draws of start='map' (the ELBO estimates along the L-BFGS path, particles)
+PATHFINDER_STREAM = 2**31 + 1
 
 
 def fresh_seed() -> int:

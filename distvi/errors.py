@@ -16,3 +16,13 @@ class NotFiniteError(ValueError, FloatingPointError):
 class DivergenceWarning(UserWarning):
     """A fit whose loss climbed far above the level it had reached: the learning rate is
     likely too large for it (said once per fit, with the step)."""
+
+
+class StartWarning(UserWarning):
+    """``start="map"`` could not find a start (L-BFGS made no progress, or no Gaussian along
+    its path had a finite ELBO): the fit starts from the approximation's own start."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A fit run until convergence (``n=None``) stopped without converging: it reached
+    ``max_n`` steps, or backed off its learning rate too often."""

@@ -110,6 +110,8 @@ class Group:
     start, start_sigma
         Initial mean (constrained values by variable name, or unconstrained by value-variable
         name) and initial standard deviations (unconstrained space, by variable name).
+        ``start="map"``: the first fit starts from the best Gaussian along an L-BFGS path on
+        the full-data log density (see :mod:`distvi.pathfinder`).
     options
         For ``"empirical"``: ``size`` (particles), ``jitter`` (their initial spread around
         ``start``) and ``random_seed``.
@@ -169,6 +171,8 @@ class Group:
         if self.names is not None and not all(isinstance(n, str) for n in self.names):
             raise TypeError("group must list variables or their names")
         self._init_params = dict(params) if params else None
+        if isinstance(start, str) and start != "map":
+            raise ValueError(f"start must be a dict of values or 'map', got {start!r}")
         self.start, self.start_sigma = start, start_sigma
         self.model = model
         self.layout = None
@@ -195,6 +199,11 @@ class Group:
     def shared_params(self, values: Mapping[str, Any]) -> None:
         for k, v in values.items():
             self._params[k] = v.get_value() if hasattr(v, "get_value") else v
+
+    @property
+    def has_own_start(self) -> bool:
+        """Whether the group was given a start, start sigmas or parameters."""
+        return self.start is not None or bool(self.start_sigma) or self._init_params is not None
 
     @property
     def group(self) -> list:
@@ -238,7 +247,7 @@ class Group:
                     )
                 self.params[key] = value
             return
-        mean = adapter.flat_from_start(self.start)[self.indices]
+        mean = adapter.flat_from_start(None if self.start == "map" else self.start)[self.indices]
         sigma = None
         if self.start_sigma:
             # variables not named keep the family's own default spread

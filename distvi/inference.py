@@ -103,6 +103,15 @@ class Inference:
         self._signals: DeferredSignals | None = None  # set while a fit runs
         self.interrupted: str | None = None  # "SIGINT"/"SIGTERM" when the last fit was stopped by one
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
+        self._scales: tuple | None = None  # per-coordinate rate scales (fits run until convergence)
+        self._until: tuple[int, float] | None = None  # (max_n, tol) of a fit with n=None
+        self.convergence = None  # why the last fit with n=None stopped (a Convergence)
+        self.start_report = None  # how the last fit's start='map' went (a StartReport)
+
+    @property
+    def converged(self) -> bool | None:
+        """Whether the last fit run with ``n=None`` converged (None after a fixed ``n``)."""
+        return None if self.convergence is None else self.convergence.converged
 
     # where the data is and how it is split: the shards' settings, as attributes
     source = property(lambda self: self.shards.source)
@@ -120,9 +129,6 @@ class Inference:
     def model(self):
         """The ``pm.Model`` being fitted (for a factory, built on symbolic minibatch rows)."""
         return self.approx.adapter.model
-
-    def _ensure_backend(self):
-        return self.shards.start()
 
     def full_data_logp(self, points: np.ndarray) -> np.ndarray:
         """The log-likelihood of all the rows at each flat point (S, D): every shard worker
@@ -171,10 +177,12 @@ class Inference:
         opt = self._optimizer
         hyper = tuple(sorted((k, v) for k, v in opt.hyper.items() if k != "learning_rate"))
         n_draw, n_points, scale = self._draws_per_step(), self._points_per_step(), self._cost_scale()
-        key = (n_draw, n_points, opt.name, hyper, self._max_norm, scale)
+        scaled = self._scales is not None
+        stl = getattr(self.objective, "stl", None)
+        key = (n_draw, n_points, opt.name, hyper, self._max_norm, scale, scaled, stl)
         if key not in self._programs:
             self._programs[key] = compile_program(self.approx, self.objective, opt, n_draw,
-                                                  n_points, self._max_norm, scale)
+                                                  n_points, self._max_norm, scale, scaled)
         return self._programs[key]
 
     def _set_state(self, state: DriverState) -> None:
@@ -183,10 +191,13 @@ class Inference:
     def _step(self, with_logp: bool, n: int) -> Step:
         return Step(self._program(), self.approx, self.objective, self._optimizer,
                     Stream(self.random_seed, DRIVER_STREAM), with_logp, self._average_start,
-                    steps=n, start=self.state.draw_position)
+                    steps=n, start=self.state.draw_position, scales=self._scales or ())
 
     def _fresh_state(self) -> DriverState:
-        return DriverState.fresh(self._optimizer, self.approx.params_values, self.state)
+        return self._fresh_state_at(self.approx.params_values)
+
+    def _fresh_state_at(self, params) -> DriverState:
+        return DriverState.fresh(self._optimizer, params, self.state)
 
     def _rows_per_step(self) -> int:
         return self.shards.rows_per_step
@@ -196,13 +207,23 @@ class Inference:
             progressbar: bool = True, *, obj_n_mc: int = 1, obj_optimizer=None,
             total_grad_norm_constraint: float | None = None, store: Any = None,
             checkpoint_every: int | None = None, resume: bool = False, tracking: Any = None,
-            average_from: float | int | None = None, **kwargs: Any) -> Approximation:
-        """Run ``n`` steps from the current parameters with a fresh optimizer.
+            average_from: float | int | None = None, max_n: int | None = None,
+            tol: float | None = None, **kwargs: Any) -> Approximation:
+        """Run ``n`` steps from the current parameters with a fresh optimizer, or until
+        converged.
 
         Parameters
         ----------
         n
-            Number of steps.
+            Number of steps; ``None`` (or ``"auto"``): run until converged (see
+            :mod:`distvi.convergence`), at most ``max_n`` steps (default 100,000), from
+            ``start="map"`` unless the approximation has a start of its own or was fitted
+            already. Then the learning rate (default ``adam(learning_rate=0.1)``) is relative
+            to each coordinate's scale in q, and ``inference.converged`` and
+            ``inference.convergence`` say how the fit ended.
+        max_n, tol
+            For ``n=None``: the most steps, and how closely successive phases must agree
+            (posterior sds for the means, relative for the sds; default 0.02).
         score
             Record the loss in ``hist`` (default True; False for SVGD and ASVGD, whose
             operator has no loss).
@@ -252,24 +273,31 @@ class Inference:
             NaN/inf rate; the approximation keeps the last finite parameters. It is a
             ``FloatingPointError`` (as PyMC raises) and a ``ValueError``.
         """
+        from distvi.convergence import LEARNING_RATE, check_until
+        from distvi.pathfinder import start_near_answer
         from distvi.tracking import as_tracking
 
-        n = _validate.steps(n)
+        n, until = check_until(n, max_n, tol, average_from, resume, obj_optimizer)
         tracker = as_tracking(tracking)
         every = check_recording(store, checkpoint_every, resume)
         average_after = _validate.average_from(average_from, n)
+        if until is not None and obj_optimizer is None:
+            obj_optimizer = optimizers.adam(learning_rate=LEARNING_RATE)
         self._configure(obj_n_mc, obj_optimizer, total_grad_norm_constraint, kwargs)
-        self._average_from = average_from
+        self._average_from, self._until, self.convergence = average_from, until, None
+        if getattr(self.objective, "stl_choice", False) is None:  # KL's stl=None: by the fit
+            self.objective.stl = until is not None
         self.interrupted = None
         self._recorded = (None, None)
         with DeferredSignals() as signals:
             self._signals = signals
             try:
+                self.start_report = start_near_answer(self, store, resume)
                 if store is None and tracker is None:
                     self.state = self._fresh_state()
                     self._average_start = (None if average_after is None
                                            else self.state.step + average_after)
-                    self._run(n, score, callbacks, progressbar)
+                    self._advance(n, score, callbacks, progressbar)
                 else:
                     RecordedFit(self, store, every, resume, tracker).run(
                         n, score, callbacks, progressbar, average_after)
@@ -282,6 +310,23 @@ class Inference:
                 self._stop_for(signals.signum)
         signals.deliver()
         return self.approx
+
+    def _advance(self, n: int, score, callbacks, progressbar, recorder=None) -> None:
+        """``n`` steps, or (``n=None``) phases until converged within ``n`` steps."""
+        if self._until is None:
+            self._run(n, score, callbacks, progressbar, recorder=recorder)
+            return
+        from distvi.convergence import run_until_converged
+
+        def phase(remaining, scales, watch):
+            self._scales = scales
+            try:
+                self._run(remaining, score, callbacks, progressbar, recorder=recorder, watch=watch)
+            finally:
+                self._scales = None
+
+        self.convergence = run_until_converged(self, n, self._until[1], phase)
+        self.approx.params_values = self.state.result
 
     def _stop_for(self, signum: int) -> None:
         """After a signal stopped the loop: release the workers (and the Ray instance, when
@@ -299,7 +344,8 @@ class Inference:
     def fit_config(self, total: int, every: int | None) -> dict[str, Any]:
         """The fit settings a run store records (and a resumed fit must repeat)."""
         opt = self._optimizer
-        return {"n": total, "obj_n_mc": self._n_mc, "total_grad_norm_constraint": self._max_norm,
+        until = {} if self._until is None else {"n": None, "max_n": self._until[0], "tol": self._until[1]}
+        return {"n": total, **until, "obj_n_mc": self._n_mc, "total_grad_norm_constraint": self._max_norm,
                 "checkpoint_every": every, "average_from": self._average_from,
                 "optimizer": {"name": opt.name, "hyper": dict(opt.hyper)}}
 
@@ -354,14 +400,15 @@ class Inference:
 
     # ---------------------------------------------------------------- the loop
     def _run(self, n: int, score: bool | None, callbacks, progressbar: bool,
-             recorder: Recorder | None = None, profiler: Profiler | None = None) -> None:
+             recorder: Recorder | None = None, profiler: Profiler | None = None,
+             watch=None) -> None:
         """``n`` steps of the loop from ``self.state``, with the hooks this fit asks for."""
         score = self._scores_by_default if score is None else bool(score)
         if n == 0:
             return
         # the first rate before any work: a schedule's NaN rate is refused with no worker started
         self._optimizer.learning_rate_at(self.state.opt_step)
-        backend = self._ensure_backend()
+        backend = self.shards.start()
         signals = self._signals
         if signals is not None:
             signals.arm()
@@ -369,7 +416,8 @@ class Inference:
         # skip it on the workers and the progress bar shows the gradient norm instead
         step = self._step(self.objective.needs_logp or score, n)
         trace = Trace(n, self.state.step, scored=step.with_logp)
-        hooks = [trace, DivergenceWatch(trace)] if step.with_logp else [trace]
+        hooks = [trace, DivergenceWatch(trace, on_divergence=watch and watch.diverged)] \
+            if step.with_logp else [trace]
         if recorder is not None:
             hooks.append(recorder.bind(trace))
         if callbacks:
@@ -379,6 +427,8 @@ class Inference:
             hooks.append(progress)
         if signals is not None:
             hooks.append(StopOnSignal(signals))
+        if watch is not None:  # last: its StopIteration comes after every other hook saw the step
+            hooks.append(watch)
         if profiler is not None:
             step, backend = profiler.wrap_step(step), profiler.wrap_backend(backend)
             hooks = profiler.wrap_hooks(hooks)

@@ -34,7 +34,7 @@ class KLqp(Inference):
         ``address``, ``random_seed``).
     """
 
-    def __init__(self, approx: Approximation, beta: float = 1.0, stl: bool = False, **kwargs: Any) -> None:
+    def __init__(self, approx: Approximation, beta: float = 1.0, stl: bool | None = None, **kwargs: Any) -> None:
         for g in approx.groups:
             if g.vfam == "empirical":
                 raise TypeError("KLqp cannot fit an Empirical group: it has no density (fit "
@@ -42,7 +42,7 @@ class KLqp(Inference):
         super().__init__(KL, approx, beta=beta, stl=stl, **kwargs)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "beta": self.objective.beta, "stl": self.objective.stl}
+        return {**super().settings(), "beta": self.objective.beta, "stl": self.objective.stl_choice}
 
 
 def _split(kwargs: dict) -> tuple[dict, dict]:
@@ -59,7 +59,7 @@ class ADVI(KLqp):
     >>> approx = inference.fit(5000)                                    # doctest: +SKIP
     """
 
-    def __init__(self, *, beta: float = 1.0, stl: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, beta: float = 1.0, stl: bool | None = None, **kwargs: Any) -> None:
         family, rest = _split(kwargs)
         super().__init__(MeanField(model=LATER, **family), beta=beta, stl=stl, **rest)
 
@@ -67,7 +67,7 @@ class ADVI(KLqp):
 class FullRankADVI(KLqp):
     """ADVI with a full-rank (multivariate normal) approximation."""
 
-    def __init__(self, *, beta: float = 1.0, stl: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, beta: float = 1.0, stl: bool | None = None, **kwargs: Any) -> None:
         family, rest = _split(kwargs)
         super().__init__(FullRank(model=LATER, **family), beta=beta, stl=stl, **rest)
 

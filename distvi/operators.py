@@ -60,16 +60,19 @@ class KL:
         Use the sticking-the-landing estimator (Roeder, Wu and Duvenaud, 2017): the log
         density of q is evaluated with its parameters held constant, removing the score
         term whose expectation is zero. Lower variance as q approaches the posterior.
+        ``None`` (the default): off for a fixed number of steps, on for a fit run until
+        convergence (``fit(n=None)``), whose last phases sit at the optimum.
     """
 
     needs_logp = True  # the loss needs the data term's value
 
-    def __init__(self, approx, beta: float = 1.0, stl: bool = False) -> None:
+    def __init__(self, approx, beta: float = 1.0, stl: bool | None = None) -> None:
         beta = float(beta)
         if not beta > 0 or beta != beta or beta == float("inf"):
             raise ValueError(f"beta must be a positive finite number, got {beta}")
         self.approx = approx
         self.beta = beta
+        self.stl_choice = None if stl is None else bool(stl)  # None: by the kind of fit
         self.stl = bool(stl)
 
     def __call__(self, f=None):

@@ -137,8 +137,10 @@ class RecordedFit:
         signals = inf._signals
         status, forced = "failed", False
         try:
-            inf._run(remaining, score, callbacks, progressbar, recorder=recorder)
+            inf._advance(remaining, score, callbacks, progressbar, recorder=recorder)
             status = "finished" if inf.state.step >= n else "stopped"
+            if inf.convergence is not None:
+                status = "stopped" if inf.convergence.reason == "stopped" else "finished"
             if signals is not None and signals.signum is not None:
                 status = "interrupted"  # no posterior draws: the last checkpoint is the result
         except KeyboardInterrupt:
@@ -156,17 +158,31 @@ class RecordedFit:
         idata = None
         if status in ("finished", "stopped"):
             idata = inf.approx.sample(DRAWS_IN_STORE, random_seed=inf.random_seed)
+        outcome = jsonable(outcome_of(inf))
         if rs is not None:
             if idata is not None:
                 rs.write_posterior(idata)
-            rs.set_attrs(status=status)
+            rs.set_attrs(status=status, **outcome)
         if tracker is not None:
+            if outcome:
+                tracker.log_outcome(outcome)
             mlflow_status = {"finished": "FINISHED", "stopped": "KILLED",
                              "interrupted": "KILLED"}.get(status, "FAILED")
             quick = status == "interrupted"  # the process may have seconds left
             tracker.finish(mlflow_status, None if quick else inf.hist, idata,
                            None if rs is None or quick else rs.url.removeprefix("file://"),
                            None if rs is None else rs.size_bytes())
+
+
+def outcome_of(inference) -> dict[str, Any]:
+    """How the fit's start went (``start="map"``) and why a fit with ``n=None`` stopped, as
+    a run store's attributes ``start`` and ``convergence``."""
+    out = {}
+    if inference.start_report is not None:
+        out["start"] = inference.start_report.as_dict()
+    if inference.convergence is not None:
+        out["convergence"] = inference.convergence.as_dict()
+    return out
 
 
 # ---------------------------------------------------------------- what a store describes

@@ -124,6 +124,14 @@ class Shards:
             return np.zeros(np.shape(points)[0])
         return np.sum(self._on_whole_shards("full_logp", points), axis=0)
 
+    def logp_and_grad(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The log-likelihood of all the rows and its gradient at each flat point (S, D),
+        summed over the shard workers' whole shards."""
+        if not self.has_data:
+            return np.zeros(np.shape(points)[0]), np.zeros(np.shape(points))
+        parts = self._on_whole_shards("full_logp_grad", points)
+        return (np.sum([p[0] for p in parts], axis=0), np.sum([p[1] for p in parts], axis=0))
+
     def deterministics(self, term, points: np.ndarray) -> list[np.ndarray]:
         """The row-wise deterministics of ``term`` at each flat point (S, D), computed by the
         shard workers on their whole shards and joined in row order: (S, N, ...) each."""

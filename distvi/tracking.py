@@ -244,6 +244,34 @@ class MLflowTracking:
                 pass
         self._restore_env()
 
+    def log_outcome(self, outcome: dict[str, Any]) -> None:
+        """How the start and the convergence went (see
+        :func:`distvi.recording.outcome_of`): tags ``distvi.start`` and
+        ``distvi.stop_reason``, metrics ``start_gradient_evaluations``, ``converged``,
+        ``converged_step``, ``phases`` and ``gradient_evaluations``, and ``outcome.json``."""
+        if self.run_id is None:
+            return
+        client, run_id = self._client, self.run_id
+        start, conv = outcome.get("start"), outcome.get("convergence")
+
+        def send():
+            import json
+
+            if start is not None:
+                client.set_tag(run_id, "distvi.start", start["method"])
+                client.log_metric(run_id, "start_gradient_evaluations",
+                                  float(start["gradient_evaluations"]))
+            if conv is not None:
+                client.set_tag(run_id, "distvi.stop_reason", conv["reason"])
+                for key, value in (("converged", float(conv["converged"])),
+                                   ("converged_step", float(conv["step"])),
+                                   ("phases", float(len(conv["phases"]))),
+                                   ("gradient_evaluations", float(conv["gradient_evaluations"]))):
+                    client.log_metric(run_id, key, value)
+            client.log_text(run_id, json.dumps(outcome, indent=1), "outcome.json")
+
+        self._queue.put(send)
+
     def log_diagnosis(self, diagnosis) -> None:
         """The PSIS diagnostic of the fit's approximation into its (finished) run: metrics
         ``psis_khat`` and ``psis_ess``, tag ``distvi.psis_verdict``. A failure warns."""

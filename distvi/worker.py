@@ -111,6 +111,22 @@ class ShardWorker:
             total += fn(points, *[a[start:start + per_chunk] for a in rows], one)[0]
         return total
 
+    def full_logp_grad(self, points: np.ndarray,
+                       chunk_elements: int = FULL_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+        """The log-likelihood of the whole shard (unscaled) and its gradient at each point,
+        in chunks of rows as :meth:`full_logp` does."""
+        n_points = points.shape[0]
+        fn = self._data_term(n_points, True, True)
+        rows = self.rows if self.full else [a[:self.n_rows] for a in self.rows]
+        per_chunk = max(1, chunk_elements // max(n_points, 1))
+        logp, grad = np.zeros(n_points), np.zeros(points.shape)
+        one = np.array(1.0)
+        for start in range(0, self.n_rows, per_chunk):
+            out = fn(points, *[a[start:start + per_chunk] for a in rows], one)
+            logp += out[0]
+            grad += out[1]
+        return logp, grad
+
     def deterministics(self, term, points: np.ndarray) -> list[np.ndarray]:
         """The deterministics of ``term`` (a :class:`~distvi.model_terms.DeterministicTerm`) at each
         point over the whole shard, rows in the shard's own order: (S, N_k, ...) each."""

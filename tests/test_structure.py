@@ -394,7 +394,8 @@ LAYERS = [
                   "distvi.backends.start"}),
     ("sinks", {"distvi.store", "distvi.tracking"}),
     ("inference", {"distvi.shard_data", "distvi.rebuild", "distvi.recording",
-                   "distvi.inference", "distvi.methods"}),
+                   "distvi.inference", "distvi.methods", "distvi.pathfinder",
+                   "distvi.convergence"}),
     ("runs", {"distvi.runs"}),
     ("front", {"distvi.config", "distvi.cli", "distvi"}),
 ]

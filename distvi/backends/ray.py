@@ -77,6 +77,9 @@ class ShardActor:
     def full_logp(self, *args):
         return self.worker.full_logp(*args)
 
+    def full_logp_grad(self, *args):
+        return self.worker.full_logp_grad(*args)
+
     def deterministics(self, *args):
         return self.worker.deterministics(*args)
 

@@ -65,8 +65,12 @@ class DivergenceWatch:
     best; a diverging one climbs by orders of magnitude.
     """
 
-    def __init__(self, trace: Trace, window: int = 25, rise: float = 20.0) -> None:
+    def __init__(self, trace: Trace, window: int = 25, rise: float = 20.0,
+                 on_divergence=None) -> None:
         self.trace, self.window, self.rise = trace, window, rise
+        # called as on_divergence(step, level, best) instead of the warning (a fit run until
+        # convergence backs off instead)
+        self.on_divergence = on_divergence
         self.best: tuple[float, float, int] | None = None  # level, spread, step
         self.high: float | None = None  # the last window's level, when it was high
         self.warned = False
@@ -87,7 +91,10 @@ class DivergenceWatch:
             self.high = None
             return
         climbing, self.high = self.high is not None and level > self.high, level
-        if climbing:
+        if climbing and self.on_divergence is not None:
+            self.warned = True
+            self.on_divergence(state.step, level, best)
+        elif climbing:
             import warnings
 
             from distvi.errors import DivergenceWarning

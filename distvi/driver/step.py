@@ -50,12 +50,17 @@ class Program(NamedTuple):
     draw: Callable
     n_params: int
     n_draw: int
+    scaled: bool = False
 
 
 def compile_program(approx, operator, optimizer: Optimizer, n_draw: int, n_points: int,
-                    max_norm: float | None, cost_scale: float = 1.0) -> Program:
+                    max_norm: float | None, cost_scale: float = 1.0, scaled: bool = False) -> Program:
     """Compile the step of ``operator`` on ``approx``: ``n_draw`` rows of normals a step,
-    ``n_points`` points evaluated (equal, except for particles: no normals, n particles)."""
+    ``n_points`` points evaluated (equal, except for particles: no normals, n particles).
+
+    ``scaled``: the program takes one more input per parameter, a positive array of its
+    shape that multiplies the optimizer's change of it (a learning rate per coordinate, as
+    fits run until convergence set from q's own scales)."""
     adapter = approx.adapter
     D = adapter.ndim
     shapes = [np.shape(v) for v in approx.params_values]
@@ -74,17 +79,21 @@ def compile_program(approx, operator, optimizer: Optimizer, n_draw: int, n_point
     if max_norm is not None:
         grads = total_norm_constraint(grads, max_norm)
     new_params, new_state = optimizer.update(params, grads, state, lr)
+    scales = []
+    if scaled:
+        scales = [pt.tensor(f"c{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
+        new_params = [p + c * (q - p) for p, c, q in zip(params, scales, new_params)]
     ok = terms.ok
     for p in new_params:
         ok = pt.and_(ok, pt.all(_finite(p)))
     update = function(
-        [*params, *state, lr, eps, *terms.inputs, eps_next],
+        [*params, *state, lr, eps, *terms.inputs, eps_next, *scales],
         [*new_params, *new_state, loss, grad_norm, ok, approx.symbolic_points(new_params, eps_next)],
         mode=adapter.compile_mode, trust_input=True, on_unused_input="ignore",
     )
     draw = function([*params, eps], approx.symbolic_points(params, eps), trust_input=True,
                     on_unused_input="ignore")
-    return Program(update, draw, len(shapes), n_draw)
+    return Program(update, draw, len(shapes), n_draw, scaled)
 
 
 class Normals:
@@ -123,12 +132,15 @@ class Step:
 
     def __init__(self, program: Program, approx, operator, optimizer: Optimizer,
                  stream: Stream, with_logp: bool = True, average_start: int | None = None,
-                 steps: int | None = None, start: int = 0) -> None:
+                 steps: int | None = None, start: int = 0, scales: tuple = ()) -> None:
         self.program, self.approx, self.operator, self.optimizer = program, approx, operator, optimizer
         per_step = program.n_draw * approx.ndim
         self.normals = Normals(stream, program.n_draw, approx.ndim,
                                None if steps is None else start + steps * per_step)
         self.with_logp, self.average_start = with_logp, average_start
+        if program.scaled and len(scales) != program.n_params:
+            raise ValueError("a scaled program needs one scale array per parameter")
+        self.scales = tuple(scales) if program.scaled else ()
         lr = optimizer.hyper["learning_rate"]
         self._constant_lr = None if callable(lr) else np.array(float(lr), dtype="float64")
 
@@ -164,7 +176,7 @@ class Step:
         pos = state.draw_position
         eps, eps_next = self.normals.pair(pos)
         opt = state.opt_state
-        out = self.program.update(*state.params, *opt.flat, lr, eps, *inputs, eps_next)
+        out = self.program.update(*state.params, *opt.flat, lr, eps, *inputs, eps_next, *self.scales)
         p = self.program.n_params
         params = tuple(out[:p])
         loss, grad_norm, ok, next_points = out[-4:]

@@ -1,0 +1,307 @@
+"""Fits that run until they converge (``fit(n=None)``): phases of stationary iterates,
+averaged, with the learning rate halved between them.
+
+The idea is RAABBVI's (Welandawe, Andersen, Vehtari and Huggins, 2022): at a fixed learning
+rate the iterates settle into a stationary cloud around a point the rate biases a little;
+averaging the cloud removes the minibatch and Monte Carlo noise, and halving the rate removes
+the bias. Here:
+
+- **Scales.** Each phase's learning rate is relative: the optimizer's change of every
+  coordinate is multiplied by that coordinate's scale in q at the phase's start (a mean's
+  posterior sd — for a full-rank group its conditional sd given the others, the inverse
+  precision diagonal's root — and 1 for the log-scale parameters), so a rate means the
+  same on data of any size and on variables of any spread.
+- **Stationarity.** The phase's iterates are summed in blocks (their size doubling so at
+  most :data:`MAX_BLOCKS` are kept). The last half of the phase is split in two; it is
+  stationary when, for every coordinate, the two halves' means differ by less than a
+  Bonferroni bound on their noise (a z statistic from the block means), or by less than
+  :data:`NEGLIGIBLE` of the coordinate's scale.
+- **Phases.** A stationary phase's last half is averaged; the fit restarts from that average
+  at half the learning rate. It has converged when two successive phases' averages give q
+  means within ``tol`` posterior sds and sds within ``tol`` relative (default 0.02).
+- **Divergence.** A non-finite step, or a loss climbing far above its running level (the
+  :class:`~distvi.driver.hooks.DivergenceWatch` rule), restarts from the last good average
+  (or the phase's start) at a quarter of the rate; after :data:`MAX_BACKOFFS` such restarts
+  the fit gives up with a :class:`~distvi.errors.ConvergenceWarning`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy.special import ndtri
+
+from distvi import optimizers
+from distvi.errors import ConvergenceWarning, NotFiniteError
+
+MAX_N = 100_000       # steps at most when n=None
+TOL = 0.02            # successive phases agree within this (sd units / relative sd)
+LEARNING_RATE = 0.1   # the first phase's relative rate when no optimizer is given
+MAX_BLOCKS = 64       # block sums kept per phase
+BLOCK = 5             # steps in a block at a phase's start
+MIN_BLOCKS = 32       # blocks a phase has before its stationarity is tested
+TURNS = 5             # a phase lasts at least this over its rate: time to move 5 scales
+MONITORED = 2000      # coordinates tested for stationarity at most
+NEGLIGIBLE = 0.05     # a drift this small against a coordinate's scale is stationary
+MAX_BACKOFFS = 8      # divergence restarts before the fit gives up
+BACKOFF = 0.25        # the rate after a divergence, relative to the one that diverged
+
+
+@dataclass
+class Phase:
+    """One phase of a fit run until convergence."""
+
+    learning_rate: float
+    start_step: int
+    end_step: int
+    outcome: str          # "stationary", "diverged", "not finite", "max_n", "stopped"
+    change: float = float("nan")  # against the previous phase's average (NaN: the first)
+
+
+@dataclass
+class Convergence:
+    """Why a fit run with ``n=None`` stopped: ``converged`` (successive phases agreed within
+    ``tol``), the ``reason`` (``"converged"``, ``"max_n"``, ``"diverged"``, ``"stopped"``
+    by a callback or a signal), the ``step`` it stopped at, its ``phases``, and the gradient
+    evaluations (points at which the model's gradient was taken, minibatch or full-data)."""
+
+    tol: float
+    max_n: int
+    converged: bool = False
+    reason: str = ""
+    step: int = 0
+    phases: list[Phase] = field(default_factory=list)
+    backoffs: int = 0
+    gradient_evaluations: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_tol(tol) -> float:
+    from distvi._validate import is_real
+
+    if not is_real(tol) or not 0 < float(tol) < 1:
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    return float(tol)
+
+
+def check_until(n, max_n, tol, average_from, resume, optimizer) -> tuple[int, tuple | None]:
+    """The steps a fit runs at most and, for ``n=None`` (or ``"auto"``), its ``(max_n,
+    tol)``; every setting that does not go with it refused before any work."""
+    from distvi import _validate
+
+    if n is not None and not (isinstance(n, str) and n == "auto"):
+        if max_n is not None or tol is not None:
+            raise TypeError("max_n= and tol= apply to a fit run until it converges: give "
+                            "n=None (or drop them)")
+        return _validate.steps(n), None
+    max_n = _validate.steps(MAX_N if max_n is None else max_n, "max_n")
+    if max_n < 1:
+        raise ValueError("max_n must be >= 1")
+    tol = check_tol(TOL if tol is None else tol)
+    if average_from is not None:
+        raise ValueError("average_from is for a fixed n: a fit with n=None averages each "
+                         "of its phases itself")
+    if resume:
+        raise ValueError("resume=True needs a fixed n: a fit with n=None is not "
+                         "checkpointed phase by phase; give the run's n")
+    if optimizer is not None and callable(optimizers.as_optimizer(optimizer).hyper["learning_rate"]):
+        raise ValueError("a learning-rate schedule and n=None both set the rate: with "
+                         "n=None give a constant learning rate (the first phase's)")
+    return max_n, (max_n, tol)
+
+
+# ------------------------------------------------------------------ scales
+def step_scales(approx, params) -> tuple[np.ndarray, ...]:
+    """Per parameter of ``approx`` at the values ``params``, each coordinate's scale in q."""
+    out = []
+    values = list(params)
+    i = 0
+    for group in approx.groups:
+        p = {k: np.asarray(values[i + j]) for j, k in enumerate(group.family.param_names)}
+        i += len(group.family.param_names)
+        if group.vfam == "mean_field":
+            sd = group.family.evaluate("std", p)
+            out += [sd, np.ones_like(p["rho"])]
+        elif group.vfam == "full_rank":
+            cov = group.family.evaluate("cov", p)
+            d = cov.shape[0]
+            try:
+                cond = 1.0 / np.sqrt(np.diag(np.linalg.inv(cov)))
+            except np.linalg.LinAlgError:
+                cond = np.sqrt(np.diag(cov))
+            rows, cols = np.tril_indices(d)
+            tril = np.where(rows == cols, 1.0, cond[rows])
+            out += [cond, tril]
+        else:  # particles: their spread per coordinate
+            h = p["histogram"]
+            sd = h.std(axis=0) if h.shape[0] > 1 else np.ones(h.shape[1])
+            sd = np.where(sd > 0, sd, 1.0)
+            out += [np.broadcast_to(sd, h.shape).copy()]
+    return tuple(np.where(np.isfinite(s) & (s > 0), s, 1.0).astype("float64") for s in out)
+
+
+# ------------------------------------------------------------------ one phase
+class _Blocks:
+    """Sums of consecutive iterates in blocks of ``size`` steps, at most :data:`MAX_BLOCKS`
+    (two neighbours merge, the size doubles)."""
+
+    def __init__(self) -> None:
+        self.size, self.sums, self.current, self.count = BLOCK, [], None, 0
+
+    def add(self, flat: np.ndarray) -> bool:
+        """Add one iterate; True when it completed a block."""
+        if self.current is None:
+            self.current = flat.copy()
+        else:
+            self.current += flat
+        self.count += 1
+        if self.count < self.size:
+            return False
+        self.sums.append(self.current)
+        self.current, self.count = None, 0
+        if len(self.sums) == MAX_BLOCKS:
+            self.sums = [a + b for a, b in zip(self.sums[::2], self.sums[1::2])]
+            self.size *= 2
+        return True
+
+    def last_half(self) -> np.ndarray:
+        """The block means of the last half (an even number of blocks), oldest first."""
+        h = len(self.sums) // 2
+        h -= h % 2
+        return np.stack(self.sums[-h:]) / self.size
+
+
+class PhaseWatch:
+    """A hook: stops the loop (``StopIteration``) when the phase's iterates are stationary
+    (``outcome = "stationary"``) or the loss diverges (``"diverged"``)."""
+
+    def __init__(self, scales: tuple[np.ndarray, ...], rate: float = LEARNING_RATE) -> None:
+        self.min_steps = max(MIN_BLOCKS * BLOCK, int(np.ceil(TURNS / rate)))
+        flat = np.concatenate([np.ravel(s) for s in scales]) if scales else np.zeros(0)
+        self.monitor = (np.arange(flat.size) if flat.size <= MONITORED else
+                        np.unique(np.linspace(0, flat.size - 1, MONITORED).astype(int)))
+        self.scale = flat[self.monitor]
+        self.fine, self.all = _Blocks(), _Blocks()
+        self.outcome: str | None = None
+        self.steps = 0
+
+    def __call__(self, state, info) -> None:
+        if self.outcome is not None:  # a divergence, seen by the watch before this hook
+            raise StopIteration
+        flat = np.concatenate([np.ravel(p) for p in state.params])
+        self.steps += 1
+        self.all.add(flat)
+        if self.fine.add(flat[self.monitor]) and self.steps >= self.min_steps \
+                and len(self.fine.sums) >= MIN_BLOCKS and self.stationary():
+            self.outcome = "stationary"
+            raise StopIteration
+
+    def diverged(self, step, level, best) -> None:
+        """What :class:`~distvi.driver.hooks.DivergenceWatch` calls instead of warning."""
+        self.outcome = "diverged"
+
+    def stationary(self) -> bool:
+        means = self.fine.last_half()
+        a, b = np.split(means, 2)
+        n = a.shape[0]
+        drift = np.abs(b.mean(axis=0) - a.mean(axis=0))
+        noise = np.sqrt((a.var(axis=0, ddof=1) + b.var(axis=0, ddof=1)) / n)
+        bound = -ndtri(0.025 / max(len(self.scale), 1))  # two-sided 5 %, Bonferroni
+        ok = (drift <= bound * noise) | (drift <= NEGLIGIBLE * self.scale)
+        return bool(np.all(ok))
+
+    def average(self, shapes) -> list[np.ndarray]:
+        """The mean of the phase's last half, as parameter arrays."""
+        mean = self.all.last_half().mean(axis=0)
+        out, i = [], 0
+        for s in shapes:
+            size = int(np.prod(s))
+            out.append(mean[i:i + size].reshape(s))
+            i += size
+        return out
+
+
+def moments(approx, params) -> tuple[np.ndarray, np.ndarray]:
+    """q's flat means and standard deviations at the parameter values ``params``."""
+    saved = approx.params_values
+    approx.params_values = params
+    try:
+        return np.asarray(approx.mean, dtype="float64"), np.asarray(approx.std, dtype="float64")
+    finally:
+        approx.params_values = saved
+
+
+def change(before, after) -> float:
+    """The largest change of a mean (in sds) or an sd (relative) between two phases."""
+    (m0, s0), (m1, s1) = before, after
+    return float(max(np.max(np.abs(m1 - m0) / s1, initial=0.0),
+                     np.max(np.abs(s1 - s0) / s1, initial=0.0)))
+
+
+# ------------------------------------------------------------------ the phases
+def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Convergence:
+    """Phases of ``inference`` from its state until converged, ``max_n`` steps, a stop, or
+    too many divergences. ``run_phase(remaining, scales, watch)`` runs the loop (raising
+    :class:`NotFiniteError` as a fit does)."""
+    conv = Convergence(tol, max_n)
+    base = inference._optimizer
+    rate = float(base.hyper["learning_rate"])
+    first = inference.state.step
+    shapes = [np.shape(p) for p in inference.state.params]
+    good = [np.array(p) for p in inference.state.params]  # where a divergence restarts
+    before = None
+    while True:
+        step0 = inference.state.step
+        remaining = max_n - (step0 - first)
+        if remaining <= 0:
+            conv.reason = "max_n"
+            break
+        scales = step_scales(inference.approx, inference.state.params)
+        inference._optimizer = optimizers.Optimizer(base.name, {**base.hyper, "learning_rate": rate})
+        watch = PhaseWatch(scales, rate)
+        try:
+            run_phase(remaining, scales, watch)
+            outcome = watch.outcome
+        except NotFiniteError:
+            outcome = "not finite"
+        end = inference.state.step
+        conv.gradient_evaluations += (end - step0) * inference._points_per_step()
+        phase = Phase(rate, step0, end, outcome or ("max_n" if end - first >= max_n else "stopped"))
+        conv.phases.append(phase)
+        if outcome in ("diverged", "not finite"):
+            conv.backoffs += 1
+            if conv.backoffs > MAX_BACKOFFS:
+                conv.reason = "diverged"
+                break
+            rate *= BACKOFF
+            inference.state = inference._fresh_state_at(good)
+            continue
+        if outcome is None:
+            conv.reason = phase.outcome
+            break
+        average = watch.average(shapes)
+        after = moments(inference.approx, average)
+        inference.state = inference.state._replace(params=tuple(average))
+        good = average
+        if before is not None:
+            phase.change = change(before, after)
+            if phase.change < tol:
+                conv.converged, conv.reason = True, "converged"
+                break
+        before = after
+        rate *= 0.5
+    inference._optimizer = base
+    conv.step = inference.state.step
+    if not conv.converged and conv.reason != "stopped":
+        last = conv.phases[-1].change if conv.phases else float("nan")
+        what = (f"reached max_n={max_n} steps" if conv.reason == "max_n" else
+                f"diverged {conv.backoffs} times, each time restarted at a smaller learning rate")
+        warnings.warn(
+            f"the fit did not converge: it {what} (last change between phases {last:.3g}, "
+            f"tolerance {tol:g}); the approximation is the last good average. Try a larger "
+            "max_n, a smaller learning rate, or start='map'", ConvergenceWarning, stacklevel=4)
+    return conv
