@@ -74,6 +74,7 @@ class Approximation(Results, SymbolicNodes, FullData):
         self.source = None  # the data it is fitted to (set by the Inference, see attach)
         self.shard_data = None  # the fit's shard workers over those data
         self.scale_cost_to_minibatch = False
+        self.fit_info = None  # the last fit's method, steps, gradient evaluations, convergence
         if model is LATER:  # an Inference binds it to its own model
             self.model = None
             return

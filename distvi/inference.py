@@ -103,10 +103,11 @@ class Inference:
         self._signals: DeferredSignals | None = None  # set while a fit runs
         self.interrupted: str | None = None  # "SIGINT"/"SIGTERM" when the last fit was stopped by one
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
-        self._scales: tuple | None = None  # per-coordinate rate scales (fits run until convergence)
-        self._until: tuple[int, float] | None = None  # (max_n, tol) of a fit with n=None
+        self._until: tuple[int, float] | None = None  # a fit with n=None: (max_n, tol)
+        self._scales: tuple | None = None  # and its phase's per-coordinate rate scales
         self.convergence = None  # why the last fit with n=None stopped (a Convergence)
         self.start_report = None  # how the last fit's start='map' went (a StartReport)
+        self.gradient_evaluations = 0  # points at which the model's gradient was taken, all fits
 
     @property
     def converged(self) -> bool | None:
@@ -125,10 +126,8 @@ class Inference:
     _backend = property(lambda self: self.shards.backend)
 
     # ---------------------------------------------------------------- resources
-    @property
-    def model(self):
-        """The ``pm.Model`` being fitted (for a factory, built on symbolic minibatch rows)."""
-        return self.approx.adapter.model
+    model = property(lambda self: self.approx.adapter.model,
+                     doc="The ``pm.Model`` being fitted (for a factory, on symbolic minibatch rows).")
 
     def full_data_logp(self, points: np.ndarray) -> np.ndarray:
         """The log-likelihood of all the rows at each flat point (S, D): every shard worker
@@ -203,7 +202,7 @@ class Inference:
         return self.shards.rows_per_step
 
     # ---------------------------------------------------------------- public loop
-    def fit(self, n: int = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,
+    def fit(self, n: int | None = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,
             progressbar: bool = True, *, obj_n_mc: int = 1, obj_optimizer=None,
             total_grad_norm_constraint: float | None = None, store: Any = None,
             checkpoint_every: int | None = None, resume: bool = False, tracking: Any = None,
@@ -255,12 +254,10 @@ class Inference:
             ``True`` or a :class:`~distvi.tracking.MLflowTracking`: record the run in MLflow.
         average_from
             Polyak-Ruppert averaging: the approximation gets the mean of the parameters over
-            the steps after this point instead of the last iterate, which minibatch and Monte
-            Carlo noise leave scattered around the optimum. A float in ``[0, 1)`` is a
-            fraction of ``n`` (0.5: the second half), an int a number of steps. Callbacks see
-            the averaged approximation once averaging has begun; the optimizer itself goes on
-            from the last iterate (``inference.state.params``), so ``refine`` continues the same
-            average. The average is checkpointed with the state.
+            the steps after this point (a float in ``[0, 1)``: a fraction of ``n``; an int: a
+            number of steps) instead of the last iterate. Callbacks see the average once it
+            has begun; the optimizer goes on from the last iterate (``inference.state``), so
+            ``refine`` continues the same average; it is checkpointed with the state.
 
         Returns
         -------
@@ -293,6 +290,8 @@ class Inference:
             self._signals = signals
             try:
                 self.start_report = start_near_answer(self, store, resume)
+                if self.start_report is not None:
+                    self.gradient_evaluations += self.start_report.gradient_evaluations
                 if store is None and tracker is None:
                     self.state = self._fresh_state()
                     self._average_start = (None if average_after is None
@@ -309,6 +308,8 @@ class Inference:
             if signals.signum is not None:
                 self._stop_for(signals.signum)
         signals.deliver()
+        self.approx.fit_info = {"method": type(self).__name__, "steps": self.state.step,
+                                "gradient_evaluations": self.gradient_evaluations, "converged": self.converged}
         return self.approx
 
     def _advance(self, n: int, score, callbacks, progressbar, recorder=None) -> None:
@@ -361,12 +362,11 @@ class Inference:
                       progressbar: bool = False, tracking: Any = None, **kwargs: Any) -> Profile:
         """Time ``n`` steps by phase; the fit's state is left as it was.
 
-        Phases: ``draw`` (the normals and points, on the driver), ``workers`` (the data term on
-        the shards: their own compute time), ``transfer`` (the rest of the round trip to the
-        workers: messages and waiting; 0 in process), ``kernel`` (the Stein direction, SVGD and
-        ASVGD only), ``update`` (the compiled driver step), ``logging`` (the traces, the
-        ``callbacks``, the progress bar and, with ``tracking``, queueing MLflow batches; the
-        sending runs in a background thread), and ``other`` (the loop itself).
+        Phases: ``draw`` (normals and points, on the driver), ``workers`` (the data term: the
+        shards' own compute time), ``transfer`` (the rest of the round trip to the workers;
+        0 in process), ``kernel`` (the Stein direction, SVGD and ASVGD), ``update`` (the
+        compiled driver step), ``logging`` (traces, ``callbacks``, the progress bar and,
+        with ``tracking``, queueing MLflow batches) and ``other`` (the loop itself).
         """
         import time
 
@@ -444,6 +444,7 @@ class Inference:
             if progress is not None:
                 progress.close()
             self.state = loop.state or self.state
+            self.gradient_evaluations += trace.done * self._points_per_step()
             self.approx.params_values = self.state.result
             if score:
                 self.hist = np.concatenate([self.hist, trace.losses[:trace.done]])
