@@ -225,6 +225,40 @@ class PhaseWatch:
         return out
 
 
+LOSS_DRAWS = 16  # draws of the full-data loss at a phase's average
+
+
+def full_loss(inference, params, phase: int) -> tuple[float, float]:
+    """The full-data loss (negative ELBO) at ``params`` and its Monte Carlo standard error,
+    from :data:`LOSS_DRAWS` draws of q (on the fit's workers), seeded by the run and phase."""
+    from distvi._rng import PATHFINDER_STREAM
+
+    approx = inference.approx
+    saved = approx.params_values
+    approx.params_values = params
+    try:
+        rng = np.random.default_rng([inference.random_seed, PATHFINDER_STREAM, phase])
+        points = approx.draw_flat(LOSS_DRAWS, rng)
+        with np.errstate(all="ignore"):
+            data, prior = approx._data_and_prior(points)
+            values = -data + (approx.logq_at(points) - prior)
+    finally:
+        approx.params_values = saved
+    if not np.all(np.isfinite(values)):
+        return float("inf"), float("inf")
+    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(LOSS_DRAWS))
+
+
+def _far_above(level, reference) -> bool:
+    """A full-data loss far above the lowest seen, by more than 10 standard errors and
+    1 % of its size (a phase's average is never worse than its start but by noise), or a
+    million times its size either way (arithmetic of parameters that ran away)."""
+    (now, se), (best, best_se) = level, reference
+    if abs(now) > 1e6 * max(abs(best), 1.0):
+        return True  # a million times the size of any loss seen, either way: a runaway
+    return now - best > max(10 * np.hypot(se, best_se), 0.01 * abs(best), 1e-9)
+
+
 def moments(approx, params) -> tuple[np.ndarray, np.ndarray]:
     """q's flat means and standard deviations at the parameter values ``params``."""
     saved = approx.params_values
@@ -253,7 +287,8 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
     first = inference.state.step
     shapes = [np.shape(p) for p in inference.state.params]
     good = [np.array(p) for p in inference.state.params]  # where a divergence restarts
-    before = None
+    before = None  # the last phase's moments
+    reference = full_loss(inference, good, 0)  # the lowest full-data loss seen: the start's
     while True:
         step0 = inference.state.step
         remaining = max_n - (step0 - first)
@@ -272,7 +307,22 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         conv.gradient_evaluations += (end - step0) * inference._points_per_step()
         phase = Phase(rate, step0, end, outcome or ("max_n" if end - first >= max_n else "stopped"))
         conv.phases.append(phase)
-        if outcome in ("diverged", "not finite"):
+        if outcome == "not finite":
+            conv.backoffs += 1
+            if conv.backoffs > MAX_BACKOFFS:
+                conv.reason = "diverged"
+                break
+            rate *= BACKOFF
+            inference.state = inference._fresh_state_at(good)
+            continue
+        if outcome == "stationary":
+            average = watch.average(shapes)
+            level = full_loss(inference, average, len(conv.phases))
+            if not np.isfinite(level[0]) or _far_above(level, reference):
+                outcome = phase.outcome = "diverged"  # settled, but far above where it was
+            elif level[0] < reference[0]:
+                reference = level
+        if outcome == "diverged":
             conv.backoffs += 1
             if conv.backoffs > MAX_BACKOFFS:
                 conv.reason = "diverged"
@@ -283,7 +333,6 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         if outcome is None:
             conv.reason = phase.outcome
             break
-        average = watch.average(shapes)
         after = moments(inference.approx, average)
         inference.state = inference.state._replace(params=tuple(average))
         good = average

@@ -30,6 +30,7 @@ MAX_ITER = 1000   # L-BFGS iterations at most
 CANDIDATES = 30   # iterates whose Gaussian gets an ELBO estimate (spread along the path)
 ELBO_DRAWS = 8    # draws per ELBO estimate
 DENSE_MAX = 2000  # above this dimension a Gaussian is kept by its diagonal only
+LAPLACE_MAX = 200  # up to this dimension the Laplace Gaussian at the MAP is a candidate too
 
 
 @dataclass
@@ -51,6 +52,7 @@ class StartReport:
     elbo: float
     map_logp: float
     seconds: float
+    laplace: bool = False  # the start is the Laplace Gaussian at the MAP (finite differences)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -162,16 +164,37 @@ def _two_loop(pairs, g: np.ndarray) -> np.ndarray:
     return r
 
 
+def _hessian_at(objective, x: np.ndarray, pairs) -> np.ndarray:
+    """The Hessian of ``objective`` at ``x`` by central differences of its gradient, each
+    coordinate stepped by a thousandth of its quasi-Newton sd (2 d gradient evaluations)."""
+    d = x.shape[0]
+    h = 1e-3 * np.sqrt(np.abs(np.diag(_dense_inverse_hessian(pairs, d))))
+    cols = []
+    for j in range(d):
+        e = np.zeros(d)
+        e[j] = h[j]
+        cols.append((objective(x + e)[1] - objective(x - e)[1]) / (2 * h[j]))
+    B = np.array(cols)
+    B = 0.5 * (B + B.T)
+    np.linalg.cholesky(B)  # not positive definite: LinAlgError, the candidate is dropped
+    return B
+
+
 class _Gaussian:
     """The start a path iterate gives each group: per group a mean and a dense covariance
     (full-rank, particles) or standard deviations (mean-field)."""
 
-    def __init__(self, approx, pairs, x: np.ndarray, g: np.ndarray) -> None:
+    def __init__(self, approx, x: np.ndarray, g: np.ndarray, pairs=None, hessian=None) -> None:
+        """From the curvature ``pairs`` at ``x``, or from a dense ``hessian`` there."""
         d = x.shape[0]
         dense = d <= DENSE_MAX
-        H = _dense_inverse_hessian(pairs, d) if dense else None
+        if hessian is not None:
+            H = np.linalg.inv(hessian)
+            diag_b = np.diag(hessian)
+        else:
+            H = _dense_inverse_hessian(pairs, d) if dense else None
+            diag_b = _hessian_diagonal(pairs, d)
         self.mean = x - (H @ g if dense else _two_loop(pairs, g))
-        diag_b = _hessian_diagonal(pairs, d)
         self.blocks = []  # (indices, "dense" cov | "diag" sd)
         for group in approx.groups:
             idx = group.indices
@@ -230,26 +253,42 @@ def map_start(approx, random_seed: int) -> StartReport:
     stream = Stream(random_seed, PATHFINDER_STREAM)
     k_all = [k for k in range(1, len(xs)) if np.isfinite(fs[k])]
     picks = sorted(set(int(round(v)) for v in np.linspace(0, len(k_all) - 1, CANDIDATES))) if k_all else []
-    best = None
-    position = 0
-    for j in picks:
-        k = k_all[j]
+    best = laplace = None
+    # the same normals for every candidate: their ELBO estimates differ by the Gaussians
+    # alone, not by draws
+    eps = stream.normal((ELBO_DRAWS, approx.ndim), 0)
+    position = eps.size
+    candidates = [(k, None) for k in (k_all[j] for j in picks)]
+    k_map = int(np.argmin(fs))
+    if k_map > 0 and approx.ndim <= LAPLACE_MAX:  # the Laplace Gaussian at the MAP competes too
+        candidates.append((k_map, "laplace"))
+    for k, kind in candidates:
         pairs = _pairs(xs, gs, k)
         if not pairs:
             continue
         try:
-            q = _Gaussian(approx, pairs, xs[k], gs[k])
+            hessian = _hessian_at(objective, xs[k], pairs) if kind == "laplace" else None
+            q = _Gaussian(approx, xs[k], gs[k], pairs=pairs, hessian=hessian)
         except np.linalg.LinAlgError:
             continue
-        eps = stream.normal((ELBO_DRAWS, approx.ndim), position)
-        position += eps.size
         z, logq = q.draw_and_logq(eps)
         logp = objective.log_density(z)
         report.density_evaluations += ELBO_DRAWS
         with np.errstate(invalid="ignore"):
-            elbo = float(np.mean(logp - logq))
-        if np.isfinite(elbo) and (best is None or elbo > best[0]):
-            best = (elbo, k, q)
+            values = logp - logq
+        elbo = float(np.mean(values))
+        if not np.isfinite(elbo):
+            continue
+        if kind == "laplace":
+            laplace = (elbo, k, q, values)
+        if best is None or elbo > best[0]:
+            best = (elbo, k, q, values)
+    if laplace is not None and best is not laplace:
+        # a few draws cannot tell Gaussians apart by a small KL: the Laplace Gaussian at the
+        # MAP stands unless the other is better by two standard errors of the difference
+        diff = best[3] - laplace[3]
+        if np.mean(diff) < 2 * np.std(diff, ddof=1) / np.sqrt(len(diff)):
+            best = laplace
     report.gradient_evaluations = objective.evaluations
     report.seconds = time.perf_counter() - t0
     if best is None:
@@ -260,7 +299,8 @@ def map_start(approx, random_seed: int) -> StartReport:
         warnings.warn(f"start='map' failed: {why}; the fit starts from the approximation's "
                       "own start instead", StartWarning, stacklevel=3)
         return report
-    report.elbo, report.chosen_iterate, q = best
+    report.elbo, report.chosen_iterate, q = best[:3]
+    report.laplace = best is laplace
     n_part = max((np.shape(g.params["histogram"])[0] for g in approx.groups
                   if g.vfam == "empirical"), default=0)
     q.set_params(approx, stream.normal((n_part, approx.ndim), position) if n_part else None)
