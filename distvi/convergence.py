@@ -229,11 +229,16 @@ LOSS_DRAWS = 16  # draws of the full-data loss at a phase's average
 
 
 def full_loss(inference, params, phase: int) -> tuple[float, float]:
-    """The full-data loss (negative ELBO) at ``params`` and its Monte Carlo standard error,
-    from :data:`LOSS_DRAWS` draws of q (on the fit's workers), seeded by the run and phase."""
+    """The full-data loss (negative ELBO: minus the expected log density, on the fit's
+    workers, over :data:`LOSS_DRAWS` draws of q seeded by the run and phase, minus q's exact
+    entropy) at ``params`` and its Monte Carlo standard error; NaN for particles (no
+    entropy). The entropy is exact, not log q at the draws, which a nearly singular q turns
+    to rounding noise."""
     from distvi._rng import PATHFINDER_STREAM
 
     approx = inference.approx
+    if any(g.vfam == "empirical" for g in approx.groups):
+        return float("nan"), float("nan")
     saved = approx.params_values
     approx.params_values = params
     try:
@@ -241,22 +246,26 @@ def full_loss(inference, params, phase: int) -> tuple[float, float]:
         points = approx.draw_flat(LOSS_DRAWS, rng)
         with np.errstate(all="ignore"):
             data, prior = approx._data_and_prior(points)
-            values = -data + (approx.logq_at(points) - prior)
+            entropy = sum(float(g.family.evaluate("entropy", dict(g.params))) for g in approx.groups)
+            values = -data - prior
     finally:
         approx.params_values = saved
-    if not np.all(np.isfinite(values)):
+    if not (np.all(np.isfinite(values)) and np.isfinite(entropy)):
         return float("inf"), float("inf")
-    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(LOSS_DRAWS))
+    return float(np.mean(values) - entropy), float(np.std(values, ddof=1) / np.sqrt(LOSS_DRAWS))
 
 
 def _far_above(level, reference) -> bool:
-    """A full-data loss far above the lowest seen, by more than 10 standard errors and
-    1 % of its size (a phase's average is never worse than its start but by noise), or a
+    """A full-data loss far above the lowest seen, by 1 % of it and ten of its standard
+    errors (a phase's average is never worse than its start but by noise; a runaway q's
+    own estimate is too noisy to be a yardstick), or a
     million times its size either way (arithmetic of parameters that ran away)."""
     (now, se), (best, best_se) = level, reference
+    if np.isnan(now) or np.isnan(best):  # particles: no loss to compare
+        return False
     if abs(now) > 1e6 * max(abs(best), 1.0):
         return True  # a million times the size of any loss seen, either way: a runaway
-    return now - best > max(10 * np.hypot(se, best_se), 0.01 * abs(best), 1e-9)
+    return now - best > max(10 * best_se, 0.01 * abs(best), 1e-9)
 
 
 def moments(approx, params) -> tuple[np.ndarray, np.ndarray]:
@@ -318,7 +327,7 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         if outcome == "stationary":
             average = watch.average(shapes)
             level = full_loss(inference, average, len(conv.phases))
-            if not np.isfinite(level[0]) or _far_above(level, reference):
+            if level[0] == np.inf or _far_above(level, reference):
                 outcome = phase.outcome = "diverged"  # settled, but far above where it was
             elif level[0] < reference[0]:
                 reference = level
