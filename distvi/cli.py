@@ -28,10 +28,17 @@ def build(cfg: dict[str, Any]):
 
     model = resolve(cfg["model"], "model")
     source = build_source(cfg["data"])
-    inference = METHODS[cfg["method"]](
-        model=model, data=source, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
-        backend=cfg["backend"], address=cfg["address"], random_seed=cfg["seed"],
-        **cfg["method_options"])
+    check_starts(cfg, model, source)
+    starts = {k: cfg[k] for k in ("start", "start_sigma") if cfg.get(k) is not None}
+    try:
+        inference = METHODS[cfg["method"]](
+            model=model, data=source, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
+            backend=cfg["backend"], address=cfg["address"], random_seed=cfg["seed"],
+            **starts, **cfg["method_options"])
+    except ValueError as err:
+        if "start" in starts and "outside the support" in str(err):
+            raise ConfigError(f"start: {err}") from None
+        raise
     inference.job = cfg
     opt = dict(cfg["optimizer"])
     name = opt.pop("name")
@@ -60,11 +67,38 @@ def run_config(cfg: dict[str, Any], resume: bool = False, n: int | None = None, 
     """Fit as a validated config says; returns the Inference (closed)."""
     inference, fit_kwargs = build(cfg)
     fit_kwargs.update(extra)
+    steps = cfg["n"] if n is None else n
+    if steps is None:  # until converged
+        fit_kwargs.update({k: cfg[k] for k in ("max_n", "tol") if cfg.get(k) is not None})
     with inference:
-        inference.fit(cfg["n"] if n is None else n, resume=resume, **fit_kwargs)
+        inference.fit(steps, resume=resume, **fit_kwargs)
         if cfg["diagnose"] and not inference.interrupted:
             print(inference.approx.diagnose(cfg["diagnose"], random_seed=cfg["seed"]), flush=True)
     return inference
+
+
+def check_starts(cfg: dict[str, Any], model, source) -> None:
+    """The variables ``start`` and ``start_sigma`` name, and their values' shapes, against
+    the model (built on the data's schema; nothing is fitted)."""
+    import numpy as np
+
+    from distvi.model import adapt
+
+    named = {k: cfg[k] for k in ("start", "start_sigma") if isinstance(cfg.get(k), dict)}
+    if not named:
+        return
+    adapter, _ = adapt(model, source)
+    for key, values in named.items():
+        for name, value in values.items():
+            try:
+                lay = adapter.var(name)
+            except KeyError as err:
+                raise ConfigError(f"{key}.{name}: {err.args[0]}") from None
+            try:
+                np.broadcast_to(np.asarray(value, dtype="float64"), lay.shape)
+            except ValueError:
+                raise ConfigError(f"{key}.{name} must be one value or an array of the variable's "
+                                  f"shape {list(lay.shape)}, got {value!r}") from None
 
 
 def summary_text(store: str, max_rows: int | None = None, sample: bool = False) -> str:
@@ -76,14 +110,18 @@ def summary_text(store: str, max_rows: int | None = None, sample: bool = False) 
     import numpy as np
 
     from distvi.runs import open_run
+    from distvi.store import RunStore
 
     run = open_run(store)
+    attrs = RunStore.open(store).attrs
     fit = run.config.get("fit", {})
     traces = run.traces
     done = int(traces["step"][-1]) if traces["step"].size else 0
+    of = (f"of {fit.get('n')}" if fit.get("n") is not None else
+          f"(until converged: at most {fit.get('max_n')} steps, tol {fit.get('tol')})")
     lines = [f"run store   {run.url}",
              f"method      {run.config.get('method')}   status {run.status}",
-             f"steps       {done} of {fit.get('n')} recorded; last checkpoint at step "
+             f"steps       {done} {of} recorded; last checkpoint at step "
              f"{run.checkpoint.step if run.checkpoint else 'none'}",
              f"optimizer   {fit.get('optimizer', {}).get('name')} {fit.get('optimizer', {}).get('hyper')}",
              f"data        {run.data.get('kind')} {run.data.get('n_rows')} rows in "
@@ -95,11 +133,14 @@ def summary_text(store: str, max_rows: int | None = None, sample: bool = False) 
     if fit.get("average_from") is not None:
         lines.append(f"averaging   iterates after step {fit.get('average_start')} "
                      f"(average_from={fit['average_from']})")
+    lines += outcome_lines(attrs.get("start"), attrs.get("convergence"))
     diag = run.diagnosis
     if diag is not None:
         lines.append(f"PSIS        k-hat {float(diag.get('khat', np.nan)):.3f} ({diag.get('verdict')}), "
                      f"ESS {float(diag.get('ess', np.nan)):.0f} of {diag.get('draws')} draws")
-    idata, job = None, _job_of(store)
+        if diag.get("advice"):
+            lines.append(f"            advice: {diag['advice']}")
+    idata, job = None, attrs.get("job")
     if run.posterior_sha256 is not None:  # damaged draws are an error, not "no draws"
         idata = run.posterior()
         source = "posterior draws written at the end"
@@ -124,6 +165,36 @@ def summary_text(store: str, max_rows: int | None = None, sample: bool = False) 
         else:
             lines.append(table.to_string())
     return redact("\n".join(lines))
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)  # a store keeps NaN as the string "nan"
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def outcome_lines(start: Any, conv: Any) -> list[str]:
+    """How a recorded fit started (``start="map"``) and why it stopped (``n=None``)."""
+    lines = []
+    if isinstance(start, dict):
+        how = ("map (the best Pathfinder Gaussian on an L-BFGS path)" if start.get("method") == "map"
+               else f"{start.get('method')} (start='map' fell back: {start.get('message')})")
+        lines.append(f"start       {how}: {start.get('gradient_evaluations')} gradient evaluations, "
+                     f"{start.get('iterations')} L-BFGS iterations, {_number(start.get('seconds')):.2f} s")
+    if isinstance(conv, dict):
+        phases = [p for p in conv.get("phases", []) if isinstance(p, dict)]
+        lines.append(f"converged   {'yes' if conv.get('converged') else 'no'} ({conv.get('reason')}) "
+                     f"at step {conv.get('step')}, tol {conv.get('tol')}; {len(phases)} phase(s), "
+                     f"{conv.get('backoffs', 0)} backoff(s), {conv.get('gradient_evaluations')} "
+                     f"gradient evaluations")
+        for i, p in enumerate(phases, 1):
+            change = _number(p.get("change"))
+            lines.append(f"  phase {i:<3} rate {_number(p.get('learning_rate')):<10.4g} steps "
+                         f"{p.get('start_step')}-{p.get('end_step')} "
+                         f"({int(p.get('end_step', 0)) - int(p.get('start_step', 0))}) "
+                         f"{p.get('outcome')}, change {'-' if change != change else f'{change:.3g}'}")
+    return lines
 
 
 def job_main(doc: str, default_config: str, argv: list[str] | None = None, report=None):
@@ -202,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = {**validate(strip_masked(job)), "store": args.store}  # where the store is now
             if args.n is not None and args.n < 1:
                 raise ConfigError(f"--n must be >= 1, got {args.n}")
+            if cfg["n"] is None and args.n is None:
+                raise ConfigError(f"{args.store!r} was fitted until converged (n: null), which is "
+                                  f"not resumed phase by phase: give --n N to continue it for a "
+                                  f"fixed number of steps in all, or run its config again")
             inference = run_config(cfg, resume=True, n=args.n)
             if inference.interrupted:
                 return EXIT_INTERRUPTED
@@ -216,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _finished(cfg: dict[str, Any], inference) -> str:
     lines = [f"fitted {cfg['method']} for {inference.state.step} steps"]
+    conv = inference.convergence
+    if conv is not None:
+        lines[0] += (f": converged in {len(conv.phases)} phase(s)" if conv.converged else
+                     f": did not converge ({conv.reason})")
     if cfg["store"]:
         lines.append(f"run store: {cfg['store']}  (distvi summary {cfg['store']})")
     if cfg["tracking"]:

@@ -5,6 +5,13 @@ value out of range or a missing file gives a :class:`ConfigError` naming the key
 accepts. YAML is safe-loaded (no tags that build Python objects). A config names code that
 will be run: ``model`` (and a ``loader`` data source) are ``module:function`` references,
 imported when the run starts — run only configs you trust.
+
+``n: null`` (or ``n: auto``) fits until converged (see :mod:`distvi.convergence`), at most
+``max_n`` steps, until successive phases agree within ``tol``; without an ``optimizer`` the
+first phase's rate is then ``adam(learning_rate=0.1)`` (relative to each coordinate's scale,
+as ``fit(n=None)`` defaults), and the fit starts from ``start: map`` unless ``start`` or
+``start_sigma`` give it a start of its own. ``start`` is ``map`` or initial values by variable
+name, ``start_sigma`` initial standard deviations (unconstrained space) by variable name.
 """
 
 from __future__ import annotations
@@ -43,7 +50,11 @@ TOP: dict[str, tuple[tuple, Any]] = {
     "data": ((dict,), None),
     "method": ((str,), "advi"),
     "method_options": ((dict,), {}),
-    "n": ((int,), 10_000),
+    "n": ((int, type(None)), 10_000),  # null (or auto): until converged
+    "max_n": ((int, type(None)), None),  # with n: null, the most steps
+    "tol": ((int, float, type(None)), None),  # with n: null, how closely phases agree
+    "start": ((str, dict, type(None)), None),  # map, or initial values by variable
+    "start_sigma": ((dict, type(None)), None),  # initial sds by variable (unconstrained)
     "optimizer": ((dict,), {"name": "adam", "learning_rate": 0.01}),
     "obj_n_mc": ((int, type(None)), None),
     "total_grad_norm_constraint": ((int, float, type(None)), None),
@@ -157,6 +168,11 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     are kept as given but must exist)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config is a mapping of keys to values, got {type(raw).__name__}")
+    raw = {**raw, "n": _steps_or_until(raw.get("n", TOP["n"][1]))}
+    if raw["n"] is None and "optimizer" not in raw:  # fit(n=None)'s default first rate
+        from distvi.convergence import LEARNING_RATE
+
+        raw["optimizer"] = {"name": "adam", "learning_rate": LEARNING_RATE}
     cfg = _fill("config", raw, TOP)
     if cfg["model"] is None:
         raise ConfigError("model is required: a reference 'module:function' to a model factory")
@@ -212,10 +228,13 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"optimizer: {err}") from None
     cfg["optimizer"] = {"name": name, **opt, **({"decay": decay} if decay is not None else {})}
-    _positive("n", cfg["n"], allow_none=False)
+    _positive("n", cfg["n"])
+    _check_until(cfg)
+    _check_start(cfg)
     from distvi._validate import MAX_STEPS
 
-    for key, most in (("n", MAX_STEPS), ("num_workers", 10_000), ("obj_n_mc", 100_000)):
+    for key, most in (("n", MAX_STEPS), ("max_n", MAX_STEPS), ("num_workers", 10_000),
+                      ("obj_n_mc", 100_000)):
         if cfg[key] is not None and cfg[key] > most:
             raise ConfigError(f"{key} must be <= {most}, got {cfg[key]}")
     for key in ("obj_n_mc", "batch_size", "checkpoint_every"):
@@ -236,7 +255,8 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     from distvi import _validate
 
     try:
-        _validate.average_from(cfg["average_from"], cfg["n"])
+        if cfg["n"] is not None:
+            _validate.average_from(cfg["average_from"], cfg["n"])
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     if cfg["diagnose"] is True:
@@ -250,6 +270,74 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
         cfg["tracking"] = _fill("tracking", cfg["tracking"], TRACKING)
         _positive("tracking.log_every", cfg["tracking"]["log_every"], allow_none=False)
     return cfg
+
+
+def _steps_or_until(n: Any) -> int | None:
+    """``n`` as given, ``None`` for ``null`` and ``auto`` (until converged)."""
+    if n is None or (isinstance(n, str) and n.strip().lower() == "auto"):
+        return None
+    if not _is(n, (int,)):
+        raise ConfigError(f"n must be an int (the number of steps), or null or auto (run until "
+                          f"converged), got {type(n).__name__} {n!r}")
+    return n
+
+
+def _check_until(cfg: dict[str, Any]) -> None:
+    """``max_n`` and ``tol`` go with ``n: null``, a schedule and ``average_from`` do not."""
+    if cfg["n"] is not None:
+        for key in ("max_n", "tol"):
+            if cfg[key] is not None:
+                raise ConfigError(f"{key} applies to a fit run until it converges: set n: null "
+                                  f"(or auto), or drop {key} (n is {cfg['n']})")
+        return
+    _positive("max_n", cfg["max_n"])
+    if cfg["tol"] is not None and not 0 < cfg["tol"] < 1:
+        raise ConfigError(f"tol must be a number in (0, 1) (posterior sds between successive "
+                          f"phases), got {cfg['tol']!r}")
+    if cfg["average_from"] is not None:
+        raise ConfigError("average_from is for a fixed n: with n: null the fit averages each of "
+                          "its phases itself; drop average_from")
+    if cfg["optimizer"].get("decay") is not None:
+        raise ConfigError("optimizer.decay is a learning-rate schedule, and n: null sets the "
+                          "rate itself (halving it between phases): drop optimizer.decay and "
+                          "give a constant learning_rate (the first phase's)")
+
+
+def _check_start(cfg: dict[str, Any]) -> None:
+    """``start`` (``map`` or values by variable) and ``start_sigma`` (sds by variable), by
+    form; the variables' names and shapes are checked against the model when it is built."""
+    method, start, sigma = cfg["method"], cfg["start"], cfg["start_sigma"]
+    if start is not None:
+        if method == "asvgd":
+            raise ConfigError("start does not apply to method asvgd (its approximation holds "
+                              "the start); drop start")
+        if isinstance(start, str) and start != "map":
+            raise ConfigError(f"start must be map or a mapping of variable names to initial "
+                              f"values, got {start!r}")
+        if isinstance(start, dict):
+            for key, value in start.items():
+                _check_numbers(f"start.{key}", key, value, positive=False)
+    if sigma is not None:
+        if method not in ("advi", "fullrank_advi"):
+            raise ConfigError(f"start_sigma applies to advi and fullrank_advi, not {method}; "
+                              f"drop start_sigma")
+        for key, value in sigma.items():
+            _check_numbers(f"start_sigma.{key}", key, value, positive=True)
+
+
+def _check_numbers(name: str, key: Any, value: Any, positive: bool) -> None:
+    """A variable's value: a finite number (> 0 for an sd) or a (nested) list of them."""
+    if not isinstance(key, str):
+        raise ConfigError(f"{name.partition('.')[0]}: keys are variable names, got {key!r}")
+
+    def ok(v) -> bool:
+        if isinstance(v, list):
+            return bool(v) and all(ok(x) for x in v)
+        return _is(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive)
+
+    if not ok(value):
+        what = "a number > 0 (an sd) or a list of them" if positive else "a number or a list of numbers"
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
 
 
 def optimizer_defaults(name: str) -> dict[str, Any]:

@@ -43,10 +43,10 @@ def write(tmp_path, cfg, name="c.yaml"):
 
 @pytest.mark.parametrize("change, match", [
     ({"optimiser": {"name": "adam"}}, r"unknown key 'optimiser'; allowed: .*optimizer"),
-    ({"n": "100"}, r"n must be an int, got str '100'"),
-    ({"n": True}, r"n must be an int, got bool"),
+    ({"n": "100"}, r"n must be an int \(the number of steps\), or null or auto \(run until converged\), got str '100'"),
+    ({"n": True}, r"n must be an int .*got bool"),
     ({"n": 0}, r"n must be >= 1"),
-    ({"n": float("inf")}, r"n must be an int, got float"),
+    ({"n": float("inf")}, r"n must be an int .*got float"),
     ({"model": "os.system"}, r"model must be a reference 'module:function'"),
     ({"model": "jobs.quickstart:model; rm -rf /"}, r"model must be a reference"),
     ({"method": "nuts"}, r"method must be one of advi, fullrank_advi, svgd, asvgd"),
@@ -203,4 +203,40 @@ def test_a_diagnosed_averaged_run_shows_khat_in_the_store_mlflow_and_summary(tmp
     assert main(["summary", str(store)]) == 0
     text = capsys.readouterr().out
     assert f"PSIS        k-hat {diag['khat']:.3f} ({diag['verdict']})" in text
+    assert diag["advice"] and f"            advice: {diag['advice']}" in text
+    assert diag["gradient_evaluations"] == 200 and "the fit used 200 gradient evaluations" in out
     assert "averaging   iterates after step 100 (average_from=0.5)" in text
+
+
+def test_summary_shows_the_start_and_the_convergence_of_a_run_fitted_until_converged(tmp_path, capsys):
+    from jobs.quickstart import load as load_data, model
+
+    store = tmp_path / "conv.zarr"
+    inf = dv.ADVI(model=model, data=load_data(rows=300), random_seed=3)
+    with inf:
+        inf.fit(None, max_n=3000, tol=0.3, store=str(store), progressbar=False)
+    conv, start = inf.convergence, inf.start_report
+    assert main(["summary", str(store)]) == 0
+    text = capsys.readouterr().out
+    assert f"steps       {conv.step} (until converged: at most 3000 steps, tol 0.3) recorded" in text
+    assert (f"start       map (the best Pathfinder Gaussian on an L-BFGS path): "
+            f"{start.gradient_evaluations} gradient evaluations, {start.iterations} L-BFGS "
+            f"iterations, {start.seconds:.2f} s") in text
+    assert (f"converged   {'yes' if conv.converged else 'no'} ({conv.reason}) at step {conv.step}, "
+            f"tol 0.3; {len(conv.phases)} phase(s), {conv.backoffs} backoff(s), "
+            f"{conv.gradient_evaluations} gradient evaluations") in text
+    rows = [line for line in text.splitlines() if line.startswith("  phase ")]
+    assert len(rows) == len(conv.phases) >= 2
+    for row, p in zip(rows, conv.phases):
+        assert f"rate {p.learning_rate:<10.4g} steps {p.start_step}-{p.end_step} " \
+               f"({p.end_step - p.start_step}) {p.outcome}, change " in row
+    assert rows[0].endswith("change -") and rows[-1].endswith(f"change {conv.phases[-1].change:.3g}")
+
+
+def test_summary_says_when_start_map_fell_back():
+    from distvi.cli import outcome_lines
+
+    (line,) = outcome_lines({"method": "default", "message": "L-BFGS made no progress (ABNORMAL)",
+                             "gradient_evaluations": 3, "iterations": 0, "seconds": 0.5}, None)
+    assert line == ("start       default (start='map' fell back: L-BFGS made no progress "
+                    "(ABNORMAL)): 3 gradient evaluations, 0 L-BFGS iterations, 0.50 s")

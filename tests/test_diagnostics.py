@@ -246,3 +246,81 @@ def test_non_finite_log_ratios_are_reported_not_fitted(linreg, monkeypatch):
     monkeypatch.setattr(inf.approx.shard_data, "logp", with_a_nan)
     with pytest.raises(FloatingPointError, match="1 of 200 log importance ratios are NaN"):
         inf.approx.diagnose(200, random_seed=1)
+
+
+# ------------------------------------------------------------------------- advice
+@pytest.fixture(scope="module")
+def collinear():
+    """Linear regression on three scalar coefficients: a and b on two nearly collinear
+    predictors (posterior correlation about -0.99), c on an independent one."""
+    import pymc as pm
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=500)
+    x = {"x1": z, "x2": 0.995 * z + np.sqrt(1 - 0.995**2) * rng.normal(size=500),
+         "x3": rng.normal(size=500)}
+    y = x["x1"] - 0.5 * x["x2"] + 0.3 * x["x3"] + rng.normal(size=500)
+
+    def factory(d):
+        with pm.Model() as m:
+            a, b, c = (pm.Normal(name, 0.0, 1.0) for name in "abc")
+            pm.Normal("y", a * d["x1"] + b * d["x2"] + c * d["x3"], 1.0, observed=d["y"])
+        return m
+
+    X = np.column_stack([x["x1"], x["x2"], x["x3"]])
+    cov = np.linalg.inv(np.eye(3) + X.T @ X)
+    return factory, {**x, "y": y}, cov @ X.T @ y, cov
+
+
+def fitted(cls, collinear):
+    factory, data, _, _ = collinear
+    inf = cls(model=factory, data=data, random_seed=1)
+    inf.fit(2000, obj_optimizer=dv.adam(learning_rate=GeometricDecay(0.05, 0.002, 0, 2000)),
+            obj_n_mc=2, average_from=0.5, progressbar=False)
+    return inf
+
+
+def test_mean_field_on_collinear_coefficients_is_told_which_to_group(collinear):
+    inf = fitted(dv.ADVI, collinear)
+    d = inf.approx.diagnose(10_000, random_seed=0)  # 10,000 draws: k-hat > 0.75 for every seed tried
+    assert d.khat > 0.7 and d.verdict == "do not trust", d
+    (a, b, r), *rest = d.correlated
+    assert (a, b) == ("a", "b") and r > 0.5 and all(r2 <= r for *_, r2 in rest)
+    assert "FullRankADVI" in d.advice and "Group(['a', 'b'], vfam='full_rank')" in d.advice
+    assert "'c'" not in d.advice
+    used = inf.approx.fit_info["gradient_evaluations"]
+    assert used == inf.gradient_evaluations == 2000 * 2
+    assert d.gradient_evaluations == used and d.as_dict()["gradient_evaluations"] == used
+    assert f"the fit used {used} gradient evaluations" in str(d)
+    assert f"advice: {d.advice}" in str(d) and d.as_dict()["advice"] == d.advice
+    assert d.as_dict()["correlated"][0][:2] == ["a", "b"]
+
+
+def test_full_rank_on_collinear_coefficients_needs_nothing_and_a_poor_one_more_steps(collinear):
+    _, _, mean, cov = collinear
+    inf = fitted(dv.FullRankADVI, collinear)
+    d = inf.approx.diagnose(2000, random_seed=0)
+    assert d.khat < 0.5 and d.advice == "no action needed", d
+    assert d.gradient_evaluations == inf.approx.fit_info["gradient_evaluations"] == 4000
+    assert d.correlated == []  # pairs the full-rank group holds already are not named
+    set_full_rank(inf.approx, mean, cov * 0.03)  # q far too narrow, all its correlations right
+    poor = inf.approx.diagnose(10_000, random_seed=0)  # k-hat > 0.94 for every seed tried
+    assert poor.khat > 0.7 and "more steps or n=None" in poor.advice, poor
+    assert "FullRankADVI" not in poor.advice and "Group(" not in poor.advice
+
+
+def test_advice_for_each_reading_of_khat(linreg):
+    from distvi.diagnostics import advise
+
+    mf = dv.ADVI(model=linreg.factory, data=linreg.data, random_seed=1).approx
+    fr = dv.FullRankADVI(model=linreg.factory, data=linreg.data, random_seed=1).approx
+    assert advise(mf, 0.3, [], {}) == advise(fr, 0.3, [], {}) == "no action needed"
+    assert "usable" in advise(mf, 0.6, [], {}) and "FullRankADVI" in advise(mf, 0.6, [], {})
+    assert "usable" in advise(fr, 0.6, [], {}) and "FullRankADVI" not in advise(fr, 0.6, [], {})
+    assert "skewed or heavy-tailed" in advise(mf, float("inf"), [], {})
+    assert "w's elements: 0.80" in advise(mf, 0.9, [("w", "w", 0.8)], {})
+    assert "more steps or n=None" in advise(fr, 0.9, [], {"converged": None})
+    assert "reparameterise" in advise(fr, 0.9, [], {"converged": True})
+    assert "no correlations were estimated" in advise(mf, 0.9, None, {})
+    # no fit yet: no count of gradient evaluations
+    assert dv.ADVI(model=linreg.factory, data=linreg.data).approx.diagnose(200).gradient_evaluations is None
