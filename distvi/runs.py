@@ -31,7 +31,8 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
     Parameters
     ----------
     n
-        Number of steps.
+        Number of steps; ``None`` (or ``"auto"``): until converged (see
+        :meth:`Inference.fit`).
     method
         ``"advi"``, ``"fullrank_advi"``, ``"svgd"``, ``"asvgd"``, or an :class:`Inference`
         instance.
@@ -58,7 +59,8 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
     >>> approx = fit(2000, model=factory, data={"x": x}, random_seed=1)   # doctest: +SKIP
     >>> idata = approx.sample(1000)                                      # doctest: +SKIP
     """
-    n = _validate.steps(n)
+    if n is not None and not (isinstance(n, str) and n == "auto"):  # n=None: Inference.fit checks
+        n = _validate.steps(n)
     inf_kwargs = dict(inf_kwargs or {})
     if isinstance(method, Inference):
         given = {k: v for k, v in dict(model=model, random_seed=random_seed, start=start,
@@ -139,6 +141,10 @@ def resume(store: Any, n: int | None = None, model: Any = None, data: Any = None
     attrs = rs.attrs
     config = attrs["config"]
     fit_config = config["fit"]
+    if n is None and fit_config["n"] is None:
+        raise StoreError(f"run store {rs.url!r} was a fit run until converged (n=None), which is "
+                         "not checkpointed phase by phase: give resume() a number of steps n "
+                         "to continue it with a fixed n")
     total = fit_config["n"] if n is None else _validate.steps(n)
     opt = obj_optimizer if obj_optimizer is not None else recorded_optimizer(fit_config)
     if fit_config.get("checkpoint_every") is None:

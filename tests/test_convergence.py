@@ -190,3 +190,17 @@ def test_n_auto_recorded_in_the_store(problem, tmp_path):
     assert conv["step"] == inf.state.step and len(conv["phases"]) == len(inf.convergence.phases)
     assert attrs["start"]["method"] == "map"
     assert attrs["start"]["gradient_evaluations"] == inf.start_report.gradient_evaluations
+
+
+def test_distvi_fit_runs_until_converged_and_resume_needs_an_n(problem, tmp_path):
+    from distvi.store import StoreError
+
+    data, mean, cov, _ = problem
+    store = str(tmp_path / "run.zarr")
+    approx = dv.fit(None, method="fullrank_advi", model=factory, data=data, random_seed=1,
+                    progressbar=False, store=store)
+    assert approx.fit_info["converged"] is True
+    mean_err, sd_err = errors(approx, mean, np.sqrt(np.diag(cov)))
+    assert mean_err < 0.1 and sd_err < 0.03
+    with pytest.raises(StoreError, match="was a fit run until converged"):
+        dv.resume(store, model=factory, data=data, progressbar=False)
