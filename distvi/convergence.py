@@ -9,20 +9,25 @@ the bias. Here:
 - **Scales.** Each phase's learning rate is relative: the optimizer's change of every
   coordinate is multiplied by that coordinate's scale in q at the phase's start (a mean's
   posterior sd — for a full-rank group its conditional sd given the others, the inverse
-  precision diagonal's root — and 1 for the log-scale parameters), so a rate means the
-  same on data of any size and on variables of any spread.
+  precision diagonal's root; an off-diagonal Cholesky entry that of its row over the root
+  of the row's length; 1 for the log-scale parameters), so a rate means the same on data
+  of any size and on variables of any spread.
 - **Stationarity.** The phase's iterates are summed in blocks (their size doubling so at
   most :data:`MAX_BLOCKS` are kept). The last half of the phase is split in two; it is
   stationary when, for every coordinate, the two halves' means differ by less than a
   Bonferroni bound on their noise (a z statistic from the block means), or by less than
   :data:`NEGLIGIBLE` of the coordinate's scale.
 - **Phases.** A stationary phase's last half is averaged; the fit restarts from that average
-  at half the learning rate. It has converged when two successive phases' averages give q
+  at half the learning rate, with a fresh optimizer state. It has converged when two successive phases' averages give q
   means within ``tol`` posterior sds and sds within ``tol`` relative (default 0.02).
-- **Divergence.** A non-finite step, or a loss climbing far above its running level (the
-  :class:`~distvi.driver.hooks.DivergenceWatch` rule), restarts from the last good average
-  (or the phase's start) at a quarter of the rate; after :data:`MAX_BACKOFFS` such restarts
-  the fit gives up with a :class:`~distvi.errors.ConvergenceWarning`.
+- **Divergence.** A non-finite step, a loss climbing far above its running level (the
+  :class:`~distvi.driver.hooks.DivergenceWatch` rule), a stationary average whose full-data
+  loss is far above the lowest seen, or (from a start near the answer) a running loss far
+  below it — a density gone wrong at runaway parameters — restarts from the last good
+  average (or the start) at a quarter of the rate; after :data:`MAX_BACKOFFS` such restarts
+  the fit gives up with a :class:`~distvi.errors.ConvergenceWarning`. A fit that stops
+  without converging (``max_n``, divergence) returns the last good average, not the last
+  iterate.
 """
 
 from __future__ import annotations
@@ -134,7 +139,8 @@ def step_scales(approx, params) -> tuple[np.ndarray, ...]:
             except np.linalg.LinAlgError:
                 cond = np.sqrt(np.diag(cov))
             rows, cols = np.tril_indices(d)
-            tril = np.where(rows == cols, 1.0, cond[rows])
+            # a row's entries move together: each by its share of the row's scale
+            tril = np.where(rows == cols, 1.0, cond[rows] / np.sqrt(rows + 1.0))
             out += [cond, tril]
         else:  # particles: their spread per coordinate
             h = p["histogram"]
@@ -179,7 +185,9 @@ class PhaseWatch:
     """A hook: stops the loop (``StopIteration``) when the phase's iterates are stationary
     (``outcome = "stationary"``) or the loss diverges (``"diverged"``)."""
 
-    def __init__(self, scales: tuple[np.ndarray, ...], rate: float = LEARNING_RATE) -> None:
+    def __init__(self, scales: tuple[np.ndarray, ...], rate: float = LEARNING_RATE,
+                 floor: float = -np.inf) -> None:
+        self.floor, self.trace = floor, None  # a running loss below floor: a runaway
         self.min_steps = max(MIN_BLOCKS * BLOCK, int(np.ceil(TURNS / rate)))
         flat = np.concatenate([np.ravel(s) for s in scales]) if scales else np.zeros(0)
         self.monitor = (np.arange(flat.size) if flat.size <= MONITORED else
@@ -195,10 +203,20 @@ class PhaseWatch:
         flat = np.concatenate([np.ravel(p) for p in state.params])
         self.steps += 1
         self.all.add(flat)
-        if self.fine.add(flat[self.monitor]) and self.steps >= self.min_steps \
-                and len(self.fine.sums) >= MIN_BLOCKS and self.stationary():
+        if not self.fine.add(flat[self.monitor]):
+            return
+        if self.below_floor():
+            self.outcome = "diverged"
+            raise StopIteration
+        if self.steps >= self.min_steps and len(self.fine.sums) >= MIN_BLOCKS and self.stationary():
             self.outcome = "stationary"
             raise StopIteration
+
+    def below_floor(self) -> bool:
+        t = self.trace
+        if t is None or not t.scored or self.floor == -np.inf or t.done < 25:
+            return False
+        return bool(np.median(t.losses[t.done - 25:t.done]) < self.floor)
 
     def diverged(self, step, level, best) -> None:
         """What :class:`~distvi.driver.hooks.DivergenceWatch` calls instead of warning."""
@@ -289,7 +307,7 @@ def change(before, after) -> float:
 def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Convergence:
     """Phases of ``inference`` from its state until converged, ``max_n`` steps, a stop, or
     too many divergences. ``run_phase(remaining, scales, watch)`` runs the loop (raising
-    :class:`NotFiniteError` as a fit does)."""
+    :class:`NotFiniteError` as a fit does). The state ends at the last good average."""
     conv = Convergence(tol, max_n)
     base = inference._optimizer
     rate = float(base.hyper["learning_rate"])
@@ -298,6 +316,10 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
     good = [np.array(p) for p in inference.state.params]  # where a divergence restarts
     before = None  # the last phase's moments
     reference = full_loss(inference, good, 0)  # the lowest full-data loss seen: the start's
+    # a start near the answer (or an accepted phase) is near the lowest loss there is: a
+    # running loss far below it is a density gone wrong at runaway parameters
+    trusted = inference.start_report is not None and inference.start_report.method == "map"
+    watch = None
     while True:
         step0 = inference.state.step
         remaining = max_n - (step0 - first)
@@ -306,7 +328,8 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
             break
         scales = step_scales(inference.approx, inference.state.params)
         inference._optimizer = optimizers.Optimizer(base.name, {**base.hyper, "learning_rate": rate})
-        watch = PhaseWatch(scales, rate)
+        floor = reference[0] - max(0.5 * abs(reference[0]), 10.0) if trusted else -np.inf
+        watch = PhaseWatch(scales, rate, floor)
         try:
             run_phase(remaining, scales, watch)
             outcome = watch.outcome
@@ -316,14 +339,6 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         conv.gradient_evaluations += (end - step0) * inference._points_per_step()
         phase = Phase(rate, step0, end, outcome or ("max_n" if end - first >= max_n else "stopped"))
         conv.phases.append(phase)
-        if outcome == "not finite":
-            conv.backoffs += 1
-            if conv.backoffs > MAX_BACKOFFS:
-                conv.reason = "diverged"
-                break
-            rate *= BACKOFF
-            inference.state = inference._fresh_state_at(good)
-            continue
         if outcome == "stationary":
             average = watch.average(shapes)
             level = full_loss(inference, average, len(conv.phases))
@@ -331,7 +346,7 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
                 outcome = phase.outcome = "diverged"  # settled, but far above where it was
             elif level[0] < reference[0]:
                 reference = level
-        if outcome == "diverged":
+        if outcome in ("diverged", "not finite"):
             conv.backoffs += 1
             if conv.backoffs > MAX_BACKOFFS:
                 conv.reason = "diverged"
@@ -343,8 +358,10 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
             conv.reason = phase.outcome
             break
         after = moments(inference.approx, average)
-        inference.state = inference.state._replace(params=tuple(average))
-        good = average
+        # a fresh optimizer: second moments remembered from a noisier phase would shrink the
+        # next phase's steps, and a phase that barely moves looks converged
+        inference.state = inference._fresh_state_at(average)
+        good, trusted = average, True
         if before is not None:
             phase.change = change(before, after)
             if phase.change < tol:
@@ -353,13 +370,35 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         before = after
         rate *= 0.5
     inference._optimizer = base
+    if conv.reason in ("max_n", "diverged"):
+        inference.state = inference.state._replace(
+            params=tuple(_last_good(inference, watch, shapes, good, reference, len(conv.phases))))
     conv.step = inference.state.step
     if not conv.converged and conv.reason != "stopped":
-        last = conv.phases[-1].change if conv.phases else float("nan")
-        what = (f"reached max_n={max_n} steps" if conv.reason == "max_n" else
-                f"diverged {conv.backoffs} times, each time restarted at a smaller learning rate")
-        warnings.warn(
-            f"the fit did not converge: it {what} (last change between phases {last:.3g}, "
-            f"tolerance {tol:g}); the approximation is the last good average. Try a larger "
-            "max_n, a smaller learning rate, or start='map'", ConvergenceWarning, stacklevel=4)
+        _warn_not_converged(conv, inference.start_report)
     return conv
+
+
+def _last_good(inference, watch, shapes, good, reference, phase: int) -> list[np.ndarray]:
+    """What an unconverged fit returns: the unfinished phase's average when it has blocks
+    enough and a loss no worse than the best, else the last accepted average."""
+    if watch is None or watch.outcome is not None or len(watch.all.sums) < 8:
+        return good
+    average = watch.average(shapes)
+    level = full_loss(inference, average, phase + 1)
+    return good if level[0] == np.inf or _far_above(level, reference) else average
+
+
+def _warn_not_converged(conv: Convergence, start_report) -> None:
+    changes = [p.change for p in conv.phases if np.isfinite(p.change)]
+    last = f"{changes[-1]:.3g}" if changes else "none yet"
+    what = (f"reached max_n={conv.max_n} steps" if conv.reason == "max_n" else
+            f"diverged {conv.backoffs} times, each time restarted at a smaller learning rate")
+    tips = ["a larger max_n", "a larger batch_size (minibatch noise sets how closely phases "
+            "can agree)", "a smaller learning rate"]
+    if start_report is None:
+        tips.append("start='map'")
+    warnings.warn(
+        f"the fit did not converge: it {what} (last change between phases {last}, tolerance "
+        f"{conv.tol:g}); the approximation is the last good average. Try " + ", ".join(tips),
+        ConvergenceWarning, stacklevel=5)

@@ -428,6 +428,7 @@ class Inference:
         if signals is not None:
             hooks.append(StopOnSignal(signals))
         if watch is not None:  # last: its StopIteration comes after every other hook saw the step
+            watch.trace = trace
             hooks.append(watch)
         if profiler is not None:
             step, backend = profiler.wrap_step(step), profiler.wrap_backend(backend)
