@@ -18,8 +18,10 @@ the bias. Here:
   Bonferroni bound on their noise (a z statistic from the block means), or by less than
   :data:`NEGLIGIBLE` of the coordinate's scale.
 - **Phases.** A stationary phase's last half is averaged; the fit restarts from that average
-  at half the learning rate, with a fresh optimizer state. It has converged when two successive phases' averages give q
-  means within ``tol`` posterior sds and sds within ``tol`` relative (default 0.02).
+  at half the learning rate, with a fresh optimizer state. It has converged when two
+  successive phases' averages give q means within ``tol`` posterior sds and sds within
+  ``tol`` relative (default 0.02), up to twice their Monte Carlo error (the spread of the
+  averaged half's parts), and that error is itself below ``tol``.
 - **Divergence.** A non-finite step, a loss climbing far above its running level (the
   :class:`~distvi.driver.hooks.DivergenceWatch` rule), a stationary average whose full-data
   loss is far above the lowest seen, or (from a start near the answer) a running loss far
@@ -63,6 +65,7 @@ class Phase:
     end_step: int
     outcome: str          # "stationary", "diverged", "not finite", "max_n", "stopped"
     change: float = float("nan")  # against the previous phase's average (NaN: the first)
+    noise: float = float("nan")   # the Monte Carlo error of that change, at most
 
 
 @dataclass
@@ -232,15 +235,19 @@ class PhaseWatch:
         ok = (drift <= bound * noise) | (drift <= NEGLIGIBLE * self.scale)
         return bool(np.all(ok))
 
-    def average(self, shapes) -> list[np.ndarray]:
-        """The mean of the phase's last half, as parameter arrays."""
-        mean = self.all.last_half().mean(axis=0)
-        out, i = [], 0
-        for s in shapes:
-            size = int(np.prod(s))
-            out.append(mean[i:i + size].reshape(s))
-            i += size
-        return out
+    def average(self, shapes, groups: int = 1) -> list:
+        """The mean of the phase's last half, as parameter arrays; with ``groups`` > 1, the
+        means of that many consecutive parts of it (for its Monte Carlo error)."""
+        parts = np.array_split(self.all.last_half(), groups)
+        out = []
+        for part in parts:
+            mean, arrays, i = part.mean(axis=0), [], 0
+            for s in shapes:
+                size = int(np.prod(s))
+                arrays.append(mean[i:i + size].reshape(s))
+                i += size
+            out.append(arrays)
+        return out[0] if groups == 1 else out
 
 
 LOSS_DRAWS = 16  # draws of the full-data loss at a phase's average
@@ -296,11 +303,29 @@ def moments(approx, params) -> tuple[np.ndarray, np.ndarray]:
         approx.params_values = saved
 
 
-def change(before, after) -> float:
-    """The largest change of a mean (in sds) or an sd (relative) between two phases."""
-    (m0, s0), (m1, s1) = before, after
-    return float(max(np.max(np.abs(m1 - m0) / s1, initial=0.0),
-                     np.max(np.abs(s1 - s0) / s1, initial=0.0)))
+NOISE_PARTS = 8  # parts of a phase's last half whose spread gives its average's error
+
+
+def phase_moments(approx, watch, shapes, average) -> tuple[np.ndarray, ...]:
+    """q's means and sds at a phase's ``average``, and their Monte Carlo standard errors
+    from the spread of :data:`NOISE_PARTS` consecutive parts of the averaged half."""
+    m, sd = moments(approx, average)
+    parts = [moments(approx, p) for p in watch.average(shapes, NOISE_PARTS)]
+    k = len(parts)
+    se_m = np.std([p[0] for p in parts], axis=0, ddof=1) / np.sqrt(k)
+    se_s = np.std([p[1] for p in parts], axis=0, ddof=1) / np.sqrt(k)
+    return m, sd, se_m, se_s
+
+
+def change(before, after) -> tuple[float, float, float]:
+    """Between two phases: the largest change of a mean (in sds) or an sd (relative); the
+    largest such change less twice its Monte Carlo error; and the largest error."""
+    (m0, s0, em0, es0), (m1, s1, em1, es1) = before, after
+    d = np.concatenate([np.abs(m1 - m0) / s1, np.abs(s1 - s0) / s1])
+    se = np.concatenate([np.hypot(em0, em1) / s1, np.hypot(es0, es1) / s1])
+    if d.size == 0:
+        return 0.0, 0.0, 0.0
+    return float(d.max()), float(np.max(np.maximum(d - 2 * se, 0.0))), float(se.max())
 
 
 # ------------------------------------------------------------------ the phases
@@ -357,14 +382,14 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         if outcome is None:
             conv.reason = phase.outcome
             break
-        after = moments(inference.approx, average)
+        after = phase_moments(inference.approx, watch, shapes, average)
         # a fresh optimizer: second moments remembered from a noisier phase would shrink the
         # next phase's steps, and a phase that barely moves looks converged
         inference.state = inference._fresh_state_at(average)
         good, trusted = average, True
         if before is not None:
-            phase.change = change(before, after)
-            if phase.change < tol:
+            phase.change, beyond_noise, phase.noise = change(before, after)
+            if beyond_noise < tol and phase.noise < tol:
                 conv.converged, conv.reason = True, "converged"
                 break
         before = after

@@ -166,56 +166,10 @@ def report(inference, cfg) -> None:
         print(f"{name:<10} {fit:>18}   {nuts:>16}   {_est(*exact[name]):>17}   {_est(pub, pub_se):>18}")
 
 
-def names_n(config: str, overrides: list[str]) -> bool:
-    """Whether the config file or its ``--set`` overrides give ``n`` (a fixed number of steps)."""
-    import yaml
-
-    from distvi.config import apply_override
-
-    raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
-    for item in overrides:
-        apply_override(raw, item)
-    return isinstance(raw, dict) and "n" in raw
-
-
 def main(argv: list[str] | None = None):
-    """``distvi.cli.job_main``, except that a config that does not name ``n`` runs until
-    converged (``fit(n=None)``): distvi's config wants an int ``n`` (10,000 when left out)."""
-    import argparse
+    from distvi.cli import job_main
 
-    import arviz as az
-
-    from distvi.cli import EXIT_ERROR, EXIT_INTERRUPTED, _finished, run_config, summary_text
-    from distvi.config import ConfigError, load
-    from distvi.redact import redact
-
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/radon.yaml",
-                        help="YAML config (default configs/radon.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted for nested keys; the value is YAML)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load(args.config, args.set)
-        if not names_n(args.config, args.set):
-            if "decay" in cfg["optimizer"]:
-                raise ConfigError("optimizer.decay needs a fixed n: give n, or drop the decay "
-                                  "to run until converged")
-            cfg["n"] = None  # run until converged
-    except ConfigError as err:
-        parser.exit(EXIT_ERROR, redact(f"distvi: error: {err}\n"))
-    inference = run_config(cfg)
-    if inference.interrupted:
-        sys.exit(EXIT_INTERRUPTED)
-    if cfg["store"]:
-        print(summary_text(cfg["store"], max_rows=30))
-    else:
-        table = az.summary(inference.approx.sample(1000, random_seed=cfg["seed"]), kind="stats")
-        print(table.iloc[:30].to_string() + (f"\n... {len(table) - 30} more rows" if len(table) > 30 else ""))
-    report(inference, cfg)
-    print(_finished(cfg, inference))
-    return inference
+    return job_main(__doc__, "configs/radon.yaml", argv, report=report)
 
 
 if __name__ == "__main__":

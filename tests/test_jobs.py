@@ -116,7 +116,7 @@ def test_radon_mean_field_job_runs_and_reports(tmp_path, capsys):
 def test_radon_through_the_distvi_command(tmp_path, capsys):
     store = str(tmp_path / "cli.zarr")
     code = distvi.cli.main(["run", "configs/radon.yaml",
-                            *sets(**SHORT, n=100, obj_n_mc=1, store=store)])
+                            *sets(**SHORT, n=100, tol="null", obj_n_mc=1, store=store)])
     assert code == 0
     assert f"fitted fullrank_advi for 100 steps\nrun store: {store}" in capsys.readouterr().out
     assert distvi.cli.main(["summary", store]) == 0
@@ -127,11 +127,7 @@ def test_radon_through_the_distvi_command(tmp_path, capsys):
         assert re.search(rf"^{re.escape(name)}\s+-?\d", out, re.M), name
 
 
-def test_radon_job_runs_until_converged_unless_n_is_named(tmp_path):
-    assert not radon.names_n("configs/radon.yaml", [])
-    assert radon.names_n("configs/radon.yaml", ["n=2000"])
-    assert radon.names_n("configs/radon_meanfield.yaml", [])
-    assert radon.names_n("configs/radon_cluster.yaml", [])
+def test_radon_job_refuses_a_decaying_rate_with_n_none():
     # a decaying rate and n=None both set the rate: refused before any work
     with pytest.raises(SystemExit) as err:
         radon.main(sets(**SHORT, optimizer__decay="{to: 0.001}"))
@@ -140,8 +136,8 @@ def test_radon_job_runs_until_converged_unless_n_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_radon_full_rank_converges_and_matches_nuts(capsys):
-    """The job's default fit: full-rank ADVI with n=None from start='map' converges (about
-    35,000-56,000 steps, under a minute here) and recovers NUTS's posterior: every mean within
+    """The job's default fit: full-rank ADVI with n=None (tol 0.05) from start='map' converges
+    (about 87,000-90,000 steps for seeds 1 and 2, under a minute here) and recovers NUTS's posterior: every mean within
     0.1 NUTS sd, the sds of mu_a, b and sigma_y within 10 %. The sd of sigma_a is about two
     thirds of NUTS's (0.031 against 0.047 for seeds 1, 2, 3): the best Gaussian in log sigma_a
     is narrower than the skewed posterior, which no convergence changes; mean-field gives
