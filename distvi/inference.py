@@ -103,8 +103,7 @@ class Inference:
         self._signals: DeferredSignals | None = None  # set while a fit runs
         self.interrupted: str | None = None  # "SIGINT"/"SIGTERM" when the last fit was stopped by one
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
-        self._until: tuple[int, float] | None = None  # a fit with n=None: (max_n, tol)
-        self._scales: tuple | None = None  # and its phase's per-coordinate rate scales
+        self._until, self._scales = None, None  # n=None: (max_n, tol); a phase's rate scales
         self.convergence = None  # why the last fit with n=None stopped (a Convergence)
         self.start_report = None  # how the last fit's start='map' went (a StartReport)
         self.gradient_evaluations = 0  # points at which the model's gradient was taken, all fits
