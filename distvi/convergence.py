@@ -283,9 +283,9 @@ def full_loss(inference, params, phase: int) -> tuple[float, float]:
 def _far_above(level, reference) -> bool:
     """A full-data loss far above the lowest seen, by 1 % of it and ten of its standard
     errors (a phase's average is never worse than its start but by noise; a runaway q's
-    own estimate is too noisy to be a yardstick), or a
-    million times its size either way (arithmetic of parameters that ran away)."""
-    (now, se), (best, best_se) = level, reference
+    own estimate is too noisy to be a yardstick), or a million times its size either way
+    (arithmetic of parameters that ran away)."""
+    (now, _), (best, best_se) = level, reference
     if np.isnan(now) or np.isnan(best):  # particles: no loss to compare
         return False
     if abs(now) > 1e6 * max(abs(best), 1.0):
