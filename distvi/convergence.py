@@ -12,6 +12,10 @@ the bias. Here:
   precision diagonal's root; an off-diagonal Cholesky entry that of its row over the root
   of the row's length; 1 for the log-scale parameters), so a rate means the same on data
   of any size and on variables of any spread.
+- **Minibatches.** On minibatches each phase anchors a control variate at q's mean (see
+  :mod:`distvi.backends.anchored`: the step's minibatch estimate there is subtracted, the
+  exact full-data value added), which takes most of the minibatch noise out near the
+  posterior, at one full-data pass a phase and one point more a step.
 - **Stationarity.** The phase's iterates are summed in blocks (their size doubling so at
   most :data:`MAX_BLOCKS` are kept). The last half of the phase is split in two; it is
   stationary when, for every coordinate, the two halves' means differ by less than a
@@ -42,6 +46,7 @@ from scipy.special import ndtri
 
 from distvi import optimizers
 from distvi.errors import ConvergenceWarning, NotFiniteError
+from distvi.phase_stats import change, far_above, full_loss, moments, phase_moments, step_scales
 
 MAX_N = 100_000       # steps at most when n=None
 TOL = 0.02            # successive phases agree within this (sd units / relative sd)
@@ -122,37 +127,6 @@ def check_until(n, max_n, tol, average_from, resume, optimizer) -> tuple[int, tu
     return max_n, (max_n, tol)
 
 
-# ------------------------------------------------------------------ scales
-def step_scales(approx, params) -> tuple[np.ndarray, ...]:
-    """Per parameter of ``approx`` at the values ``params``, each coordinate's scale in q."""
-    out = []
-    values = list(params)
-    i = 0
-    for group in approx.groups:
-        p = {k: np.asarray(values[i + j]) for j, k in enumerate(group.family.param_names)}
-        i += len(group.family.param_names)
-        if group.vfam == "mean_field":
-            sd = group.family.evaluate("std", p)
-            out += [sd, np.ones_like(p["rho"])]
-        elif group.vfam == "full_rank":
-            cov = group.family.evaluate("cov", p)
-            d = cov.shape[0]
-            try:
-                cond = 1.0 / np.sqrt(np.diag(np.linalg.inv(cov)))
-            except np.linalg.LinAlgError:
-                cond = np.sqrt(np.diag(cov))
-            rows, cols = np.tril_indices(d)
-            # a row's entries move together: each by its share of the row's scale
-            tril = np.where(rows == cols, 1.0, cond[rows] / np.sqrt(rows + 1.0))
-            out += [cond, tril]
-        else:  # particles: their spread per coordinate
-            h = p["histogram"]
-            sd = h.std(axis=0) if h.shape[0] > 1 else np.ones(h.shape[1])
-            sd = np.where(sd > 0, sd, 1.0)
-            out += [np.broadcast_to(sd, h.shape).copy()]
-    return tuple(np.where(np.isfinite(s) & (s > 0), s, 1.0).astype("float64") for s in out)
-
-
 # ------------------------------------------------------------------ one phase
 class _Blocks:
     """Sums of consecutive iterates in blocks of ``size`` steps, at most :data:`MAX_BLOCKS`
@@ -189,8 +163,12 @@ class PhaseWatch:
     (``outcome = "stationary"``) or the loss diverges (``"diverged"``)."""
 
     def __init__(self, scales: tuple[np.ndarray, ...], rate: float = LEARNING_RATE,
-                 floor: float = -np.inf) -> None:
+                 floor: float = -np.inf, anchor: tuple | None = None) -> None:
         self.floor, self.trace = floor, None  # a running loss below floor: a runaway
+        # the phase's per-coordinate rate scales, and its control variate's anchor:
+        # (point, full-data log-likelihood, gradient) or None
+        self.scales, self.anchor = scales, anchor
+        self.anchored = int(anchor is not None)  # points a step evaluates beyond q's
         self.min_steps = max(MIN_BLOCKS * BLOCK, int(np.ceil(TURNS / rate)))
         flat = np.concatenate([np.ravel(s) for s in scales]) if scales else np.zeros(0)
         self.monitor = (np.arange(flat.size) if flat.size <= MONITORED else
@@ -214,6 +192,14 @@ class PhaseWatch:
         if self.steps >= self.min_steps and len(self.fine.sums) >= MIN_BLOCKS and self.stationary():
             self.outcome = "stationary"
             raise StopIteration
+
+    def backend(self, backend):
+        """The fit's backend for this phase: with the control variate when anchored."""
+        if self.anchor is None:
+            return backend
+        from distvi.backends.anchored import AnchoredBackend
+
+        return AnchoredBackend(backend, *self.anchor)
 
     def below_floor(self) -> bool:
         t = self.trace
@@ -250,88 +236,10 @@ class PhaseWatch:
         return out[0] if groups == 1 else out
 
 
-LOSS_DRAWS = 16  # draws of the full-data loss at a phase's average
-
-
-def full_loss(inference, params, phase: int) -> tuple[float, float]:
-    """The full-data loss (negative ELBO: minus the expected log density, on the fit's
-    workers, over :data:`LOSS_DRAWS` draws of q seeded by the run and phase, minus q's exact
-    entropy) at ``params`` and its Monte Carlo standard error; NaN for particles (no
-    entropy). The entropy is exact, not log q at the draws, which a nearly singular q turns
-    to rounding noise."""
-    from distvi._rng import PATHFINDER_STREAM
-
-    approx = inference.approx
-    if any(g.vfam == "empirical" for g in approx.groups):
-        return float("nan"), float("nan")
-    saved = approx.params_values
-    approx.params_values = params
-    try:
-        rng = np.random.default_rng([inference.random_seed, PATHFINDER_STREAM, phase])
-        points = approx.draw_flat(LOSS_DRAWS, rng)
-        with np.errstate(all="ignore"):
-            data, prior = approx._data_and_prior(points)
-            entropy = sum(float(g.family.evaluate("entropy", dict(g.params))) for g in approx.groups)
-            values = -data - prior
-    finally:
-        approx.params_values = saved
-    if not (np.all(np.isfinite(values)) and np.isfinite(entropy)):
-        return float("inf"), float("inf")
-    return float(np.mean(values) - entropy), float(np.std(values, ddof=1) / np.sqrt(LOSS_DRAWS))
-
-
-def _far_above(level, reference) -> bool:
-    """A full-data loss far above the lowest seen, by 1 % of it and ten of its standard
-    errors (a phase's average is never worse than its start but by noise; a runaway q's
-    own estimate is too noisy to be a yardstick), or a million times its size either way
-    (arithmetic of parameters that ran away)."""
-    (now, _), (best, best_se) = level, reference
-    if np.isnan(now) or np.isnan(best):  # particles: no loss to compare
-        return False
-    if abs(now) > 1e6 * max(abs(best), 1.0):
-        return True  # a million times the size of any loss seen, either way: a runaway
-    return now - best > max(10 * best_se, 0.01 * abs(best), 1e-9)
-
-
-def moments(approx, params) -> tuple[np.ndarray, np.ndarray]:
-    """q's flat means and standard deviations at the parameter values ``params``."""
-    saved = approx.params_values
-    approx.params_values = params
-    try:
-        return np.asarray(approx.mean, dtype="float64"), np.asarray(approx.std, dtype="float64")
-    finally:
-        approx.params_values = saved
-
-
-NOISE_PARTS = 8  # parts of a phase's last half whose spread gives its average's error
-
-
-def phase_moments(approx, watch, shapes, average) -> tuple[np.ndarray, ...]:
-    """q's means and sds at a phase's ``average``, and their Monte Carlo standard errors
-    from the spread of :data:`NOISE_PARTS` consecutive parts of the averaged half."""
-    m, sd = moments(approx, average)
-    parts = [moments(approx, p) for p in watch.average(shapes, NOISE_PARTS)]
-    k = len(parts)
-    se_m = np.std([p[0] for p in parts], axis=0, ddof=1) / np.sqrt(k)
-    se_s = np.std([p[1] for p in parts], axis=0, ddof=1) / np.sqrt(k)
-    return m, sd, se_m, se_s
-
-
-def change(before, after) -> tuple[float, float, float]:
-    """Between two phases: the largest change of a mean (in sds) or an sd (relative); the
-    largest such change less twice its Monte Carlo error; and the largest error."""
-    (m0, s0, em0, es0), (m1, s1, em1, es1) = before, after
-    d = np.concatenate([np.abs(m1 - m0) / s1, np.abs(s1 - s0) / s1])
-    se = np.concatenate([np.hypot(em0, em1) / s1, np.hypot(es0, es1) / s1])
-    if d.size == 0:
-        return 0.0, 0.0, 0.0
-    return float(d.max()), float(np.max(np.maximum(d - 2 * se, 0.0))), float(se.max())
-
-
 # ------------------------------------------------------------------ the phases
 def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Convergence:
     """Phases of ``inference`` from its state until converged, ``max_n`` steps, a stop, or
-    too many divergences. ``run_phase(remaining, scales, watch)`` runs the loop (raising
+    too many divergences. ``run_phase(remaining, watch)`` runs the loop (raising
     :class:`NotFiniteError` as a fit does). The state ends at the last good average."""
     conv = Convergence(tol, max_n)
     base = inference._optimizer
@@ -344,6 +252,8 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
     # a start near the answer (or an accepted phase) is near the lowest loss there is: a
     # running loss far below it is a density gone wrong at runaway parameters
     trusted = inference.start_report is not None and inference.start_report.method == "map"
+    shards = inference.shards
+    minibatched = shards.has_data and shards.rows_per_step < shards.source.n_rows
     watch = None
     while True:
         step0 = inference.state.step
@@ -354,20 +264,22 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         scales = step_scales(inference.approx, inference.state.params)
         inference._optimizer = optimizers.Optimizer(base.name, {**base.hyper, "learning_rate": rate})
         floor = reference[0] - max(0.5 * abs(reference[0]), 10.0) if trusted else -np.inf
-        watch = PhaseWatch(scales, rate, floor)
+        anchor = _anchor(inference) if minibatched else None
+        watch = PhaseWatch(scales, rate, floor, anchor)
         try:
-            run_phase(remaining, scales, watch)
+            run_phase(remaining, watch)
             outcome = watch.outcome
         except NotFiniteError:
             outcome = "not finite"
         end = inference.state.step
-        conv.gradient_evaluations += (end - step0) * inference._points_per_step()
+        conv.gradient_evaluations += (end - step0) * (inference._points_per_step() + watch.anchored) \
+            + watch.anchored  # the anchor's full-data gradient
         phase = Phase(rate, step0, end, outcome or ("max_n" if end - first >= max_n else "stopped"))
         conv.phases.append(phase)
         if outcome == "stationary":
             average = watch.average(shapes)
             level = full_loss(inference, average, len(conv.phases))
-            if level[0] == np.inf or _far_above(level, reference):
+            if level[0] == np.inf or far_above(level, reference):
                 outcome = phase.outcome = "diverged"  # settled, but far above where it was
             elif level[0] < reference[0]:
                 reference = level
@@ -404,6 +316,14 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
     return conv
 
 
+def _anchor(inference) -> tuple:
+    """A control variate's anchor at q's mean: the point and its full-data log-likelihood
+    and gradient (one pass of the workers over their whole shards)."""
+    mean = moments(inference.approx, inference.state.params)[0]
+    logp, grad = inference.shards.logp_and_grad(mean[None, :])
+    return mean, float(logp[0]), grad[0]
+
+
 def _last_good(inference, watch, shapes, good, reference, phase: int) -> list[np.ndarray]:
     """What an unconverged fit returns: the unfinished phase's average when it has blocks
     enough and a loss no worse than the best, else the last accepted average."""
@@ -411,7 +331,7 @@ def _last_good(inference, watch, shapes, good, reference, phase: int) -> list[np
         return good
     average = watch.average(shapes)
     level = full_loss(inference, average, phase + 1)
-    return good if level[0] == np.inf or _far_above(level, reference) else average
+    return good if level[0] == np.inf or far_above(level, reference) else average
 
 
 def _warn_not_converged(conv: Convergence, start_report) -> None:

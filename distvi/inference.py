@@ -318,8 +318,8 @@ class Inference:
             return
         from distvi.convergence import run_until_converged
 
-        def phase(remaining, scales, watch):
-            self._scales = scales
+        def phase(remaining, watch):
+            self._scales = watch.scales
             try:
                 self._run(remaining, score, callbacks, progressbar, recorder=recorder, watch=watch)
             finally:
@@ -407,7 +407,7 @@ class Inference:
             return
         # the first rate before any work: a schedule's NaN rate is refused with no worker started
         self._optimizer.learning_rate_at(self.state.opt_step)
-        backend = self.shards.start()
+        backend = self.shards.start() if watch is None else watch.backend(self.shards.start())
         signals = self._signals
         if signals is not None:
             signals.arm()
@@ -444,7 +444,7 @@ class Inference:
             if progress is not None:
                 progress.close()
             self.state = loop.state or self.state
-            self.gradient_evaluations += trace.done * self._points_per_step()
+            self.gradient_evaluations += trace.done * (self._points_per_step() + getattr(watch, "anchored", 0))
             self.approx.params_values = self.state.result
             if score:
                 self.hist = np.concatenate([self.hist, trace.losses[:trace.done]])

@@ -391,11 +391,11 @@ LAYERS = [
                 "distvi.driver.profile"}),
     ("backends", {"distvi.worker", "distvi.backends", "distvi.backends.base", "distvi.backends.local",
                   "distvi.backends.ray", "distvi.backends.ray_cluster",
-                  "distvi.backends.start"}),
+                  "distvi.backends.start", "distvi.backends.anchored"}),
     ("sinks", {"distvi.store", "distvi.tracking"}),
     ("inference", {"distvi.shard_data", "distvi.rebuild", "distvi.recording",
                    "distvi.inference", "distvi.methods", "distvi.pathfinder",
-                   "distvi.convergence"}),
+                   "distvi.convergence", "distvi.phase_stats"}),
     ("runs", {"distvi.runs"}),
     ("front", {"distvi.config", "distvi.cli", "distvi"}),
 ]
