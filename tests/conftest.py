@@ -105,6 +105,15 @@ def write_zarr(path, arrays, chunk_rows=100):
     return str(path)
 
 
+def write_config(tmp_path, cfg, name="c.yaml"):
+    """A config (a dict, dumped as YAML, or YAML text) written to ``tmp_path / name``."""
+    import yaml
+
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg) if isinstance(cfg, dict) else cfg)
+    return str(path)
+
+
 # ---------------------------------------------------------------------------- local ports
 def free_port() -> int:
     with socket.socket() as s:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+
+from conftest import write_config
 
 import distvi as dv
 from distvi.cli import main
@@ -35,10 +36,7 @@ def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # jobs.* references resolve from the working directory
 
 
-def write(tmp_path, cfg, name="c.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg) if isinstance(cfg, dict) else cfg)
-    return str(path)
+write = write_config  # a config file in tmp_path
 
 
 @pytest.mark.parametrize("change, match", [

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+
+from conftest import write_config
 
 import distvi as dv
 from distvi.cli import main, run_config
@@ -32,10 +33,7 @@ def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # jobs.* references resolve from the working directory
 
 
-def write(tmp_path, cfg, name="c.yaml"):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+write = write_config  # a config file in tmp_path
 
 
 @pytest.fixture
