@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.special import ndtri
 
-from distvi import optimizers
+from distvi import _validate, optimizers
 from distvi.errors import ConvergenceWarning, NotFiniteError
 from distvi.phase_stats import change, far_above, full_loss, moments, phase_moments, step_scales
 
@@ -94,9 +94,7 @@ class Convergence:
 
 
 def check_tol(tol) -> float:
-    from distvi._validate import is_real
-
-    if not is_real(tol) or not 0 < float(tol) < 1:
+    if not _validate.is_real(tol) or not 0 < float(tol) < 1:
         raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
     return float(tol)
 
@@ -104,8 +102,6 @@ def check_tol(tol) -> float:
 def check_until(n, max_n, tol, average_from, resume, optimizer) -> tuple[int, tuple | None]:
     """The steps a fit runs at most and, for ``n=None`` (or ``"auto"``), its ``(max_n,
     tol)``; every setting that does not go with it refused before any work."""
-    from distvi import _validate
-
     if n is not None and not (isinstance(n, str) and n == "auto"):
         if max_n is not None or tol is not None:
             raise TypeError("max_n= and tol= apply to a fit run until it converges: give "
