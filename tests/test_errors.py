@@ -140,7 +140,7 @@ def test_negative_n(no_work, spy, linreg):
     assert spy.calls == 0
 
 
-@pytest.mark.parametrize("n", [10.0, "10", None])
+@pytest.mark.parametrize("n", [10.0, "10", "forever"])  # None and "auto": until converged
 def test_n_not_int(no_work, spy, linreg, n):
     with pytest.raises(TypeError, match="n must be an int"):
         fit(spy, linreg.data, n=n)
