@@ -81,8 +81,9 @@ def test_store_records_config_layout_data_versions_and_posterior(lr, tmp_path):
     inf = fit(make(lr, "ADVI"), 300, store=store, checkpoint_every=100)
     run = dv.open_run(store, model=lr.factory, data=lr.data)
     assert run.config["method"] == "ADVI"
+    # stl: the choice recorded (None: off for a fixed n, on for n=None)
     assert run.config["inference"] == {"batch_size": 50, "num_workers": 1, "backend": "local",
-                                       "random_seed": 3, "beta": 1.0, "stl": False}
+                                       "random_seed": 3, "beta": 1.0, "stl": None}
     assert run.config["fit"]["optimizer"] == {"name": "adam", "hyper": {
         "learning_rate": 0.02, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}}
     assert run.config["fit"]["n"] == 300 and run.config["fit"]["checkpoint_every"] == 100
