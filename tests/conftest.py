@@ -105,6 +105,12 @@ def write_zarr(path, arrays, chunk_rows=100):
     return str(path)
 
 
+@pytest.fixture
+def at_repo_root(monkeypatch):
+    """The repository root as the working directory: configs' jobs.* references resolve."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+
+
 def write_config(tmp_path, cfg, name="c.yaml"):
     """A config (a dict, dumped as YAML, or YAML text) written to ``tmp_path / name``."""
     import yaml

@@ -31,9 +31,7 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def at_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # jobs.* references resolve from the working directory
+pytestmark = pytest.mark.usefixtures("at_repo_root")  # configs name jobs.* from the root
 
 
 write = write_config  # a config file in tmp_path

@@ -2,7 +2,6 @@
 start values, start_sigma): each key reaches the fit, each bad value is refused naming it."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,6 @@ from conftest import write_config
 import distvi as dv
 from distvi.cli import main, run_config
 from distvi.config import ConfigError, load
-
-ROOT = Path(__file__).resolve().parent.parent
 
 BASE = {
     "model": "jobs.quickstart:model",
@@ -28,9 +25,7 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def at_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # jobs.* references resolve from the working directory
+pytestmark = pytest.mark.usefixtures("at_repo_root")  # configs name jobs.* from the root
 
 
 write = write_config  # a config file in tmp_path

@@ -21,9 +21,7 @@ from jobs import bnn_svgd, radon  # noqa: E402
 import distvi.cli  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def at_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the configs' jobs.* references resolve from the working directory
+pytestmark = pytest.mark.usefixtures("at_repo_root")  # configs name jobs.* from the root
 
 
 def sets(**overrides) -> list[str]:
