@@ -11,7 +11,9 @@ the bias. Here:
   posterior sd — for a full-rank group its conditional sd given the others, the inverse
   precision diagonal's root; an off-diagonal Cholesky entry that of its row over the root
   of the row's length; 1 for the log-scale parameters), so a rate means the same on data
-  of any size and on variables of any spread.
+  of any size and on variables of any spread. A full-rank group's mean steps in q's
+  whitened coordinates instead (the optimizer sees ``L' g``, its change is mapped back by
+  ``L``, q's Cholesky factor at the phase's start), so correlated coordinates move together.
 - **Minibatches.** On minibatches each phase anchors a control variate at q's mean (see
   :mod:`distvi.backends.anchored`: the step's minibatch estimate there is subtracted, the
   exact full-data value added), which takes most of the minibatch noise out near the
@@ -26,6 +28,10 @@ the bias. Here:
   successive phases' averages give q means within ``tol`` posterior sds and sds within
   ``tol`` relative (default 0.02), up to twice their Monte Carlo error (the spread of the
   averaged half's parts), and that error is itself below ``tol``.
+- **Draws.** A phase whose average has its own Monte Carlo error above ``tol / 2`` doubles
+  q's draws a step for the next phases (at most :data:`MAX_DRAWS`): for a coordinate whose
+  gradient is mostly noise, the error of a phase's average depends on its steps and draws,
+  not on the rate (a smaller rate shrinks the cloud but slows its mixing as much).
 - **Divergence.** A non-finite step, a loss climbing far above its running level (the
   :class:`~distvi.driver.hooks.DivergenceWatch` rule), a stationary average whose full-data
   loss is far above the lowest seen, or (from a start near the answer) a running loss far
@@ -46,7 +52,8 @@ from scipy.special import ndtri
 
 from distvi import _validate, optimizers
 from distvi.errors import ConvergenceWarning, NotFiniteError
-from distvi.phase_stats import change, far_above, full_loss, moments, phase_moments, step_scales
+from distvi.phase_stats import (change, far_above, full_loss, moments, phase_moments, step_scales,
+                                whitening)
 
 MAX_N = 100_000       # steps at most when n=None
 TOL = 0.02            # successive phases agree within this (sd units / relative sd)
@@ -58,6 +65,7 @@ TURNS = 5             # a phase lasts at least this over its rate: time to move 
 MONITORED = 2000      # coordinates tested for stationarity at most
 NEGLIGIBLE = 0.05     # a drift this small against a coordinate's scale is stationary
 MAX_BACKOFFS = 8      # divergence restarts before the fit gives up
+MAX_DRAWS = 32        # q's draws a step at most, when a phase's own error asks for more
 BACKOFF = 0.25        # the rate after a divergence, relative to the one that diverged
 
 
@@ -71,6 +79,7 @@ class Phase:
     outcome: str          # "stationary", "diverged", "not finite", "max_n", "stopped"
     change: float = float("nan")  # against the previous phase's average (NaN: the first)
     noise: float = float("nan")   # the Monte Carlo error of that change, at most
+    draws: int = 1                # points of q a step (draws; an SVGD's particles)
 
 
 @dataclass
@@ -159,11 +168,13 @@ class PhaseWatch:
     (``outcome = "stationary"``) or the loss diverges (``"diverged"``)."""
 
     def __init__(self, scales: tuple[np.ndarray, ...], rate: float = LEARNING_RATE,
-                 floor: float = -np.inf, anchor: tuple | None = None) -> None:
+                 floor: float = -np.inf, anchor: tuple | None = None,
+                 maps: dict[int, np.ndarray] | None = None) -> None:
         self.floor, self.trace = floor, None  # a running loss below floor: a runaway
-        # the phase's per-coordinate rate scales, and its control variate's anchor:
+        # the phase's per-coordinate rate scales, the parameters that step in whitened
+        # coordinates instead (position -> matrix), and its control variate's anchor:
         # (point, full-data log-likelihood, gradient) or None
-        self.scales, self.anchor = scales, anchor
+        self.scales, self.maps, self.anchor = scales, dict(maps or {}), anchor
         self.anchored = int(anchor is not None)  # points a step evaluates beyond q's
         self.min_steps = max(MIN_BLOCKS * BLOCK, int(np.ceil(TURNS / rate)))
         flat = np.concatenate([np.ravel(s) for s in scales]) if scales else np.zeros(0)
@@ -188,6 +199,10 @@ class PhaseWatch:
         if self.steps >= self.min_steps and len(self.fine.sums) >= MIN_BLOCKS and self.stationary():
             self.outcome = "stationary"
             raise StopIteration
+
+    def program_scales(self) -> tuple[np.ndarray, ...]:
+        """What the scaled step takes per parameter: its scales, or its whitening matrix."""
+        return tuple(self.maps.get(i, s) for i, s in enumerate(self.scales))
 
     def backend(self, backend):
         """The fit's backend for this phase: with the control variate when anchored."""
@@ -238,8 +253,8 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
     too many divergences. ``run_phase(remaining, watch)`` runs the loop (raising
     :class:`NotFiniteError` as a fit does). The state ends at the last good average."""
     conv = Convergence(tol, max_n)
-    base = inference._optimizer
-    rate = float(base.hyper["learning_rate"])
+    base, base_draws = inference._optimizer, inference._n_mc
+    rate, draws = float(base.hyper["learning_rate"]), base_draws
     first = inference.state.step
     shapes = [np.shape(p) for p in inference.state.params]
     good = [np.array(p) for p in inference.state.params]  # where a divergence restarts
@@ -259,9 +274,11 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
             break
         scales = step_scales(inference.approx, inference.state.params)
         inference._optimizer = optimizers.Optimizer(base.name, {**base.hyper, "learning_rate": rate})
+        inference._n_mc = draws
         floor = reference[0] - max(0.5 * abs(reference[0]), 10.0) if trusted else -np.inf
         anchor = _anchor(inference) if minibatched else None
-        watch = PhaseWatch(scales, rate, floor, anchor)
+        watch = PhaseWatch(scales, rate, floor, anchor,
+                           whitening(inference.approx, inference.state.params))
         try:
             run_phase(remaining, watch)
             outcome = watch.outcome
@@ -270,7 +287,8 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         end = inference.state.step
         conv.gradient_evaluations += (end - step0) * (inference._points_per_step() + watch.anchored) \
             + watch.anchored  # the anchor's full-data gradient
-        phase = Phase(rate, step0, end, outcome or ("max_n" if end - first >= max_n else "stopped"))
+        phase = Phase(rate, step0, end, outcome or ("max_n" if end - first >= max_n else "stopped"),
+                      draws=inference._points_per_step())
         conv.phases.append(phase)
         if outcome == "stationary":
             average = watch.average(shapes)
@@ -302,7 +320,11 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
                 break
         before = after
         rate *= 0.5
-    inference._optimizer = base
+        if inference.draws_adapt and own_error(after) > tol / 2:
+            # the average's own Monte Carlo error (q's draws; the minibatch's) would keep
+            # the next comparison above tol: a smaller rate does not lower it, more draws do
+            draws = min(2 * draws, max(MAX_DRAWS, base_draws))
+    inference._optimizer, inference._n_mc = base, base_draws
     if conv.reason in ("max_n", "diverged"):
         inference.state = inference.state._replace(
             params=tuple(_last_good(inference, watch, shapes, good, reference, len(conv.phases))))
@@ -310,6 +332,12 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
     if not conv.converged and conv.reason != "stopped":
         _warn_not_converged(conv, inference.start_report)
     return conv
+
+
+def own_error(moments) -> float:
+    """A phase average's largest Monte Carlo error: of a mean, in sds; of an sd, relative."""
+    m, sd, se_m, se_s = moments
+    return float(np.max(np.concatenate([se_m / sd, se_s / sd]))) if sd.size else 0.0
 
 
 def _anchor(inference) -> tuple:

@@ -59,8 +59,8 @@ class Inference:
         Seeds the run: the driver's draws and every shard's minibatches.
     """
 
-    # record the loss in ``hist`` when ``fit(score=None)``
-    _scores_by_default = True
+    # record the loss in ``hist`` when ``fit(score=None)``; let n=None add draws of q a step
+    _scores_by_default, draws_adapt = True, True
 
     def __init__(self, op: type, approx: Approximation, *, model: Any = None, data: Any = None,
                  batch_size: int | None = None, num_workers: int | None = None,
@@ -93,13 +93,11 @@ class Inference:
         self._recorded: tuple[str | None, Any] = (None, None)  # the last fit's store, tracker
         self._average_from: float | int | None = None
         self._average_start: int | None = None  # the step after which iterates are averaged
-        self.approx = approx
-        self.hist = np.zeros(0)
+        self.approx, self.hist = approx, np.zeros(0)
         self.state: DriverState | None = None
         self._optimizer: optimizers.Optimizer | None = None
         self._programs: dict[tuple, Program] = {}
-        self._n_mc = 1
-        self._max_norm: float | None = None
+        self._n_mc, self._max_norm = 1, None  # draws of q a step; the total gradient norm cap
         self._signals: DeferredSignals | None = None  # set while a fit runs
         self.interrupted: str | None = None  # "SIGINT"/"SIGTERM" when the last fit was stopped by one
         self.job: dict | None = None  # the CLI config that built this Inference, kept in run stores
@@ -176,11 +174,13 @@ class Inference:
         hyper = tuple(sorted((k, v) for k, v in opt.hyper.items() if k != "learning_rate"))
         n_draw, n_points, scale = self._draws_per_step(), self._points_per_step(), self._cost_scale()
         scaled = self._scales is not None
+        dense = tuple(i for i, (c, p) in enumerate(zip(self._scales or (), self.state.params))
+                      if np.ndim(c) > np.ndim(p))  # a matrix for a vector: see compile_program
         stl = getattr(self.objective, "stl", None)
-        key = (n_draw, n_points, opt.name, hyper, self._max_norm, scale, scaled, stl)
+        key = (n_draw, n_points, opt.name, hyper, self._max_norm, scale, scaled, dense, stl)
         if key not in self._programs:
             self._programs[key] = compile_program(self.approx, self.objective, opt, n_draw,
-                                                  n_points, self._max_norm, scale, scaled)
+                                                  n_points, self._max_norm, scale, scaled, dense)
         return self._programs[key]
 
     def _set_state(self, state: DriverState) -> None:
@@ -319,7 +319,7 @@ class Inference:
         from distvi.convergence import run_until_converged
 
         def phase(remaining, watch):
-            self._scales = watch.scales
+            self._scales = watch.program_scales()
             try:
                 self._run(remaining, score, callbacks, progressbar, recorder=recorder, watch=watch)
             finally:

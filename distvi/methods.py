@@ -99,6 +99,8 @@ class ImplicitGradient(Inference):
         ``temperature`` (for KSD) and the data keywords of :class:`Inference`.
     """
 
+    draws_adapt = False  # its draws a step are its particles (or obj_n_mc points): the user's
+
     def __init__(self, approx: Approximation, estimator: type = KSD, kernel: Any = RBF,
                  shard_kernel_above: float = SHARD_KERNEL_ABOVE, **kwargs: Any) -> None:
         if not (isinstance(estimator, type) and issubclass(estimator, KSD)):

@@ -37,6 +37,26 @@ def step_scales(approx, params) -> tuple[np.ndarray, ...]:
     return tuple(np.where(np.isfinite(s) & (s > 0), s, 1.0).astype("float64") for s in out)
 
 
+def whitening(approx, params) -> dict[int, np.ndarray]:
+    """Per full-rank group, its mean's position among ``params`` and q's Cholesky factor
+    there: the mean then steps along q's own whitened directions (on a posterior with
+    strongly correlated coordinates a per-coordinate scale moves along the ridge by the
+    small conditional sds only, and the phases crawl)."""
+    out, i = {}, 0
+    for group in approx.groups:
+        names = group.family.param_names
+        if group.vfam == "full_rank":
+            p = {k: np.asarray(params[i + j]) for j, k in enumerate(names)}
+            try:
+                L = np.linalg.cholesky(group.family.evaluate("cov", p))
+            except np.linalg.LinAlgError:
+                L = None
+            if L is not None and np.all(np.isfinite(L)):
+                out[i + names.index("mu")] = L
+        i += len(names)
+    return out
+
+
 LOSS_DRAWS = 16  # draws of the full-data loss at a phase's average
 
 

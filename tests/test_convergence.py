@@ -9,6 +9,8 @@ import pymc as pm
 import pytest
 
 import distvi as dv
+from distvi import convergence
+from distvi.convergence import own_error
 from distvi.errors import ConvergenceWarning, StartWarning
 
 ROWS, K, NOISE, PRIOR_SD = 20_000, 6, 2.0, 10.0
@@ -54,9 +56,14 @@ def test_fullrank_n_none_reaches_the_closed_form_with_defaults(problem):
     assert conv.phases[-1].change < conv.tol and len(conv.phases) >= 2
     assert [p.learning_rate for p in conv.phases] == [0.1 * 0.5**i for i in range(len(conv.phases))]
     assert inf.start_report.method == "map" and inf.start_report.gradient_evaluations > 0
-    # every point the gradient was taken at: the L-BFGS path, then one a step
-    assert inf.gradient_evaluations == inf.start_report.gradient_evaluations + inf.state.step
+    # every point the gradient was taken at: the L-BFGS path, then each phase's draws a step
+    steps = sum((p.end_step - p.start_step) * p.draws for p in conv.phases)
+    assert inf.gradient_evaluations == inf.start_report.gradient_evaluations + steps
     assert approx.fit_info["gradient_evaluations"] == inf.gradient_evaluations
+    # q's draws a step start at obj_n_mc and at most double from a phase to the next
+    draws = [p.draws for p in conv.phases]
+    assert draws[0] == 1 and all(b in (a, 2 * a) for a, b in zip(draws, draws[1:]))
+    assert max(draws) <= convergence.MAX_DRAWS and inf.settings()["obj_n_mc"] == 1
     assert approx.fit_info["converged"] is True
     # the covariance too, not only the marginals
     np.testing.assert_allclose(np.asarray(approx.cov), cov, atol=0.03 * np.max(np.diag(cov)))
@@ -92,10 +99,11 @@ def test_meanfield_minibatches_reach_the_meanfield_optimum(problem):
     assert np.max(np.abs(np.asarray(approx.mean) - mean) / np.sqrt(np.diag(cov))) < 0.1
     conv = inf.convergence
     assert inf.converged and conv.reason == "converged"
-    # a step takes the gradient at q's point and at the anchor; a phase's anchor once more
+    # a step takes the gradient at q's draws and at the anchor; a phase's anchor once more
     # on the full data
-    assert conv.gradient_evaluations == 2 * conv.step + len(conv.phases)
-    assert inf.gradient_evaluations == inf.start_report.gradient_evaluations + 2 * conv.step
+    steps = sum((p.end_step - p.start_step) * (p.draws + 1) for p in conv.phases)
+    assert conv.gradient_evaluations == steps + len(conv.phases)
+    assert inf.gradient_evaluations == inf.start_report.gradient_evaluations + steps
 
 
 def test_the_control_variate_keeps_the_answer_and_removes_the_noise(problem):
@@ -225,3 +233,12 @@ def test_distvi_fit_runs_until_converged_and_resume_needs_an_n(problem, tmp_path
     assert mean_err < 0.1 and sd_err < 0.03
     with pytest.raises(StoreError, match="was a fit run until converged"):
         dv.resume(store, model=factory, data=data, progressbar=False)
+
+
+def test_own_error_is_the_largest_relative_monte_carlo_error():
+    m, sd = np.array([0.0, 5.0]), np.array([2.0, 0.5])
+    se_m, se_s = np.array([0.02, 0.001]), np.array([0.01, 0.02])
+    # means' errors in sds (0.01, 0.002), sds' relative (0.005, 0.04)
+    assert own_error((m, sd, se_m, se_s)) == pytest.approx(0.04)
+    assert own_error((np.zeros(0),) * 4) == 0.0
+

@@ -54,13 +54,17 @@ class Program(NamedTuple):
 
 
 def compile_program(approx, operator, optimizer: Optimizer, n_draw: int, n_points: int,
-                    max_norm: float | None, cost_scale: float = 1.0, scaled: bool = False) -> Program:
+                    max_norm: float | None, cost_scale: float = 1.0, scaled: bool = False,
+                    dense: tuple[int, ...] = ()) -> Program:
     """Compile the step of ``operator`` on ``approx``: ``n_draw`` rows of normals a step,
     ``n_points`` points evaluated (equal, except for particles: no normals, n particles).
 
     ``scaled``: the program takes one more input per parameter, a positive array of its
     shape that multiplies the optimizer's change of it (a learning rate per coordinate, as
-    fits run until convergence set from q's own scales)."""
+    fits run until convergence set from q's own scales). A parameter in ``dense`` (a
+    vector) takes a square matrix ``A`` instead: the optimizer runs in the coordinates
+    ``v`` of ``p = p0 + A v`` (its gradient ``A' g``, its change mapped back by ``A``), so a
+    full-rank group's mean steps in q's own whitened directions."""
     adapter = approx.adapter
     D = adapter.ndim
     shapes = [np.shape(v) for v in approx.params_values]
@@ -78,11 +82,15 @@ def compile_program(approx, operator, optimizer: Optimizer, n_draw: int, n_point
     grad_norm = pt.sqrt(sum(pt.sum(g**2) for g in grads))
     if max_norm is not None:
         grads = total_norm_constraint(grads, max_norm)
-    new_params, new_state = optimizer.update(params, grads, state, lr)
     scales = []
     if scaled:
-        scales = [pt.tensor(f"c{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
-        new_params = [p + c * (q - p) for p, c, q in zip(params, scales, new_params)]
+        scales = [pt.tensor(f"c{i}", dtype="float64", shape=(s * 2 if i in dense else s))
+                  for i, s in enumerate(shapes)]
+        grads = [c.T @ g if i in dense else g for i, (c, g) in enumerate(zip(scales, grads))]
+    new_params, new_state = optimizer.update(params, grads, state, lr)
+    if scaled:
+        new_params = [p + (c @ (q - p) if i in dense else c * (q - p))
+                      for i, (p, c, q) in enumerate(zip(params, scales, new_params))]
     ok = terms.ok
     for p in new_params:
         ok = pt.and_(ok, pt.all(_finite(p)))
