@@ -63,7 +63,7 @@ def test_fullrank_n_none_reaches_the_closed_form_with_defaults(problem):
     # q's draws a step start at obj_n_mc and at most double from a phase to the next
     draws = [p.draws for p in conv.phases]
     assert draws[0] == 1 and all(b in (a, 2 * a) for a, b in zip(draws, draws[1:]))
-    assert max(draws) <= convergence.MAX_DRAWS and inf.settings()["obj_n_mc"] == 1
+    assert max(draws) <= convergence.MAX_DRAWS and inf.fit_config(1, None)["obj_n_mc"] == 1
     assert approx.fit_info["converged"] is True
     # the covariance too, not only the marginals
     np.testing.assert_allclose(np.asarray(approx.cov), cov, atol=0.03 * np.max(np.diag(cov)))
