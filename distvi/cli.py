@@ -193,7 +193,7 @@ def outcome_lines(start: Any, conv: Any) -> list[str]:
             lines.append(f"  phase {i:<3} rate {_number(p.get('learning_rate')):<10.4g} steps "
                          f"{p.get('start_step')}-{p.get('end_step')} "
                          f"({int(p.get('end_step', 0)) - int(p.get('start_step', 0))}) "
-                         f"{p.get('outcome')}, change {'-' if change != change else f'{change:.3g}'}")
+                         f"x {p.get('draws', 1)} draws {p.get('outcome')}, change {'-' if change != change else f'{change:.3g}'}")
     return lines
 
 

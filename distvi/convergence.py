@@ -321,8 +321,9 @@ def run_until_converged(inference, max_n: int, tol: float, run_phase) -> Converg
         before = after
         rate *= 0.5
         if inference.draws_adapt and own_error(after) > tol / 2:
-            # the average's own Monte Carlo error (q's draws; the minibatch's) would keep
-            # the next comparison above tol: a smaller rate does not lower it, more draws do
+            # the average's own Monte Carlo error would keep the next comparison above
+            # tol: a smaller rate does not lower it, more draws of q a step do (the part of
+            # it that is q's; a minibatch's part the control variate takes)
             draws = min(2 * draws, max(MAX_DRAWS, base_draws))
     inference._optimizer, inference._n_mc = base, base_draws
     if conv.reason in ("max_n", "diverged"):

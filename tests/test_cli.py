@@ -225,7 +225,7 @@ def test_summary_shows_the_start_and_the_convergence_of_a_run_fitted_until_conve
     assert len(rows) == len(conv.phases) >= 2
     for row, p in zip(rows, conv.phases):
         assert f"rate {p.learning_rate:<10.4g} steps {p.start_step}-{p.end_step} " \
-               f"({p.end_step - p.start_step}) {p.outcome}, change " in row
+               f"({p.end_step - p.start_step}) x {p.draws} draws {p.outcome}, change " in row
     assert rows[0].endswith("change -") and rows[-1].endswith(f"change {conv.phases[-1].change:.3g}")
 
 
