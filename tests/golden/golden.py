@@ -1,8 +1,12 @@
 """Golden results: short fixed-seed fits whose loss traces and final parameters must stay
 bit-identical across refactors of the driver.
 
-``python tests/golden/golden.py --write`` records ``golden.json`` (run it only when a change of
-numbers is intended and said); ``tests/test_golden.py`` reruns every case and compares with ``==``.
+``python tests/golden/golden.py --write`` records ``golden.json`` and the environment it was
+recorded in, ``environment.json`` (run it only when a change of numbers is intended and said,
+or to re-record the unchanged code in a new environment). ``tests/test_golden.py`` reruns every
+case: in the recording's environment it compares with ``==``; elsewhere (other versions of
+the numerical packages, another CPU's vector instructions) the last bits of a sum or an
+``exp`` may differ, and it compares within :data:`ELSEWHERE_RTOL`.
 Each case returns ``(hist, params)``: the loss trace and the final variational parameters.
 """
 
@@ -21,6 +25,28 @@ from distvi.optimizers import GeometricDecay
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden.json"
+ENVIRONMENT = HERE / "environment.json"
+ELSEWHERE_RTOL = 1e-12  # outside the recording's environment: rounding, not a change of method
+PACKAGES = ("numpy", "scipy", "scipy-openblas32", "pytensor", "pymc", "ray")
+
+
+def environment() -> dict:
+    """What the bits of a fit depend on beyond distvi: Python, the numerical packages'
+    versions, the machine and its CPU's vector instructions."""
+    import platform
+    from importlib.metadata import version
+
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "machine": platform.machine(),
+            "packages": {p: version(p) for p in PACKAGES},
+            "vector": sorted(f for f in flags if f.startswith(("avx", "fma", "sse4")))}
 
 
 def _linreg(n_rows=240, n_coef=3, seed=0):
@@ -204,7 +230,8 @@ if __name__ == "__main__":
     ray.shutdown()
     if "--write" in sys.argv:
         GOLDEN.write_text(json.dumps(results, indent=0) + "\n")
-        print(f"wrote {GOLDEN}: {len(results)} cases")
+        ENVIRONMENT.write_text(json.dumps(environment(), indent=1) + "\n")
+        print(f"wrote {GOLDEN}: {len(results)} cases, and {ENVIRONMENT}")
     else:
         golden = json.loads(GOLDEN.read_text())
         bad = [k for k in results if results[k] != golden.get(k)]
