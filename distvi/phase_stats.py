@@ -47,11 +47,8 @@ def whitening(approx, params) -> dict[int, np.ndarray]:
         names = group.family.param_names
         if group.vfam == "full_rank":
             p = {k: np.asarray(params[i + j]) for j, k in enumerate(names)}
-            try:
-                L = np.linalg.cholesky(group.family.evaluate("cov", p))
-            except np.linalg.LinAlgError:
-                L = None
-            if L is not None and np.all(np.isfinite(L)):
+            L = group.family.evaluate("L", p)  # the family's own factor: no decomposition
+            if np.all(np.isfinite(L)):
                 out[i + names.index("mu")] = L
         i += len(names)
     return out
