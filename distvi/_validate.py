@@ -64,7 +64,7 @@ def average_from(value: Any, n: int) -> int | None:
 
 
 BACKEND_OPTIONS = ("num_cpus", "max_restarts", "timeout_s", "placement_timeout_s",
-                   "startup_timeout_s", "actor_class", "path")
+                   "startup_timeout_s", "actor_class", "path", "fused")
 
 
 def backend_options(options: dict | None) -> dict:
@@ -79,6 +79,8 @@ def backend_options(options: dict | None) -> dict:
     if "max_restarts" in options and not (is_int(options["max_restarts"])
                                           and options["max_restarts"] >= 0):
         raise ValueError(f"backend_options['max_restarts'] must be an int >= 0, got {options['max_restarts']!r}")
+    if not isinstance(options.get("fused", True), bool):
+        raise ValueError(f"backend_options['fused'] must be True or False, got {options['fused']!r}")
     if options.get("path", "auto") not in ("auto", "plain", "compiled"):
         raise ValueError(f"backend_options['path'] must be 'auto', 'plain' or 'compiled', got {options['path']!r}")
     return options

@@ -188,7 +188,19 @@ class PhaseWatch:
     def __call__(self, state, info) -> None:
         if self.outcome is not None:  # a divergence, seen by the watch before this hook
             raise StopIteration
-        flat = np.concatenate([np.ravel(p) for p in state.params])
+        self._see(np.concatenate([np.ravel(p) for p in state.params]))
+
+    def horizon(self, state) -> int:
+        """Fused blocks end where this watch may stop the phase: a completed block."""
+        return 1 if self.outcome is not None else self.fine.size - self.fine.count
+
+    def block(self, state, info) -> None:
+        if self.outcome is not None:
+            raise StopIteration
+        for flat in info.iterates:  # the block ends at a completed block (its horizon)
+            self._see(flat)
+
+    def _see(self, flat: np.ndarray) -> None:
         self.steps += 1
         self.all.add(flat)
         if not self.fine.add(flat[self.monitor]):

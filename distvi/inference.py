@@ -18,6 +18,7 @@ import numpy as np
 from distvi import _validate, optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
 from distvi.approximations import Approximation
+from distvi.blocks import fused_step
 from distvi.driver.hooks import Callbacks, DivergenceWatch, Progress, Recorder, Trace
 from distvi.driver.loop import Loop
 from distvi.driver.profile import Profile, Profiler
@@ -167,20 +168,25 @@ class Inference:
         """``B / N`` when ``approx.scale_cost_to_minibatch`` (PyMC's per-minibatch units)."""
         return 1.0 / self.shards.cost_divisor() if self.approx.scale_cost_to_minibatch else 1.0
 
-    def _program(self) -> Program:
-        # keyed by what the compiled graph depends on (an optimizer is a frozen name +
-        # hyperparameters; a schedule enters as an input, so it is not part of the key)
+    def _dense(self) -> tuple[int, ...]:  # a matrix for a vector: see compile_program
+        return tuple(i for i, (c, p) in enumerate(zip(self._scales or (), self.state.params))
+                     if np.ndim(c) > np.ndim(p))
+
+    def _program_key(self) -> tuple:
+        # what the compiled graph depends on (an optimizer is a frozen name + hyperparameters;
+        # a schedule enters as an input, so it is not part of the key)
         opt = self._optimizer
         hyper = tuple(sorted((k, v) for k, v in opt.hyper.items() if k != "learning_rate"))
-        n_draw, n_points, scale = self._draws_per_step(), self._points_per_step(), self._cost_scale()
-        scaled = self._scales is not None
-        dense = tuple(i for i, (c, p) in enumerate(zip(self._scales or (), self.state.params))
-                      if np.ndim(c) > np.ndim(p))  # a matrix for a vector: see compile_program
-        stl = getattr(self.objective, "stl", None)
-        key = (n_draw, n_points, opt.name, hyper, self._max_norm, scale, scaled, dense, stl)
+        return (self._draws_per_step(), self._points_per_step(), opt.name, hyper, self._max_norm,
+                self._cost_scale(), self._scales is not None, self._dense(),
+                getattr(self.objective, "stl", None))
+
+    def _program(self) -> Program:
+        key = self._program_key()
         if key not in self._programs:
-            self._programs[key] = compile_program(self.approx, self.objective, opt, n_draw,
-                                                  n_points, self._max_norm, scale, scaled, dense)
+            self._programs[key] = compile_program(
+                self.approx, self.objective, self._optimizer, key[0], key[1], self._max_norm,
+                key[5], key[6], key[7])
         return self._programs[key]
 
     def _set_state(self, state: DriverState) -> None:
@@ -429,10 +435,11 @@ class Inference:
         if watch is not None:  # last: its StopIteration comes after every other hook saw the step
             watch.trace = trace
             hooks.append(watch)
+        fused = fused_step(self, step, backend, watch)
         if profiler is not None:
             step, backend = profiler.wrap_step(step), profiler.wrap_backend(backend)
-            hooks = profiler.wrap_hooks(hooks)
-        loop = Loop(step, backend, hooks)
+            hooks, fused = profiler.wrap_hooks(hooks), profiler.wrap_fused(fused)
+        loop = Loop(step, backend, hooks, fused)
         trace.start()
         try:
             if signals is None or signals.signum is None:

@@ -81,12 +81,7 @@ class DataTerm:
         ndim = self.z.type.shape[0]
         points = pt.matrix("points", dtype="float64", shape=(n_points, ndim))
         scale = pt.scalar("scale", dtype="float64")
-        outputs = []
-        if with_grad:
-            grad = pt.grad(self.logp, self.z) if ndim else pt.zeros((0,))
-            outputs.append(scale * rows_of(grad, self.z, points, n_points))
-        if with_logp:
-            outputs.insert(0, scale * rows_of(self.logp, self.z, points, n_points))
+        outputs = self.at(points, n_points, scale, with_logp=with_logp, with_grad=with_grad)
         return function(
             [points, *self.inputs, scale],
             outputs,
@@ -94,6 +89,22 @@ class DataTerm:
             trust_input=True,
             on_unused_input="ignore",
         )
+
+
+    def at(self, points, n_points: int, scale, rows: list | None = None, with_logp: bool = True,
+           with_grad: bool = True) -> list:
+        """Symbolically, what :meth:`compile` computes: ``[scale * datalogp[S]]`` and/or
+        ``[scale * grad[S, D]]`` at ``points``, on ``rows`` (graphs standing for the row
+        inputs, e.g. a window of a shard inside a fused block; default: the inputs)."""
+        ndim = self.z.type.shape[0]
+        graphs = []
+        if with_logp:
+            graphs.append(self.logp)
+        if with_grad:
+            graphs.append(pt.grad(self.logp, self.z) if ndim else pt.zeros((0,)))
+        if rows is not None:
+            graphs = graph_replace(graphs, dict(zip(self.inputs, rows)), strict=False)
+        return [scale * rows_of(g, self.z, points, n_points) for g in graphs]
 
 
 @dataclass

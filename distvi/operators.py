@@ -65,6 +65,7 @@ class KL:
     """
 
     needs_logp = True  # the loss needs the data term's value
+    fusable = True  # no explicit phase: a step is one compiled graph (fused blocks)
 
     def __init__(self, approx, beta: float = 1.0, stl: bool | None = None) -> None:
         beta = float(beta)

@@ -87,6 +87,10 @@ class ShardWorker:
         stop = start + self.batch_size
         return [a[start:stop] for a in self.rows]
 
+    def offsets(self, step: int, k: int) -> np.ndarray:
+        """The windows' starts of the ``k`` steps from ``step`` (what :meth:`minibatch` uses)."""
+        return self._stream.integers(self.n_rows, k, step)
+
     def evaluate(self, points: np.ndarray, step: int,
                  with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Scaled minibatch log-likelihood and its gradient at each point (with

@@ -48,6 +48,13 @@ class LocalBackend:
             grad += g
         return logp, grad
 
+    def fused_rows(self) -> list:
+        """The shards as a fused block reads them (see :mod:`distvi.driver.fused`)."""
+        from distvi.driver.fused import ShardRows
+
+        return [ShardRows(w.rows, None if w.full else w.batch_size, float(w.scale), w.offsets)
+                for w in self.workers]
+
     @staticmethod
     def share(array: np.ndarray) -> np.ndarray:
         """The array itself: the workers share the driver's memory."""

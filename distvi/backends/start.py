@@ -24,7 +24,8 @@ def start_backend(name: str, adapter, source, num_workers: int, random_seed: int
 
         spec = WorkerSpec(adapter.data_term(), None, random_seed, tuple(shard_batches),
                           points_per_step, with_logp)
-        return RayBackend(spec, source, num_workers, address=address, **(options or {})).start()
+        ray_options = {k: v for k, v in (options or {}).items() if k != "fused"}
+        return RayBackend(spec, source, num_workers, address=address, **ray_options).start()
     from distvi.backends.local import LocalBackend
 
     if not has_data:

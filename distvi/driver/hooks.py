@@ -4,6 +4,13 @@ A hook is called as ``hook(state, info)`` after every step, in order; raising
 ``StopIteration`` ends the run after that step, with the state whole. The loop knows nothing
 of traces, stores, MLflow, progress bars or profiles: each is a hook here (or in the layer
 that owns it), built by whoever runs the loop.
+
+Fused blocks (:mod:`distvi.driver.fused`) run many steps in one call. A hook that can see
+them has ``horizon(state)``, the most steps that may pass before it must see a whole state
+again (a checkpoint due, a callback's next step, a check that may end the run), and
+``block(state, info)``, called once after a block with the block's per-step report
+(:class:`~distvi.driver.fused.BlockInfo`) and the state at its end. A hook without them is
+called after every step, and the loop then runs one step at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from distvi.driver.state import DriverState
 from distvi.driver.step import StepInfo
 
 CHECKPOINT_SECONDS = 60.0  # checkpoint cadence when no checkpoint_every is given
+NO_LIMIT = 1 << 62  # a hook's horizon when it never needs a whole state mid-run
 
 
 class Hook(Protocol):
@@ -47,6 +55,18 @@ class Trace:
         self.seconds[i] = self._t - t_prev
         self.done = i + 1
 
+    @staticmethod
+    def horizon(state: DriverState) -> int:
+        return NO_LIMIT
+
+    def block(self, state: DriverState, info) -> None:
+        """A block's steps at once; its wall time is shared evenly among them."""
+        i, k = self.done, info.k
+        self.losses[i:i + k], self.norms[i:i + k], self.rates[i:i + k] = info.losses, info.norms, info.rates
+        t_prev, self._t = self._t, time.perf_counter()
+        self.seconds[i:i + k] = (self._t - t_prev) / k
+        self.done = i + k
+
     @property
     def shown(self) -> np.ndarray:
         """What a progress line shows: the loss, or the gradient norm when none is computed."""
@@ -75,8 +95,22 @@ class DivergenceWatch:
         self.high: float | None = None  # the last window's level, when it was high
         self.warned = False
 
+    def horizon(self, state: DriverState) -> int:
+        # a fit run until convergence stops at the step a divergence is seen: blocks end there
+        if self.on_divergence is None or self.warned:
+            return NO_LIMIT
+        return self.window - self.trace.done % self.window
+
+    def block(self, state: DriverState, info) -> None:
+        done = self.trace.done  # the trace has seen the block
+        first = done - info.k
+        for end in range((first // self.window + 1) * self.window, done + 1, self.window):
+            self._check(end, info.step0 + end - first, float(info.rates[end - first - 1]))
+
     def __call__(self, state: DriverState, info: StepInfo) -> None:
-        done = self.trace.done
+        self._check(self.trace.done, state.step, info.lr)
+
+    def _check(self, done: int, step: int, lr: float) -> None:
         if self.warned or done % self.window:
             return
         recent = self.trace.losses[done - self.window:done]
@@ -84,7 +118,7 @@ class DivergenceWatch:
             return
         level = float(np.median(recent))
         if self.best is None or level < self.best[0]:
-            self.best, self.high = (level, float(np.median(np.abs(recent - level))), state.step), None
+            self.best, self.high = (level, float(np.median(np.abs(recent - level))), step), None
             return
         best, best_spread, best_step = self.best
         if not (level - best > self.rise * best_spread and level - best > abs(best)):
@@ -93,7 +127,7 @@ class DivergenceWatch:
         climbing, self.high = self.high is not None and level > self.high, level
         if climbing and self.on_divergence is not None:
             self.warned = True
-            self.on_divergence(state.step, level, best)
+            self.on_divergence(step, level, best)
         elif climbing:
             import warnings
 
@@ -101,9 +135,9 @@ class DivergenceWatch:
 
             self.warned = True
             warnings.warn(
-                f"the fit looks divergent: at step {state.step} the loss's running level is "
+                f"the fit looks divergent: at step {step} the loss's running level is "
                 f"{level:.4g} and climbing, up from {best:.4g} at step {best_step} (spread there "
-                f"{best_spread:.3g}); try a smaller learning rate (this step's: {info.lr:.3g}) "
+                f"{best_spread:.3g}); try a smaller learning rate (this step's: {lr:.3g}) "
                 "or total_grad_norm_constraint=", DivergenceWarning, stacklevel=2)
 
 
@@ -137,6 +171,15 @@ class Progress:
         if done % self.every == 0 or done == self.n:
             self.update(done, self.trace.shown[max(0, done - self.every):done].mean())
 
+    @staticmethod
+    def horizon(state: DriverState) -> int:
+        return NO_LIMIT
+
+    def block(self, state: DriverState, info) -> None:
+        done = self.trace.done
+        if done // self.every > (done - info.k) // self.every or done == self.n:
+            self.update(done, self.trace.shown[max(0, done - self.every):done].mean())
+
     def update(self, done: int, running: float) -> None:
         if self.mode == "bar":
             self.bar.set_postfix_str(f"{self.label}={running:.4g}", refresh=False)
@@ -164,13 +207,36 @@ class Callbacks:
 
     def __init__(self, approx, callbacks, trace: Trace, on_state=None) -> None:
         self.approx, self.callbacks, self.trace, self.on_state = approx, list(callbacks), trace, on_state
+        self.calls = 0
+        # a callback may declare ``call_every = m``: it needs calls only at the fit's first
+        # step and at steps that are multiples of m (a call at another step does nothing);
+        # fused blocks then end at those steps. One without it is called at every step.
+        self.every = []
+        for cb in self.callbacks:
+            m = getattr(cb, "call_every", None)
+            self.every.append(int(m) if isinstance(m, (int, np.integer)) and m >= 1 else None)
+
+    def horizon(self, state: DriverState) -> int:
+        if self.calls == 0 or None in self.every:
+            return 1
+        return min(m - state.step % m for m in self.every)
+
+    def block(self, state: DriverState, info) -> None:
+        # only the callbacks due at this step (a block may also end for other reasons)
+        due = [cb for cb, m in zip(self.callbacks, self.every) if state.step % m == 0]
+        if due:
+            self._call(state, due)
 
     def __call__(self, state: DriverState, info: StepInfo) -> None:
+        self._call(state, self.callbacks)
+
+    def _call(self, state: DriverState, callbacks) -> None:
+        self.calls += 1
         self.approx.params_values = state.result
         if self.on_state is not None:
             self.on_state(state)
         losses = self.trace.losses[:self.trace.done]
-        for cb in self.callbacks:
+        for cb in callbacks:
             cb(self.approx, losses, state.step)
 
 
@@ -196,6 +262,18 @@ class Recorder:
     def bind(self, trace: Trace) -> Recorder:
         self.trace, self.written, self.logged = trace, 0, 0
         return self
+
+    def horizon(self, state: DriverState) -> int:
+        """Blocks end at the steps a log or a checkpoint is due (a checkpoint by wall time
+        waits for the end of the block, at most ``BLOCK_SECONDS`` later)."""
+        h = NO_LIMIT
+        for every in (self.log_every, self.ckpt_every):
+            if every is not None:
+                h = min(h, every - state.step % every)
+        return h
+
+    def block(self, state: DriverState, info) -> None:
+        self(state, None)
 
     def __call__(self, state: DriverState, info: StepInfo) -> None:
         step, done = state.step, self.trace.done

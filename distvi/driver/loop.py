@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from distvi.driver.fused import FusedStep, block_hooks, first_bad
 from distvi.driver.hooks import Hook
 from distvi.driver.state import DriverState
 from distvi.driver.step import Step
@@ -11,25 +12,62 @@ from distvi.driver.step import Step
 
 class Loop:
     """Runs steps; :attr:`state` is always the last whole state, also after an error (a
-    step that fails leaves it as it was before that step)."""
+    step that fails leaves it as it was before that step).
 
-    def __init__(self, step: Step, backend, hooks: Sequence[Hook] = ()) -> None:
-        self.step, self.backend, self.hooks = step, backend, list(hooks)
+    With ``fused`` (a :class:`~distvi.driver.fused.FusedStep`), every step runs through
+    its compiled block: blocks of as many steps as the hooks' horizons, the block's time
+    budget and the steps left allow, or one step at a time when a hook sees every step."""
+
+    def __init__(self, step: Step, backend, hooks: Sequence[Hook] = (),
+                 fused: FusedStep | None = None) -> None:
+        self.step, self.backend, self.hooks, self.fused = step, backend, list(hooks), fused
         self.state: DriverState | None = None
 
     def run(self, state: DriverState, n: int) -> DriverState:
         """``n`` steps from ``state``, fewer when a hook raises ``StopIteration``."""
-        step, backend, hooks = self.step, self.backend, self.hooks
         self.state = state
-        points = step.draw(state)
         try:
-            for _ in range(n):
-                answers = backend.evaluate(points, state.step, step.with_logp)
-                phi = step.direction(points, answers, backend)
-                state, info, points = step.update(state, points, answers, phi)
-                self.state = state
-                for hook in hooks:
-                    hook(state, info)
+            if self.fused is None:
+                self._steps(state, n)
+            else:
+                self._blocks(state, n)
         except StopIteration:
             pass
         return self.state
+
+    def _steps(self, state: DriverState, n: int) -> None:
+        step, backend, hooks = self.step, self.backend, self.hooks
+        points = step.draw(state)
+        for _ in range(n):
+            answers = backend.evaluate(points, state.step, step.with_logp)
+            phi = step.direction(points, answers, backend)
+            state, info, points = step.update(state, points, answers, phi)
+            self.state = state
+            for hook in hooks:
+                hook(state, info)
+
+    def _blocks(self, state: DriverState, n: int) -> None:
+        fused, backend, hooks = self.fused, self.backend, self.hooks
+        blocks = block_hooks(hooks)
+        done = 0
+        while done < n:
+            k = 1
+            if blocks:
+                k = min([n - done, fused.block_size(), *(h.horizon(state) for h in hooks)])
+            if k <= 1:
+                state, info = fused.one(state, backend)
+                self.state = state
+                done += 1
+                for hook in hooks:
+                    hook(state, info)
+                continue
+            new, info, ok = fused.run(state, k)
+            bad = first_bad(ok)
+            if bad is not None or info.k == 0:
+                if not bad:  # the first step is not finite (or its rate is not valid)
+                    fused.one(state, backend)  # raises, naming the step
+                new, info, ok = fused.run(state, bad)  # the finite steps before it
+            state = self.state = new
+            done += info.k
+            for hook in hooks:
+                hook.block(state, info)

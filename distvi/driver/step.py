@@ -74,6 +74,67 @@ def compile_program(approx, operator, optimizer: Optimizer, n_draw: int, n_point
     lr = pt.scalar("lr", dtype="float64")
     eps = pt.matrix("eps", dtype="float64", shape=(n_draw, D))
     eps_next = pt.matrix("eps_next", dtype="float64", shape=(n_draw, D))
+    scales = scale_inputs(shapes, dense) if scaled else []
+
+    # the graph now (it reads the operator's settings), compiled on first use
+    g = step_graph(approx, operator, optimizer, params, state, lr, eps, scales, n_points,
+                   max_norm, cost_scale, dense)
+
+    def update():
+        return function(
+            [*params, *state, lr, eps, *g.inputs, eps_next, *scales],
+            [*g.params, *g.state, g.loss, g.grad_norm, g.ok,
+             approx.symbolic_points(g.params, eps_next)],
+            mode=adapter.compile_mode, trust_input=True, on_unused_input="ignore",
+        )
+
+    def draw():
+        return function([*params, eps], approx.symbolic_points(params, eps), trust_input=True,
+                        on_unused_input="ignore")
+
+    # a fit that runs in fused blocks may never call them
+    return Program(_Lazy(update), _Lazy(draw), len(shapes), n_draw, scaled)
+
+
+class _Lazy:
+    """A compiled function built by ``build()`` on its first call."""
+
+    def __init__(self, build: Callable) -> None:
+        self.build, self.fn = build, None
+
+    def __call__(self, *args):
+        if self.fn is None:
+            self.fn = self.build()
+        return self.fn(*args)
+
+
+class StepGraph(NamedTuple):
+    """One step, symbolically: the operator's inputs (the workers' answers, or a Stein
+    direction), the new parameters and optimizer state, the loss, the gradient norm before
+    clipping, and whether the step is finite."""
+
+    inputs: list
+    params: list
+    state: list
+    loss: Any
+    grad_norm: Any
+    ok: Any
+
+
+def scale_inputs(shapes, dense: tuple[int, ...] = ()) -> list:
+    """The scaled step's rate scales: an array of each parameter's shape, or a square
+    matrix for a parameter in ``dense`` (see :func:`compile_program`)."""
+    return [pt.tensor(f"c{i}", dtype="float64", shape=(s * 2 if i in dense else s))
+            for i, s in enumerate(shapes)]
+
+
+def step_graph(approx, operator, optimizer: Optimizer, params, state, lr, eps, scales,
+               n_points: int, max_norm: float | None, cost_scale: float = 1.0,
+               dense: tuple[int, ...] = ()) -> StepGraph:
+    """The step of ``operator`` on ``approx`` from the symbolic ``params``, optimizer
+    ``state``, rate ``lr`` and normals ``eps`` (``scales``: empty, or as
+    :func:`scale_inputs` makes them). The per-step program and the fused block both build
+    their step here, so both compute the same maths."""
     terms = operator.step_terms(params, eps, n_points)
     loss, surrogate = terms.loss, terms.surrogate
     if cost_scale != 1.0:  # approx.scale_cost_to_minibatch: PyMC's per-minibatch units
@@ -82,26 +143,16 @@ def compile_program(approx, operator, optimizer: Optimizer, n_draw: int, n_point
     grad_norm = pt.sqrt(sum(pt.sum(g**2) for g in grads))
     if max_norm is not None:
         grads = total_norm_constraint(grads, max_norm)
-    scales = []
-    if scaled:
-        scales = [pt.tensor(f"c{i}", dtype="float64", shape=(s * 2 if i in dense else s))
-                  for i, s in enumerate(shapes)]
+    if scales:
         grads = [c.T @ g if i in dense else g for i, (c, g) in enumerate(zip(scales, grads))]
     new_params, new_state = optimizer.update(params, grads, state, lr)
-    if scaled:
+    if scales:
         new_params = [p + (c @ (q - p) if i in dense else c * (q - p))
                       for i, (p, c, q) in enumerate(zip(params, scales, new_params))]
     ok = terms.ok
     for p in new_params:
         ok = pt.and_(ok, pt.all(_finite(p)))
-    update = function(
-        [*params, *state, lr, eps, *terms.inputs, eps_next, *scales],
-        [*new_params, *new_state, loss, grad_norm, ok, approx.symbolic_points(new_params, eps_next)],
-        mode=adapter.compile_mode, trust_input=True, on_unused_input="ignore",
-    )
-    draw = function([*params, eps], approx.symbolic_points(params, eps), trust_input=True,
-                    on_unused_input="ignore")
-    return Program(update, draw, len(shapes), n_draw, scaled)
+    return StepGraph(terms.inputs, list(new_params), list(new_state), loss, grad_norm, ok)
 
 
 class Normals:

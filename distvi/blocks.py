@@ -1,0 +1,79 @@
+"""Which fits run in fused blocks, and their compiled block programs.
+
+A fit runs in fused blocks (:mod:`distvi.driver.fused`) when its shards are in this
+process (``backend="local"``), its operator's update is the loss's gradient (KL: ADVI,
+FullRankADVI, KLqp) and ``backend_options={"fused": False}`` does not turn them off.
+
+Compiled block programs are kept for the process (the last :data:`KEPT`): a fit whose
+model graph, approximation, optimizer and shard shapes equal those of an earlier fit
+(PyTensor's ``equal_computations`` on the model's log densities, constants compared by
+value) reuses its program instead of compiling again. A new ``ADVI`` on the same model
+and data therefore starts without a compile.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pytensor.graph.basic import equal_computations
+
+from distvi.driver.fused import FusedStep, block_form, compile_block, max_steps
+
+KEPT = 16
+_PROGRAMS: list[tuple[tuple, list, list, object]] = []  # (key, graphs, inputs, program)
+
+
+def _structure(inference) -> tuple:
+    """What the block's graph depends on besides the model's log densities."""
+    approx, op = inference.approx, inference.objective
+    groups = tuple((g.vfam, type(g.family).__name__, tuple(map(int, g.indices))) for g in approx.groups)
+    shapes = tuple(tuple(map(int, getattr(v, "shape", ()))) for v in approx.params_values)
+    return (type(op).__name__, getattr(op, "beta", None), groups, shapes,
+            bool(approx.adapter.model.check_bounds), block_form())
+
+
+def _model_graphs(adapter) -> tuple[list, list]:
+    return [adapter.data_logp, adapter.prior_logp], [adapter.z, *adapter.data_inputs.values()]
+
+
+def _cached(key: tuple, adapter):
+    graphs, inputs = _model_graphs(adapter)
+    for k, old_graphs, old_inputs, program in _PROGRAMS:
+        if k == key and len(inputs) == len(old_inputs) and equal_computations(
+                graphs, old_graphs, inputs, old_inputs):
+            return program
+    return None
+
+
+def fused_step(inference, step, backend, watch=None) -> FusedStep | None:
+    """The fused form of ``step`` for ``inference``'s started ``backend``, or None where
+    the fit runs step by step."""
+    shards = inference.shards
+    if (shards.backend_name != "local" or not shards.options.get("fused", True)
+            or not getattr(inference.objective, "fusable", False)):
+        return None
+    local = getattr(backend, "backend", backend)  # an anchored backend wraps the local one
+    rows = local.fused_rows()
+    anchor = None if watch is None else watch.anchor
+    averaging = step.average_start is not None
+    layout = tuple((s.batch, s.scale, tuple((str(r.dtype), r.shape[1:]) for r in s.rows))
+                   for s in rows)
+    n_draw = inference._draws_per_step()
+    max_k = max_steps(n_draw, inference.approx.ndim, watch is not None)
+    key = (inference._program_key(), step.with_logp, averaging, watch is not None,
+           anchor is not None, layout, max_k, _structure(inference))
+    adapter = inference.approx.adapter
+    program, compile_s = _cached(key, adapter), 0.0
+    if program is None:
+        t0 = time.perf_counter()
+        program = compile_block(
+            inference.approx, inference.objective, inference._optimizer, adapter.data_term(),
+            rows, n_draw, inference._points_per_step(), inference._max_norm,
+            inference._cost_scale(), step.program.scaled, inference._dense(), step.with_logp,
+            averaging, watch is not None, anchor is not None, max_k)
+        compile_s = time.perf_counter() - t0
+        _PROGRAMS.append((key, *_model_graphs(adapter), program))
+        del _PROGRAMS[:-KEPT]
+    fused = FusedStep(step, program, rows, anchor)
+    fused.compile_s = compile_s
+    return fused

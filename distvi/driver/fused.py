@@ -1,0 +1,421 @@
+"""Fused step blocks: ``k`` steps of the driver in one compiled program.
+
+Where the shards live in the driver's process, a step needs Python only to call two
+compiled functions (the data term, the update) and the hooks. A block instead runs ``k``
+steps as one PyTensor ``scan`` whose body is the step itself: the points from this step's
+normals, every shard's data term on its minibatch window (a dynamic slice of the shuffled
+shard, at the offset the worker's own stream gives for that step), scaled ``N_k / B_k`` and
+summed in rank order, then the same :func:`~distvi.driver.step.step_graph` as the per-step
+program (prior, chain rule, clip, optimizer), and the running average. The block's normals,
+offsets and learning rates are drawn beforehand from the same position-addressed streams,
+so a block computes what ``k`` steps compute, and splitting a run into blocks of other sizes
+changes no number (the body is one compiled function, whatever ``k``). Per-step loss,
+gradient norm and finiteness (and, for a fit run until convergence, the iterates) come back
+as arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+from pytensor.graph.basic import Apply
+from pytensor.graph.op import Op
+from pytensor.graph.replace import graph_replace
+
+from distvi._compile import function
+from distvi.driver.state import DriverState
+from distvi.driver.step import Step, StepInfo, not_finite_error, scale_inputs, step_graph
+from distvi.errors import NotFiniteError
+from distvi.optimizers import OptState
+
+MAX_BLOCK = 4096          # steps a block runs at most
+BLOCK_SECONDS = 0.2       # a block's wall time at most (Ctrl-C stays prompt)
+BLOCK_BYTES = 64 << 20    # the block's normals (and iterates) at most
+
+
+FORMS = ("c", "numba", "jax")
+
+
+def block_form() -> str:
+    """How blocks are compiled: ``DISTVI_BLOCK_FORM`` (``c``, the default; ``numba``;
+    ``jax``, which needs the ``jax`` package)."""
+    import os
+
+    form = os.environ.get("DISTVI_BLOCK_FORM", "c").strip().lower()
+    if form not in FORMS:
+        raise ValueError(f"DISTVI_BLOCK_FORM must be one of {list(FORMS)}, got {form!r}")
+    return form
+
+
+def block_mode(form: str, check_bounds_mode):
+    """The compile mode of ``form``, with the model's parameter-check rewrite of
+    ``check_bounds_mode`` (the C mode distvi compiles everything else with)."""
+    if form == "c":
+        return check_bounds_mode
+    from pytensor.compile.mode import get_mode
+
+    if form == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        _register_jax_window()
+    mode = get_mode(form.upper())
+    for rewrite in ("local_check_parameter_to_ninf_switch", "local_remove_check_parameter"):
+        if rewrite in check_bounds_mode.provided_optimizer.include:
+            mode = mode.including(rewrite)
+    return mode
+
+
+class Window(Op):
+    """``x[start:start + length]`` along the first axis, ``length`` fixed: what a shard's
+    minibatch is inside a block (a dynamic slice in JAX, a view elsewhere)."""
+
+    __props__ = ("length",)
+    view_map = {0: [0]}
+
+    def __init__(self, length: int) -> None:
+        self.length = int(length)
+
+    def make_node(self, x, start):
+        x, start = pt.as_tensor(x), pt.as_tensor(start)
+        out = pt.tensor(dtype=x.dtype, shape=(self.length, *x.type.shape[1:]))
+        return Apply(self, [x, start], [out])
+
+    def perform(self, node, inputs, output_storage) -> None:
+        x, start = inputs
+        output_storage[0][0] = x[int(start):int(start) + self.length]
+
+
+_JAX_WINDOW = []
+
+
+def _register_jax_window() -> None:
+    if _JAX_WINDOW:
+        return
+    import jax
+    from pytensor.link.jax.dispatch import jax_funcify
+
+    @jax_funcify.register(Window)
+    def _window(op, **kwargs):
+        length = op.length
+
+        def window(x, start):
+            return jax.lax.dynamic_slice_in_dim(x, start, length, axis=0)
+
+        return window
+
+    _JAX_WINDOW.append(_window)
+
+
+class ShardRows(NamedTuple):
+    """One in-process shard as a block reads it: its row arrays (shuffled and wrapped, as
+    the worker holds them), rows a step (None: all), its scale ``N_k / B_k``, and
+    ``offsets(step, k)``, the windows' starts of ``k`` steps from ``step``."""
+
+    rows: Sequence[np.ndarray]
+    batch: int | None
+    scale: float
+    offsets: Callable[[int, int], np.ndarray]
+
+
+class BlockInfo(NamedTuple):
+    """What a block reports: per step, the loss, gradient norm and learning rate; the wall
+    seconds of the block; the run's step before it; and the iterates (k, P) when asked."""
+
+    losses: np.ndarray
+    norms: np.ndarray
+    rates: np.ndarray
+    seconds: float
+    step0: int
+    iterates: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.losses)
+
+
+def max_steps(n_draw: int, ndim: int, iterates: bool) -> int:
+    """Steps a block runs at most: :data:`MAX_BLOCK`, fewer where its normals (and the
+    iterates it returns) would pass :data:`BLOCK_BYTES`."""
+    per_step = max(n_draw * ndim, 1) * 8 * (2 if iterates else 1)
+    return max(1, min(MAX_BLOCK, BLOCK_BYTES // per_step))
+
+
+class BlockProgram(NamedTuple):
+    fn: Callable
+    n_params: int
+    averaging: bool
+    iterates: bool
+    anchored: bool
+
+
+def compile_block(approx, operator, optimizer, data_term, shards: Sequence[ShardRows],
+                  n_draw: int, n_points: int, max_norm: float | None, cost_scale: float,
+                  scaled: bool, dense: tuple[int, ...], with_logp: bool, averaging: bool,
+                  iterates: bool, anchored: bool, max_k: int = 0) -> BlockProgram:
+    """The block of the step :func:`~distvi.driver.step.compile_program` compiles with the
+    same settings, over the in-process ``shards`` of ``data_term``."""
+    adapter = approx.adapter
+    D = adapter.ndim
+    form = block_form()
+    shapes = [np.shape(v) for v in approx.params_values]
+    P = len(shapes)
+    params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
+    state0 = [pt.tensor(f"s{i}", dtype=np.asarray(a).dtype, shape=np.shape(a))
+              for i, a in enumerate(optimizer.init(shapes))]
+    avg0 = [pt.tensor(f"a{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)] if averaging else []
+    n_avg0 = pt.scalar("n_avg", dtype="int64")
+    lrs = pt.vector("lrs", dtype="float64")
+    eps = pt.tensor3("eps", dtype="float64", shape=(None, n_draw, D))
+    offsets = pt.matrix("offsets", dtype="int64", shape=(None, max(len(shards), 1)))
+    flags = pt.vector("flags", dtype="bool")
+    rows = [[inp.type(f"r{k}_{j}") for j, inp in enumerate(data_term.inputs)]
+            for k in range(len(shards))]
+    flat_rows = [r for shard in rows for r in shard]
+    scales = scale_inputs(shapes, dense) if scaled else []
+    anchor = [pt.vector("anchor", dtype="float64", shape=(D,)), pt.scalar("full_logp", dtype="float64"),
+              pt.vector("full_grad", dtype="float64", shape=(D,))] if anchored else []
+    n_state = len(state0)
+
+    def body(lr, e, off, flag, *args):
+        p, s = list(args[:P]), list(args[P:P + n_state])
+        rest = args[P + n_state:]
+        a, rest = list(rest[:len(avg0)]), rest[len(avg0):]
+        n_avg, rest = (rest[0], rest[1:]) if averaging else (None, rest)
+        r_flat, rest = rest[:len(flat_rows)], rest[len(flat_rows):]
+        c, rest = list(rest[:len(scales)]), rest[len(scales):]
+        g = step_graph(approx, operator, optimizer, p, s, lr, e, c, n_points, max_norm,
+                       cost_scale, dense)
+        points = approx.symbolic_points(p, e)
+        if anchored:
+            points = pt.concatenate([points, rest[0][None, :]], axis=0)
+        n_eval = n_points + int(anchored)
+        logp, grad, i = None, None, 0
+        for k, shard in enumerate(shards):
+            mine = list(r_flat[i:i + len(shard.rows)])
+            i += len(shard.rows)
+            if shard.batch is not None and form == "jax":
+                mine = [Window(shard.batch)(r, off[k]) for r in mine]
+            elif shard.batch is not None:
+                mine = [r[off[k]:off[k] + shard.batch] for r in mine]
+            outs = data_term.at(points, n_eval, pt.constant(np.float64(shard.scale)), mine,
+                                with_logp=with_logp)
+            lp, gr = (outs[0], outs[1]) if with_logp else (pt.zeros((n_eval,)), outs[0])
+            logp = lp if logp is None else logp + lp
+            grad = gr if grad is None else grad + gr
+        if logp is None:  # no data: zeros, as the local backend answers without shards
+            logp, grad = pt.zeros((n_eval,)), pt.zeros((n_eval, D))
+        if anchored:
+            logp = logp[:-1] - logp[-1] + rest[1]
+            grad = grad[:-1] - grad[-1] + rest[2]
+        outs = [*g.params, *g.state, g.loss, g.grad_norm, g.ok]
+        outs = graph_replace(outs, dict(zip(g.inputs, [logp, grad])), strict=False)
+        new_p, new_s = outs[:P], outs[P:P + n_state]
+        loss, norm, ok = outs[P + n_state:]
+        carry = [*new_p, *new_s]
+        if averaging:
+            n_new = n_avg + pt.cast(flag, "int64")
+            first = pt.eq(n_new, 1)
+            carry += [pt.switch(flag, pt.switch(first, q, v + (q - v) / n_new.astype("float64")), v)
+                      for v, q in zip(a, new_p)]
+            carry.append(n_new)
+        per_step = [pt.cast(loss, "float64"), norm, ok]
+        if iterates:
+            per_step.append(pt.concatenate([pt.flatten(q) for q in new_p]) if P else pt.zeros((0,)))
+        return carry + per_step
+
+    n_carry = P + n_state + len(avg0) + int(averaging)
+    init = [*params, *state0, *avg0, *([n_avg0] if averaging else [])]
+    non_seq = [*flat_rows, *scales, *anchor]
+    if form == "jax":
+        one = [lrs.type.clone(shape=())("lr"), pt.matrix("e", dtype="float64", shape=(n_draw, D)),
+               pt.vector("off", dtype="int64", shape=(offsets.type.shape[1],)),
+               pt.scalar("flag", dtype="bool")]
+        outs = body(*one, *init, *non_seq)
+        fn = function([*init, *one, *non_seq], outs, mode=block_mode(form, adapter.compile_mode),
+                      trust_input=True, on_unused_input="ignore")
+        return BlockProgram(JaxBlock(fn, n_carry, len(init) + 4, max_k), P, averaging, iterates,
+                            anchored)
+    seq_out = pytensor.scan(
+        body, sequences=[lrs, eps, offsets, flags],
+        outputs_info=[*init, *([None] * (3 + int(iterates)))],
+        non_sequences=non_seq, strict=True, return_list=True, return_updates=False)
+    outputs = [o[-1] for o in seq_out[:n_carry]] + list(seq_out[n_carry:])
+    fn = function([*init, lrs, eps, offsets, flags, *non_seq], outputs,
+                  mode=block_mode(form, adapter.compile_mode), trust_input=True,
+                  on_unused_input="ignore")
+    return BlockProgram(fn, P, averaging, iterates, anchored)
+
+
+class JaxBlock:
+    """The JAX form of a block: the step compiled once by PyTensor's JAX backend, looped by
+    ``jax.lax.fori_loop`` over a trip count given at run time, so that one XLA program
+    serves every block size up to ``max_k`` (the block's normals, offsets, rates and flags
+    are padded to it). Called as the C form's block function is, with the same outputs."""
+
+    def __init__(self, step_fn, n_carry: int, n_seq_at: int, max_k: int) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        jit_fn = step_fn.vm.jit_fn
+        self.step_fn = step_fn
+        self.n_carry, self.n_seq_at, self.max_k = n_carry, n_seq_at, max_k
+        self._rows: tuple = ()
+        self._rows_jax: tuple = ()
+        self._pads: list | None = None
+
+        def run(k, carry, seqs, rest):
+            per0 = None
+
+            def body(t, c):
+                carry, per = c
+                outs = jit_fn(*carry, *(x[t] for x in seqs), *rest)
+                new = tuple(outs[:n_carry])
+                vals = outs[n_carry:]
+                per = tuple(b.at[t].set(v) for b, v in zip(per, vals))
+                return new, per
+
+            # the per-step outputs' buffers, shaped from one evaluation's abstract values
+            shapes = jax.eval_shape(lambda: jit_fn(*carry, *(x[0] for x in seqs), *rest))
+            per0 = tuple(jnp.zeros((max_k, *o.shape), o.dtype) for o in shapes[n_carry:])
+            return jax.lax.fori_loop(0, k, body, (tuple(carry), per0))
+
+        self._run = jax.jit(run)
+
+    def __call__(self, *args):
+        import jax
+        import numpy as onp
+
+        a = self.n_seq_at - 4  # the carry, then the four sequences, then the rest
+        carry, seqs, rest = args[:a], args[a:a + 4], args[a + 4:]
+        k = len(seqs[0])
+        if self._pads is None:  # the sequences padded to max_k, kept between blocks
+            self._pads = [onp.zeros((self.max_k, *onp.shape(x)[1:]), dtype=onp.asarray(x).dtype)
+                          for x in seqs]
+        padded = self._pads
+        for pad, x in zip(padded, seqs):
+            pad[:k] = x
+        if len(rest) != len(self._rows) or any(r is not q for r, q in zip(rest, self._rows)):
+            # the shards' rows and the fixed inputs: on the device once, not every block
+            self._rows, self._rows_jax = tuple(rest), tuple(jax.device_put(r) for r in rest)
+        carry_out, per = self._run(onp.int64(k), tuple(carry), tuple(padded), self._rows_jax)
+        return [onp.asarray(c) for c in carry_out] + [onp.asarray(p)[:k] for p in per]
+
+
+class FusedStep:
+    """A :class:`~distvi.driver.step.Step` run in blocks of ``k`` steps by a
+    :class:`BlockProgram` over in-process ``shards``; ``anchor`` as the anchored backend
+    takes it (point, full-data log-likelihood, gradient), or None."""
+
+    def __init__(self, step: Step, program: BlockProgram, shards: Sequence[ShardRows],
+                 anchor: tuple | None = None) -> None:
+        self.step, self.program, self.shards = step, program, list(shards)
+        self.rows = [np.asarray(r) for s in shards for r in s.rows]
+        self.anchor = () if anchor is None else (
+            np.asarray(anchor[0], dtype="float64"), np.asarray(float(anchor[1])),
+            np.asarray(anchor[2], dtype="float64"))
+        self.seconds = {"draw": 0.0, "block": 0.0}  # the driver's draws, the compiled block
+        self.max_k = max_steps(step.program.n_draw, step.approx.ndim, program.iterates)
+        self._step_s: float | None = None  # seconds a step takes, from the blocks so far
+        self.compile_s = 0.0  # seconds its program took to compile, when this fit compiled it
+
+    def block_size(self) -> int:
+        """Steps in the next block: as many as fit in :data:`BLOCK_SECONDS`."""
+        if self._step_s is None:
+            return min(self.max_k, 64)
+        return max(1, min(self.max_k, int(BLOCK_SECONDS / max(self._step_s, 1e-7))))
+
+    def rates(self, state: DriverState, k: int) -> np.ndarray:
+        """The learning rates of ``k`` steps from ``state``; fewer when the schedule gives
+        a rate that is not valid (the per-step path then raises at that step)."""
+        step = self.step
+        if step._constant_lr is not None:
+            return np.full(k, float(step._constant_lr))
+        out = []
+        for i in range(k):
+            try:
+                out.append(float(step.learning_rate(state.opt_step + i)))
+            except (ValueError, FloatingPointError):
+                break
+        return np.array(out, dtype="float64")
+
+    def run(self, state: DriverState, k: int) -> tuple[DriverState, BlockInfo, np.ndarray]:
+        """``k`` steps from ``state`` (fewer if the schedule's rates end): the new state,
+        the block's report and its per-step finiteness."""
+        t0 = time.perf_counter()
+        step, prog = self.step, self.program
+        lrs = self.rates(state, k)
+        k = len(lrs)
+        n_draw, D = step.program.n_draw, step.approx.ndim
+        per = step.normals.per_step
+        pos = state.draw_position
+        eps = (step.normals.stream.normal((k, n_draw, D), pos) if per else np.zeros((k, n_draw, D)))
+        offsets = np.zeros((k, max(len(self.shards), 1)), dtype="int64")
+        for j, shard in enumerate(self.shards):
+            if shard.batch is not None:
+                offsets[:, j] = shard.offsets(state.step, k)
+        steps = state.step + 1 + np.arange(k)
+        start = step.average_start
+        flags = (steps > start) if start is not None else np.zeros(k, dtype=bool)
+        P = prog.n_params
+        avg = (state.average if state.n_averaged else tuple(np.zeros_like(p) for p in state.params))
+        init = [*state.params, *state.opt_state.flat]
+        if prog.averaging:
+            init += [*avg, np.asarray(state.n_averaged, dtype="int64")]
+        t1 = time.perf_counter()
+        out = prog.fn(*init, lrs, eps, offsets, flags, *self.rows, *step.scales, *self.anchor)
+        t2 = time.perf_counter()
+        n_state = len(state.opt_state.flat)
+        params = tuple(out[:P])
+        opt = OptState(tuple(out[P:P + n_state]), state.opt_state.n_slots, P)
+        i = P + n_state
+        average, n_avg = state.average, state.n_averaged
+        if prog.averaging:
+            n_avg = int(out[i + P])
+            average = tuple(np.array(a) for a in out[i:i + P]) if n_avg else ()
+            i += P + 1
+        losses, norms, oks = out[i], out[i + 1], out[i + 2]
+        iterates = out[i + 3] if prog.iterates else None
+        new = DriverState(params, opt, state.step + k, state.opt_step + k, pos + k * per,
+                          average, n_avg)
+        self.seconds["draw"] += t1 - t0
+        self.seconds["block"] += t2 - t1
+        seconds = t2 - t0
+        if k:
+            self._step_s = seconds / k
+        if not step.with_logp:
+            losses = np.full(k, np.nan)
+        return new, BlockInfo(np.asarray(losses), np.asarray(norms), lrs, seconds, state.step,
+                              iterates), np.asarray(oks, dtype=bool)
+
+    def one(self, state: DriverState, backend) -> tuple[DriverState, StepInfo]:
+        """One step from ``state`` through the block; a non-finite step raises
+        :class:`~distvi.errors.NotFiniteError` naming its variables (``state`` unchanged)."""
+        new, info, ok = self.run(state, 1)
+        if len(ok) == 0:  # the schedule's rate at this step is not valid: the step says why
+            self.step.learning_rate(state.opt_step)
+        if not ok[0]:
+            raise self.not_finite(state, backend, new.params)
+        return new, StepInfo(float(info.losses[0]), float(info.norms[0]), float(info.rates[0]), True)
+
+    def not_finite(self, state: DriverState, backend, params) -> NotFiniteError:
+        """The error for the step from ``state``: the per-step path names its variables."""
+        step = self.step
+        points = step.draw(state)
+        answers = backend.evaluate(points, state.step, step.with_logp)
+        return not_finite_error(step.approx, state.step, points, answers[1], params)
+
+
+def first_bad(ok: np.ndarray) -> int | None:
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if bad.size else None
+
+
+def block_hooks(hooks: Sequence[Any]) -> bool:
+    """Whether every hook can see a block at once (it has ``horizon`` and ``block``)."""
+    return all(hasattr(h, "horizon") and hasattr(h, "block") for h in hooks)
