@@ -18,13 +18,13 @@ import numpy as np
 from distvi import _validate, optimizers
 from distvi._rng import DRIVER_STREAM, Stream, check_seed
 from distvi.approximations import Approximation
-from distvi.blocks import fused_step
+from distvi.programs import fused_step, step_program
 from distvi.driver.hooks import Callbacks, DivergenceWatch, Progress, Recorder, Trace
 from distvi.driver.loop import Loop
 from distvi.driver.profile import Profile, Profiler
 from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
 from distvi.driver.state import DriverState
-from distvi.driver.step import Program, Step, compile_program
+from distvi.driver.step import Program, Step
 from distvi.recording import RecordedFit, check_recording, record_diagnosis
 from distvi.shard_data import Shards, check_settings
 
@@ -168,26 +168,8 @@ class Inference:
         """``B / N`` when ``approx.scale_cost_to_minibatch`` (PyMC's per-minibatch units)."""
         return 1.0 / self.shards.cost_divisor() if self.approx.scale_cost_to_minibatch else 1.0
 
-    def _dense(self) -> tuple[int, ...]:  # a matrix for a vector: see compile_program
-        return tuple(i for i, (c, p) in enumerate(zip(self._scales or (), self.state.params))
-                     if np.ndim(c) > np.ndim(p))
-
-    def _program_key(self) -> tuple:
-        # what the compiled graph depends on (an optimizer is a frozen name + hyperparameters;
-        # a schedule enters as an input, so it is not part of the key)
-        opt = self._optimizer
-        hyper = tuple(sorted((k, v) for k, v in opt.hyper.items() if k != "learning_rate"))
-        return (self._draws_per_step(), self._points_per_step(), opt.name, hyper, self._max_norm,
-                self._cost_scale(), self._scales is not None, self._dense(),
-                getattr(self.objective, "stl", None))
-
     def _program(self) -> Program:
-        key = self._program_key()
-        if key not in self._programs:
-            self._programs[key] = compile_program(
-                self.approx, self.objective, self._optimizer, key[0], key[1], self._max_norm,
-                key[5], key[6], key[7])
-        return self._programs[key]
+        return step_program(self)
 
     def _set_state(self, state: DriverState) -> None:
         self.state = state
@@ -367,12 +349,12 @@ class Inference:
                       progressbar: bool = False, tracking: Any = None, **kwargs: Any) -> Profile:
         """Time ``n`` steps by phase; the fit's state is left as it was.
 
-        Phases: ``draw`` (normals and points, on the driver), ``workers`` (the data term: the
-        shards' own compute time), ``transfer`` (the rest of the round trip to the workers;
-        0 in process), ``kernel`` (the Stein direction, SVGD and ASVGD), ``update`` (the
-        compiled driver step), ``logging`` (traces, ``callbacks``, the progress bar and,
-        with ``tracking``, queueing MLflow batches) and ``other`` (the loop itself).
-        """
+        Step by step: ``draw`` (normals, points), ``workers`` (the shards' own compute),
+        ``transfer`` (the rest of the round trip; 0 in process), ``kernel`` (the Stein
+        direction), ``update`` (the compiled driver step). In fused blocks: ``compile``
+        (the block program, when this run compiled it), ``draw`` (the block's normals,
+        offsets, rates), ``block`` (the compiled block). Both: ``logging`` (the hooks:
+        traces, callbacks, progress, MLflow batches) and ``other`` (the loop itself)."""
         import time
 
         from distvi.tracking import as_tracking

@@ -14,6 +14,7 @@ import pytest
 
 import distvi as dv
 import distvi.inference
+import distvi.programs
 import distvi.model
 import distvi.worker
 from distvi.data import DataError
@@ -26,7 +27,8 @@ def _tripwire(*args, **kwargs):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    monkeypatch.setattr(distvi.inference, "compile_program", _tripwire)
+    monkeypatch.setattr(distvi.programs, "compile_program", _tripwire)
+    monkeypatch.setattr(distvi.programs, "compile_block", _tripwire)
     monkeypatch.setattr(distvi.worker, "ShardWorker", _tripwire)
     monkeypatch.setattr(distvi.model.ModelAdapter, "compile_data_term", _tripwire)
 

@@ -14,6 +14,7 @@ from pymc.backends.base import MultiTrace
 
 import distvi as dv
 import distvi.inference
+import distvi.programs
 import distvi.model
 import distvi.worker
 
@@ -251,7 +252,8 @@ def _tripwire(*args, **kwargs):
 def no_work(monkeypatch):
     """As in test_errors: the compiled step, the shard workers and the data-term compiler
     are tripwires."""
-    monkeypatch.setattr(distvi.inference, "compile_program", _tripwire)
+    monkeypatch.setattr(distvi.programs, "compile_program", _tripwire)
+    monkeypatch.setattr(distvi.programs, "compile_block", _tripwire)
     monkeypatch.setattr(distvi.worker, "ShardWorker", _tripwire)
     monkeypatch.setattr(distvi.model.ModelAdapter, "compile_data_term", _tripwire)
 

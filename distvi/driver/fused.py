@@ -38,18 +38,31 @@ BLOCK_SECONDS = 0.2       # a block's wall time at most (Ctrl-C stays prompt)
 BLOCK_BYTES = 64 << 20    # the block's normals (and iterates) at most
 
 
-FORMS = ("c", "numba", "jax")
+FORMS = ("auto", "jax", "c", "numba")
 
 
 def block_form() -> str:
-    """How blocks are compiled: ``DISTVI_BLOCK_FORM`` (``c``, the default; ``numba``;
-    ``jax``, which needs the ``jax`` package)."""
+    """How blocks are compiled: ``DISTVI_BLOCK_FORM``. ``auto`` (the default): ``jax`` when
+    the ``jax`` package imports, else ``c``. ``jax``: the step by PyTensor's JAX backend,
+    looped by XLA (64-bit: it turns on ``jax_enable_x64`` for the process). ``c``: a
+    PyTensor ``scan`` in C with the linked BLAS. ``numba``: the same scan by Numba (for
+    measurement: it compiles for tens of seconds and ran no faster)."""
     import os
 
-    form = os.environ.get("DISTVI_BLOCK_FORM", "c").strip().lower()
+    form = os.environ.get("DISTVI_BLOCK_FORM", "auto").strip().lower()
     if form not in FORMS:
         raise ValueError(f"DISTVI_BLOCK_FORM must be one of {list(FORMS)}, got {form!r}")
+    if form == "auto":
+        form = "jax" if _jax_imports() else "c"
     return form
+
+
+def _jax_imports() -> bool:
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def block_mode(form: str, check_bounds_mode):
@@ -244,7 +257,7 @@ def compile_block(approx, operator, optimizer, data_term, shards: Sequence[Shard
     seq_out = pytensor.scan(
         body, sequences=[lrs, eps, offsets, flags],
         outputs_info=[*init, *([None] * (3 + int(iterates)))],
-        non_sequences=non_seq, strict=True, return_list=True, return_updates=False)
+        non_sequences=non_seq, strict=False, return_list=True, return_updates=False)
     outputs = [o[-1] for o in seq_out[:n_carry]] + list(seq_out[n_carry:])
     fn = function([*init, lrs, eps, offsets, flags, *non_seq], outputs,
                   mode=block_mode(form, adapter.compile_mode), trust_input=True,
@@ -264,6 +277,9 @@ class JaxBlock:
 
         jit_fn = step_fn.vm.jit_fn
         self.step_fn = step_fn
+        # the model's shared variables are the function's implicit inputs, after the others
+        n_explicit = sum(1 for i in step_fn.maker.inputs if not i.implicit)
+        self._shared = step_fn.input_storage[n_explicit:]
         self.n_carry, self.n_seq_at, self.max_k = n_carry, n_seq_at, max_k
         self._rows: tuple = ()
         self._rows_jax: tuple = ()
@@ -300,6 +316,7 @@ class JaxBlock:
         padded = self._pads
         for pad, x in zip(padded, seqs):
             pad[:k] = x
+        rest = (*rest, *(c.storage[0] for c in self._shared))  # their values now
         if len(rest) != len(self._rows) or any(r is not q for r, q in zip(rest, self._rows)):
             # the shards' rows and the fixed inputs: on the device once, not every block
             self._rows, self._rows_jax = tuple(rest), tuple(jax.device_put(r) for r in rest)

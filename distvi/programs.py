@@ -1,4 +1,7 @@
-"""Which fits run in fused blocks, and their compiled block programs.
+"""A fit's compiled programs: its per-step program, and which fits run in fused blocks.
+
+The per-step program (:func:`~distvi.driver.step.compile_program`) is kept by the
+:class:`~distvi.inference.Inference`, keyed by what its graph depends on.
 
 A fit runs in fused blocks (:mod:`distvi.driver.fused`) when its shards are in this
 process (``backend="local"``), its operator's update is the loss's gradient (KL: ADVI,
@@ -17,10 +20,39 @@ import time
 
 from pytensor.graph.basic import equal_computations
 
+import numpy as np
+
 from distvi.driver.fused import FusedStep, block_form, compile_block, max_steps
+from distvi.driver.step import Program, compile_program
 
 KEPT = 16
 _PROGRAMS: list[tuple[tuple, list, list, object]] = []  # (key, graphs, inputs, program)
+
+
+def dense(inference) -> tuple[int, ...]:
+    """The parameters whose rate scale is a matrix (see ``compile_program``)."""
+    return tuple(i for i, (c, p) in enumerate(zip(inference._scales or (), inference.state.params))
+                 if np.ndim(c) > np.ndim(p))
+
+
+def program_key(inference) -> tuple:
+    """What the step's compiled graph depends on (an optimizer is a frozen name and
+    hyperparameters; a schedule enters as an input, so it is not part of the key)."""
+    opt = inference._optimizer
+    hyper = tuple(sorted((k, v) for k, v in opt.hyper.items() if k != "learning_rate"))
+    return (inference._draws_per_step(), inference._points_per_step(), opt.name, hyper,
+            inference._max_norm, inference._cost_scale(), inference._scales is not None,
+            dense(inference), getattr(inference.objective, "stl", None))
+
+
+def step_program(inference) -> Program:
+    """The per-step program of ``inference``'s current settings, compiled once per key."""
+    key = program_key(inference)
+    if key not in inference._programs:
+        inference._programs[key] = compile_program(
+            inference.approx, inference.objective, inference._optimizer, key[0], key[1],
+            inference._max_norm, key[5], key[6], key[7])
+    return inference._programs[key]
 
 
 def _structure(inference) -> tuple:
@@ -60,7 +92,7 @@ def fused_step(inference, step, backend, watch=None) -> FusedStep | None:
                    for s in rows)
     n_draw = inference._draws_per_step()
     max_k = max_steps(n_draw, inference.approx.ndim, watch is not None)
-    key = (inference._program_key(), step.with_logp, averaging, watch is not None,
+    key = (program_key(inference), step.with_logp, averaging, watch is not None,
            anchor is not None, layout, max_k, _structure(inference))
     adapter = inference.approx.adapter
     program, compile_s = _cached(key, adapter), 0.0
@@ -69,7 +101,7 @@ def fused_step(inference, step, backend, watch=None) -> FusedStep | None:
         program = compile_block(
             inference.approx, inference.objective, inference._optimizer, adapter.data_term(),
             rows, n_draw, inference._points_per_step(), inference._max_norm,
-            inference._cost_scale(), step.program.scaled, inference._dense(), step.with_logp,
+            inference._cost_scale(), step.program.scaled, dense(inference), step.with_logp,
             averaging, watch is not None, anchor is not None, max_k)
         compile_s = time.perf_counter() - t0
         _PROGRAMS.append((key, *_model_graphs(adapter), program))
