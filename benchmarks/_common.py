@@ -136,10 +136,29 @@ def environment() -> dict[str, Any]:
         "distvi": distvi_version,
         "pytensor_blas_ldflags": pytensor.config.blas__ldflags,
         "distvi_blas": _distvi_blas(),
+        "distvi_block_form": _block_form(),
+        "jax": _version_of("jax"),
         "pytensor_mode": str(pytensor.config.mode),
         "threads_env": {k: os.environ.get(k) for k in
                         ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
     }
+
+
+def _block_form() -> str:
+    """The compiled form of distvi's fused blocks here (DISTVI_BLOCK_FORM, default auto)."""
+    try:
+        from distvi.driver.fused import block_form
+        return block_form()
+    except Exception as exc:  # reported, not fatal
+        return f"unknown ({exc!r})"
+
+
+def _version_of(name: str) -> str | None:
+    try:
+        module = __import__(name)
+    except ImportError:
+        return None
+    return getattr(module, "__version__", "?")
 
 
 def _distvi_blas() -> str:

@@ -53,6 +53,8 @@ from _common import (D, DATA_SEED, FIT_SEED, LEARNING_RATE, RESULTS,  # noqa: E4
                      refine_seconds, write_result)
 
 PROFILE_STEPS = 2000
+# (label, DISTVI_BLOCK_FORM, fused) of the extra distvi rows; the main row is distvi's default
+FORMS = (("fused, C scan", "c", True), ("fused, JAX", "jax", True), ("per step", None, False))
 DEFAULT_OUT = RESULTS / "advi.json"
 
 
@@ -154,16 +156,30 @@ def distvi_wall(X, y, n, batch) -> dict[str, Any]:
             "final_loss": float(np.mean(hist[-1000:])) if hist.size else None}
 
 
-def distvi_rate(X, y, n, batch, warm):
-    """Returns (result, inference); the inference is kept open for the profiling table."""
+def distvi_rate(X, y, n, batch, warm, form: str | None = None, fused: bool = True):
+    """Returns (result, inference); the inference is kept open for the profiling table.
+
+    ``form``: the fused block's compiled form (``DISTVI_BLOCK_FORM``; None: distvi's
+    default); ``fused=False``: the per-step path."""
+    import os
+
     import distvi as dv
 
-    inference = dv.ADVI(model=distvi_factory, data={"X": X, "y": y}, batch_size=batch,
-                        random_seed=FIT_SEED)
-    t0 = time.perf_counter()
-    inference.fit(warm, obj_optimizer=dv.adam(learning_rate=LEARNING_RATE), progressbar=False)
-    warm_s = time.perf_counter() - t0
-    iter_s = refine_seconds(inference, n)
+    saved = os.environ.get("DISTVI_BLOCK_FORM")
+    if form is not None:
+        os.environ["DISTVI_BLOCK_FORM"] = form
+    try:
+        inference = dv.ADVI(model=distvi_factory, data={"X": X, "y": y}, batch_size=batch,
+                            random_seed=FIT_SEED, backend_options={"fused": fused})
+        t0 = time.perf_counter()
+        inference.fit(warm, obj_optimizer=dv.adam(learning_rate=LEARNING_RATE), progressbar=False)
+        warm_s = time.perf_counter() - t0
+        iter_s = refine_seconds(inference, n)
+    finally:
+        if saved is None:
+            os.environ.pop("DISTVI_BLOCK_FORM", None)
+        else:
+            os.environ["DISTVI_BLOCK_FORM"] = saved
     final_loss = float(np.mean(inference.hist[-1000:])) if inference.hist.size else None
     return {"warm_fit_s": warm_s, "iter_s": iter_s, "it_per_s": n / iter_s,
             "final_loss_after_refine": final_loss}, inference
@@ -328,6 +344,17 @@ def main(argv: list[str] | None = None) -> int:
                 profile_inf.close()
             profile_inf = inf
 
+        # the other ways distvi can run the same steps: each compiled form of the fused
+        # block, and the per-step path (its warm fit compiles the form the first time)
+        for label, form, fused in FORMS:
+            out = run_distvi(label, lambda: distvi_rate(X, y, args.n, args.batch, args.warm,
+                                                        form, fused), d_run)
+            if out is not None:
+                d_run.setdefault("forms", {})[label] = out[0]
+                out[1].close()
+                print(f"# repeat {r + 1}/{args.repeats}: distvi {label}: {out[0]['it_per_s']:.0f} it/s "
+                      f"(warm fit incl. compile {out[0]['warm_fit_s']:.2f} s)", flush=True)
+
         if use_numpyro:
             try:
                 res = numpyro_rate(X, y, args.n, args.batch, args.warm)
@@ -383,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {fmt(s['it_per_s_median'], ',.0f')} | {fmt(s['wall_incl_compile_s_median'], '.2f')} "
             f"| {fmt(s['max_abs_mean_err_median'], '.2e')} | {fmt(s['max_mean_err_sd_units_median'], '.3f')} |"
         )
+    for label, _, _ in FORMS:
+        rates = [r["forms"][label]["it_per_s"] for r in distvi_runs if label in r.get("forms", {})]
+        warm = [r["forms"][label]["warm_fit_s"] for r in distvi_runs if label in r.get("forms", {})]
+        lines.append(f"| distvi, {label} | {fmt(median(rates), ',.0f')} | (warm fit {fmt(median(warm), '.2f')}) | | |")
     lines += [
         "",
         f"ratio distvi/pymc it/s (medians of this run): {fmt(ratio, '.2f')}x  (issue target: >= 10x at equal accuracy)",

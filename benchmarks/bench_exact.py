@@ -119,6 +119,8 @@ def run_distvi(X, y, mean, cov, args) -> dict[str, Any]:
         if i % args.every == 0:
             crit.check(approx.mean, approx.cov, i)
 
+    callback.call_every = args.every  # it acts at multiples of every: fused blocks end there
+
     dv.fit(args.max_steps, method="fullrank_advi", model=model, data={"X": X, "y": y},
            random_seed=args.seed, progressbar=False, callbacks=[callback], obj_n_mc=args.n_mc,
            obj_optimizer=dv.adam(learning_rate=GeometricDecay(args.lr0, args.lr1, 0, args.steps)))

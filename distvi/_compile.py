@@ -27,7 +27,10 @@ import os
 from typing import Any
 
 import pytensor
+import pytensor.tensor as pt
 from pytensor.compile.mode import get_mode
+from pytensor.graph.basic import Apply
+from pytensor.graph.op import Op
 
 # every Fortran BLAS routine PyTensor's C code calls (pytensor/tensor/blas_headers.py)
 _ROUTINES = (
@@ -91,3 +94,71 @@ def function(inputs, outputs, **kwargs: Any):
     """``pytensor.function`` with distvi's BLAS flags in effect while it compiles."""
     with pytensor.config.change_flags(blas__ldflags=blas_flags()):
         return pytensor.function(inputs, outputs, **kwargs)
+
+
+# ------------------------------------------------------------------ the other compiled forms
+def jax_imports() -> bool:
+    """Whether the ``jax`` package imports (the JAX form of blocks and data terms)."""
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def block_mode(form: str, check_bounds_mode):
+    """The compile mode of ``form``, with the model's parameter-check rewrite of
+    ``check_bounds_mode`` (the C mode distvi compiles everything else with)."""
+    if form == "c":
+        return check_bounds_mode
+    if form == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        _register_jax_window()
+    mode = get_mode(form.upper())
+    for rewrite in ("local_check_parameter_to_ninf_switch", "local_remove_check_parameter"):
+        if rewrite in check_bounds_mode.provided_optimizer.include:
+            mode = mode.including(rewrite)
+    return mode
+
+
+class Window(Op):
+    """``x[start:start + length]`` along the first axis, ``length`` fixed: what a shard's
+    minibatch is inside a block (a dynamic slice in JAX, a view elsewhere)."""
+
+    __props__ = ("length",)
+    view_map = {0: [0]}
+
+    def __init__(self, length: int) -> None:
+        self.length = int(length)
+
+    def make_node(self, x, start):
+        x, start = pt.as_tensor(x), pt.as_tensor(start)
+        out = pt.tensor(dtype=x.dtype, shape=(self.length, *x.type.shape[1:]))
+        return Apply(self, [x, start], [out])
+
+    def perform(self, node, inputs, output_storage) -> None:
+        x, start = inputs
+        output_storage[0][0] = x[int(start):int(start) + self.length]
+
+
+_JAX_WINDOW = []
+
+
+def _register_jax_window() -> None:
+    if _JAX_WINDOW:
+        return
+    import jax
+    from pytensor.link.jax.dispatch import jax_funcify
+
+    @jax_funcify.register(Window)
+    def _window(op, **kwargs):
+        length = op.length
+
+        def window(x, start):
+            return jax.lax.dynamic_slice_in_dim(x, start, length, axis=0)
+
+        return window
+
+    _JAX_WINDOW.append(_window)

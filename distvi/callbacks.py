@@ -1,5 +1,10 @@
 """Callbacks called as ``cb(approx, losses, i)`` after every step, as in PyMC.
 
+A callback may declare ``call_every = m``: it needs calls only at the fit's first step and at
+steps that are multiples of ``m``. Fits in fused blocks then call it only there (blocks end
+at those steps); one without it is called at every step, and the fit runs one step per
+block while it is there. The two convergence checks here declare it.
+
 A callback ends a fit cleanly by raising ``StopIteration``.
 """
 
@@ -51,6 +56,7 @@ class CheckParametersConvergence:
         if not is_real(tolerance) or not tolerance > 0:
             raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
         self.every, self.tolerance, self.diff, self.ord = int(every), float(tolerance), diff, ord
+        self.call_every = self.every  # called at the first step and every multiple: fused blocks end there
         self.prev: np.ndarray | None = None
         self.converged_at: int | None = None
 
@@ -89,6 +95,7 @@ class CheckLossConvergence:
             raise ValueError(f"tolerance must be a number > 0, got {tolerance!r}")
         self.window, self.tolerance = int(window), float(tolerance)
         self.every = max(1, self.window // 10) if every is None else int(every)
+        self.call_every = self.every  # it acts at multiples of every only
         self.stopped_at: int | None = None
         self.changes: list[tuple[int, float]] = []
 

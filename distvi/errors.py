@@ -26,3 +26,9 @@ class StartWarning(UserWarning):
 class ConvergenceWarning(UserWarning):
     """A fit run until convergence (``n=None``) stopped without converging: it reached
     ``max_n`` steps, or backed off its learning rate too often."""
+
+
+class FormWarning(UserWarning):
+    """A fused block could not be compiled in its JAX form (an operation of the model's graph
+    that PyTensor's JAX backend does not trace): the fit runs in the C form instead, with
+    the same numbers, more slowly."""

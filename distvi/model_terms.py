@@ -12,7 +12,7 @@ import pytensor.tensor as pt
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import graph_replace, vectorize_graph
 
-from distvi._compile import compile_mode, function
+from distvi._compile import Window, block_mode, compile_mode, function
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,21 @@ class DataTerm:
             on_unused_input="ignore",
         )
 
+
+    def compile_window(self, n_points: int, with_logp: bool, batch: int, form: str) -> Callable:
+        """``f(points[S, D], *rows, start, scale)``: :meth:`compile`'s outputs on the window
+        ``rows[start:start + batch]`` of whole shuffled shards, compiled in ``form``
+        (``"jax"``: the shard's rows stay on the device and the window is a dynamic slice)."""
+        ndim = self.z.type.shape[0]
+        points = pt.matrix("points", dtype="float64", shape=(n_points, ndim))
+        scale = pt.scalar("scale", dtype="float64")
+        start = pt.scalar("start", dtype="int64")
+        rows = [inp.type(inp.name) for inp in self.inputs]
+        window = [Window(batch)(r, start) for r in rows]
+        outputs = self.at(points, n_points, scale, window, with_logp=with_logp)
+        return function([points, *rows, start, scale], outputs,
+                        mode=block_mode(form, compile_mode(self.check_bounds)),
+                        trust_input=True, on_unused_input="ignore")
 
     def at(self, points, n_points: int, scale, rows: list | None = None, with_logp: bool = True,
            with_grad: bool = True) -> list:

@@ -26,7 +26,7 @@ from distvi.driver.fused import FusedStep, block_form, compile_block, max_steps
 from distvi.driver.step import Program, compile_program
 
 KEPT = 16
-_PROGRAMS: list[tuple[tuple, list, list, object]] = []  # (key, graphs, inputs, program)
+_PROGRAMS: list[list] = []  # [key, graphs, inputs, program]
 
 
 def dense(inference) -> tuple[int, ...]:
@@ -70,10 +70,11 @@ def _model_graphs(adapter) -> tuple[list, list]:
 
 def _cached(key: tuple, adapter):
     graphs, inputs = _model_graphs(adapter)
-    for k, old_graphs, old_inputs, program in _PROGRAMS:
+    for entry in _PROGRAMS:
+        k, old_graphs, old_inputs, _ = entry
         if k == key and len(inputs) == len(old_inputs) and equal_computations(
                 graphs, old_graphs, inputs, old_inputs):
-            return program
+            return entry
     return None
 
 
@@ -95,17 +96,26 @@ def fused_step(inference, step, backend, watch=None) -> FusedStep | None:
     key = (program_key(inference), step.with_logp, averaging, watch is not None,
            anchor is not None, layout, max_k, _structure(inference))
     adapter = inference.approx.adapter
-    program, compile_s = _cached(key, adapter), 0.0
-    if program is None:
-        t0 = time.perf_counter()
-        program = compile_block(
+    def build(form=None):
+        return compile_block(
             inference.approx, inference.objective, inference._optimizer, adapter.data_term(),
             rows, n_draw, inference._points_per_step(), inference._max_norm,
             inference._cost_scale(), step.program.scaled, dense(inference), step.with_logp,
-            averaging, watch is not None, anchor is not None, max_k)
+            averaging, watch is not None, anchor is not None, max_k, form)
+
+    entry = _cached(key, adapter)
+    compile_s = 0.0
+    if entry is None:
+        t0 = time.perf_counter()
+        entry = [key, *_model_graphs(adapter), build()]
         compile_s = time.perf_counter() - t0
-        _PROGRAMS.append((key, *_model_graphs(adapter), program))
+        _PROGRAMS.append(entry)
         del _PROGRAMS[:-KEPT]
-    fused = FusedStep(step, program, rows, anchor)
+
+    def fallback():  # the C form, kept in the entry: later fits do not try JAX again
+        entry[3] = build("c")
+        return entry[3]
+
+    fused = FusedStep(step, entry[3], rows, anchor, fallback)
     fused.compile_s = compile_s
     return fused

@@ -63,6 +63,7 @@ class ShardWorker:
         self._block, self._offsets = -1, []
         self._stein = None
         self._perm = None
+        self._device: list | None = None  # the rows as JAX arrays, when the JAX form is used
         if self.full:
             self.rows = [np.ascontiguousarray(a) for a in arrays]
         else:
@@ -77,15 +78,30 @@ class ShardWorker:
         """The rows of ``step``'s minibatch: a window of the shuffled shard (views, no copy)."""
         if self.full:
             return self.rows
+        start = self._start(step)
+        stop = start + self.batch_size
+        return [a[start:stop] for a in self.rows]
+
+    def _start(self, step: int) -> int:
+        if self.full:
+            return 0
         block, j = divmod(step, OFFSET_BLOCK)
         if block != self._block:
             # offsets for a block of steps in one draw; position-addressed, so identical to
             # drawing them one step at a time
             self._offsets = self._stream.integers(self.n_rows, OFFSET_BLOCK, block * OFFSET_BLOCK).tolist()
             self._block = block
-        start = self._offsets[j]
-        stop = start + self.batch_size
-        return [a[start:stop] for a in self.rows]
+        return self._offsets[j]
+
+    def device_rows(self) -> list:
+        """The shard's rows as JAX arrays (for the JAX form), moved there once. The worker
+        then reads its rows through zero-copy views of them: the rows are held once."""
+        if self._device is None:
+            import jax
+
+            self._device = [jax.device_put(a) for a in self.rows]
+            self.rows = [np.asarray(d) for d in self._device]
+        return self._device
 
     def offsets(self, step: int, k: int) -> np.ndarray:
         """The windows' starts of the ``k`` steps from ``step`` (what :meth:`minibatch` uses)."""
@@ -95,8 +111,14 @@ class ShardWorker:
                  with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Scaled minibatch log-likelihood and its gradient at each point (with
         ``with_logp=False`` the log-likelihood is not computed and comes back as zeros)."""
-        fn = self._data_term(points.shape[0], with_logp)
-        out = fn(points, *self.minibatch(step), self.scale)
+        n = points.shape[0]
+        form = term_form(self.batch_size, n, points.shape[1])
+        if form == "c" or not hasattr(self._data_term, "window"):
+            out = self._data_term(n, with_logp)(points, *self.minibatch(step), self.scale)
+        else:  # the shard's rows on the device once; the window sliced there
+            fn = self._data_term.window(n, with_logp, self.batch_size, form)
+            out = [np.asarray(o) for o in fn(points, *self.device_rows(), np.int64(self._start(step)),
+                                             self.scale)]
         if with_logp:
             return out[0], out[1]
         return np.zeros(points.shape[0]), out[0]
@@ -178,15 +200,47 @@ class ShardWorker:
         return kernel.phi_rows(points, grads, h, temperature, lo, hi, H=H)
 
 
-def compiled_by_points(data_term) -> Callable[..., DataTerm]:
-    """``f(n_points, with_logp, with_grad)``: the data term compiled once per variant, then
-    reused."""
-    cache: dict[tuple[int, bool, bool], DataTerm] = {}
+# row-point pairs a step from which a minibatch data term runs in the JAX form (when jax
+# imports): below it the C form's smaller call overhead wins (benchmarks/bench_terms.py)
+JAX_TERM_FROM = 20_000
 
-    def get(n_points: int, with_logp: bool = True, with_grad: bool = True) -> DataTerm:
+
+def term_form(rows: int, n_points: int, ndim: int) -> str:
+    """The compiled form of a worker's data term for ``rows`` rows a step at ``n_points``
+    points: ``DISTVI_TERM_FORM`` (``c``, ``jax``), or by size (``auto``, the default)."""
+    import os
+
+    from distvi._compile import jax_imports
+
+    form = os.environ.get("DISTVI_TERM_FORM", "auto").strip().lower()
+    if form not in ("auto", "c", "jax"):
+        raise ValueError(f"DISTVI_TERM_FORM must be 'auto', 'c' or 'jax', got {form!r}")
+    if form == "auto":
+        form = "jax" if rows * n_points >= JAX_TERM_FROM and jax_imports() else "c"
+    return form
+
+
+class CompiledTerm:
+    """The data term compiled once per variant, then reused: ``term(n_points, with_logp,
+    with_grad)`` (C), and ``term.window(n_points, with_logp, batch, form)`` on whole
+    shards and a window start (see :meth:`~distvi.model_terms.DataTerm.compile_window`)."""
+
+    def __init__(self, data_term) -> None:
+        self.data_term, self._cache = data_term, {}
+
+    def __call__(self, n_points: int, with_logp: bool = True, with_grad: bool = True) -> DataTerm:
         key = (n_points, bool(with_logp), bool(with_grad))
-        if key not in cache:
-            cache[key] = data_term.compile(n_points, with_logp, with_grad)
-        return cache[key]
+        if key not in self._cache:
+            self._cache[key] = self.data_term.compile(n_points, with_logp, with_grad)
+        return self._cache[key]
 
-    return get
+    def window(self, n_points: int, with_logp: bool, batch: int, form: str) -> DataTerm:
+        key = ("window", n_points, bool(with_logp), int(batch), form)
+        if key not in self._cache:
+            self._cache[key] = self.data_term.compile_window(n_points, with_logp, batch, form)
+        return self._cache[key]
+
+
+def compiled_by_points(data_term) -> CompiledTerm:
+    """The data term's compiled variants (see :class:`CompiledTerm`)."""
+    return CompiledTerm(data_term)

@@ -203,20 +203,25 @@ def test_minibatch_model_against_pymc_fit(lr):
 
 def test_minibatch_model_on_ray_equals_local_with_its_deterministics(lr, ray_cluster):
     """The per-shard batches travel to the actors, and the actors compute the data
-    deterministics: Ray gives the local numbers exactly."""
-    def run(backend):
+    deterministics: Ray gives the local step-by-step numbers exactly, and the local fused
+    blocks' to 1e-10."""
+    def run(backend, options=None):
         Xm, ym = pm.Minibatch(lr.X, lr.y, batch_size=70)
         with pm.Model():
             w = pm.Normal("w", 0.0, 1.0, shape=3)
             mu = pm.Deterministic("mu", Xm @ w)
             pm.Normal("y", mu, lr.sigma, observed=ym, total_size=300)
-            with dv.ADVI(num_workers=2, backend=backend, random_seed=8) as inference:
+            with dv.ADVI(num_workers=2, backend=backend, random_seed=8,
+                         backend_options=options) as inference:
                 approx = inference.fit(100, progressbar=False)
                 return inference.hist, approx.sample(4, random_seed=1).posterior
 
-    (h_local, p_local), (h_ray, p_ray) = run("local"), run("ray")
+    (h_local, p_local), (h_ray, p_ray) = run("local", {"fused": False}), run("ray")
     np.testing.assert_array_equal(h_local, h_ray)
     np.testing.assert_array_equal(p_local["mu"].values, p_ray["mu"].values)
+    h_fused, p_fused = run("local")
+    np.testing.assert_allclose(h_fused, h_ray, rtol=1e-10)
+    np.testing.assert_allclose(p_fused["mu"].values, p_ray["mu"].values, rtol=1e-10)
     np.testing.assert_allclose(p_ray["mu"].values[0], p_ray["w"].values[0] @ lr.X.T, atol=1e-12)
 
 

@@ -52,8 +52,8 @@ class LocalBackend:
         """The shards as a fused block reads them (see :mod:`distvi.driver.fused`)."""
         from distvi.driver.fused import ShardRows
 
-        return [ShardRows(w.rows, None if w.full else w.batch_size, float(w.scale), w.offsets)
-                for w in self.workers]
+        return [ShardRows(w.rows, None if w.full else w.batch_size, float(w.scale), w.offsets,
+                          w.device_rows) for w in self.workers]
 
     @staticmethod
     def share(array: np.ndarray) -> np.ndarray:

@@ -23,11 +23,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-from pytensor.graph.basic import Apply
-from pytensor.graph.op import Op
 from pytensor.graph.replace import graph_replace
 
-from distvi._compile import function
+from distvi._compile import Window, block_mode, function, jax_imports
 from distvi.driver.state import DriverState
 from distvi.driver.step import Step, StepInfo, not_finite_error, scale_inputs, step_graph
 from distvi.errors import NotFiniteError
@@ -53,76 +51,8 @@ def block_form() -> str:
     if form not in FORMS:
         raise ValueError(f"DISTVI_BLOCK_FORM must be one of {list(FORMS)}, got {form!r}")
     if form == "auto":
-        form = "jax" if _jax_imports() else "c"
+        form = "jax" if jax_imports() else "c"
     return form
-
-
-def _jax_imports() -> bool:
-    try:
-        import jax  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def block_mode(form: str, check_bounds_mode):
-    """The compile mode of ``form``, with the model's parameter-check rewrite of
-    ``check_bounds_mode`` (the C mode distvi compiles everything else with)."""
-    if form == "c":
-        return check_bounds_mode
-    from pytensor.compile.mode import get_mode
-
-    if form == "jax":
-        import jax
-
-        jax.config.update("jax_enable_x64", True)
-        _register_jax_window()
-    mode = get_mode(form.upper())
-    for rewrite in ("local_check_parameter_to_ninf_switch", "local_remove_check_parameter"):
-        if rewrite in check_bounds_mode.provided_optimizer.include:
-            mode = mode.including(rewrite)
-    return mode
-
-
-class Window(Op):
-    """``x[start:start + length]`` along the first axis, ``length`` fixed: what a shard's
-    minibatch is inside a block (a dynamic slice in JAX, a view elsewhere)."""
-
-    __props__ = ("length",)
-    view_map = {0: [0]}
-
-    def __init__(self, length: int) -> None:
-        self.length = int(length)
-
-    def make_node(self, x, start):
-        x, start = pt.as_tensor(x), pt.as_tensor(start)
-        out = pt.tensor(dtype=x.dtype, shape=(self.length, *x.type.shape[1:]))
-        return Apply(self, [x, start], [out])
-
-    def perform(self, node, inputs, output_storage) -> None:
-        x, start = inputs
-        output_storage[0][0] = x[int(start):int(start) + self.length]
-
-
-_JAX_WINDOW = []
-
-
-def _register_jax_window() -> None:
-    if _JAX_WINDOW:
-        return
-    import jax
-    from pytensor.link.jax.dispatch import jax_funcify
-
-    @jax_funcify.register(Window)
-    def _window(op, **kwargs):
-        length = op.length
-
-        def window(x, start):
-            return jax.lax.dynamic_slice_in_dim(x, start, length, axis=0)
-
-        return window
-
-    _JAX_WINDOW.append(_window)
 
 
 class ShardRows(NamedTuple):
@@ -134,6 +64,7 @@ class ShardRows(NamedTuple):
     batch: int | None
     scale: float
     offsets: Callable[[int, int], np.ndarray]
+    device: Callable[[], list] | None = None  # the rows as JAX arrays, held once
 
 
 class BlockInfo(NamedTuple):
@@ -170,12 +101,13 @@ class BlockProgram(NamedTuple):
 def compile_block(approx, operator, optimizer, data_term, shards: Sequence[ShardRows],
                   n_draw: int, n_points: int, max_norm: float | None, cost_scale: float,
                   scaled: bool, dense: tuple[int, ...], with_logp: bool, averaging: bool,
-                  iterates: bool, anchored: bool, max_k: int = 0) -> BlockProgram:
+                  iterates: bool, anchored: bool, max_k: int = 0,
+                  form: str | None = None) -> BlockProgram:
     """The block of the step :func:`~distvi.driver.step.compile_program` compiles with the
     same settings, over the in-process ``shards`` of ``data_term``."""
     adapter = approx.adapter
     D = adapter.ndim
-    form = block_form()
+    form = block_form() if form is None else form
     shapes = [np.shape(v) for v in approx.params_values]
     P = len(shapes)
     params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
@@ -284,6 +216,7 @@ class JaxBlock:
         self._rows: tuple = ()
         self._rows_jax: tuple = ()
         self._pads: list | None = None
+        self.ran = False  # traced and compiled: an error now is the step's, not the form's
 
         def run(k, carry, seqs, rest):
             per0 = None
@@ -318,9 +251,12 @@ class JaxBlock:
             pad[:k] = x
         rest = (*rest, *(c.storage[0] for c in self._shared))  # their values now
         if len(rest) != len(self._rows) or any(r is not q for r, q in zip(rest, self._rows)):
-            # the shards' rows and the fixed inputs: on the device once, not every block
-            self._rows, self._rows_jax = tuple(rest), tuple(jax.device_put(r) for r in rest)
+            # the shards' rows (JAX arrays already, from the workers) and the fixed inputs:
+            # on the device once, not every block
+            self._rows = tuple(rest)
+            self._rows_jax = tuple(r if isinstance(r, jax.Array) else jax.device_put(r) for r in rest)
         carry_out, per = self._run(onp.int64(k), tuple(carry), tuple(padded), self._rows_jax)
+        self.ran = True
         return [onp.asarray(c) for c in carry_out] + [onp.asarray(p)[:k] for p in per]
 
 
@@ -330,9 +266,14 @@ class FusedStep:
     takes it (point, full-data log-likelihood, gradient), or None."""
 
     def __init__(self, step: Step, program: BlockProgram, shards: Sequence[ShardRows],
-                 anchor: tuple | None = None) -> None:
+                 anchor: tuple | None = None, fallback: Callable | None = None) -> None:
         self.step, self.program, self.shards = step, program, list(shards)
-        self.rows = [np.asarray(r) for s in shards for r in s.rows]
+        # the C form of the block, compiled by fallback() if the JAX form cannot trace
+        self.fallback = fallback
+        if isinstance(program.fn, JaxBlock) and all(s.device is not None for s in shards):
+            self.rows = [r for s in shards for r in s.device()]
+        else:
+            self.rows = [np.asarray(r) for s in shards for r in s.rows]
         self.anchor = () if anchor is None else (
             np.asarray(anchor[0], dtype="float64"), np.asarray(float(anchor[1])),
             np.asarray(anchor[2], dtype="float64"))
@@ -385,7 +326,13 @@ class FusedStep:
         if prog.averaging:
             init += [*avg, np.asarray(state.n_averaged, dtype="int64")]
         t1 = time.perf_counter()
-        out = prog.fn(*init, lrs, eps, offsets, flags, *self.rows, *step.scales, *self.anchor)
+        try:
+            out = prog.fn(*init, lrs, eps, offsets, flags, *self.rows, *step.scales, *self.anchor)
+        except Exception as err:
+            if not (isinstance(prog.fn, JaxBlock) and not prog.fn.ran and self.fallback):
+                raise
+            prog = self._fall_back(err)
+            out = prog.fn(*init, lrs, eps, offsets, flags, *self.rows, *step.scales, *self.anchor)
         t2 = time.perf_counter()
         n_state = len(state.opt_state.flat)
         params = tuple(out[:P])
@@ -409,6 +356,19 @@ class FusedStep:
             losses = np.full(k, np.nan)
         return new, BlockInfo(np.asarray(losses), np.asarray(norms), lrs, seconds, state.step,
                               iterates), np.asarray(oks, dtype=bool)
+
+    def _fall_back(self, err: Exception) -> BlockProgram:
+        import warnings
+
+        from distvi.errors import FormWarning
+
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"the fused block's JAX form could not compile this model ({type(err).__name__}: "
+                      f"{first[:200]}); running its C form instead (same numbers, slower). "
+                      "DISTVI_BLOCK_FORM=c skips the attempt", FormWarning, stacklevel=2)
+        self.program, self.fallback = self.fallback(), None
+        self.rows = [np.asarray(r) for s in self.shards for r in s.rows]
+        return self.program
 
     def one(self, state: DriverState, backend) -> tuple[DriverState, StepInfo]:
         """One step from ``state`` through the block; a non-finite step raises
