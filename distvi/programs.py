@@ -22,7 +22,7 @@ from pytensor.graph.basic import equal_computations
 
 import numpy as np
 
-from distvi.driver.fused import FusedStep, block_form, compile_block, max_steps
+from distvi.driver.fused import FusedStep, block_form, compile_block, max_steps, widest_row
 from distvi.driver.step import Program, compile_program
 
 KEPT = 16
@@ -55,13 +55,13 @@ def step_program(inference) -> Program:
     return inference._programs[key]
 
 
-def _structure(inference) -> tuple:
+def _structure(inference, rows) -> tuple:
     """What the block's graph depends on besides the model's log densities."""
     approx, op = inference.approx, inference.objective
     groups = tuple((g.vfam, type(g.family).__name__, tuple(map(int, g.indices))) for g in approx.groups)
     shapes = tuple(tuple(map(int, getattr(v, "shape", ()))) for v in approx.params_values)
     return (type(op).__name__, getattr(op, "beta", None), groups, shapes,
-            bool(approx.adapter.model.check_bounds), block_form())
+            bool(approx.adapter.model.check_bounds), block_form(widest_row(rows)))
 
 
 def _model_graphs(adapter) -> tuple[list, list]:
@@ -94,7 +94,7 @@ def fused_step(inference, step, backend, watch=None) -> FusedStep | None:
     n_draw = inference._draws_per_step()
     max_k = max_steps(n_draw, inference.approx.ndim, watch is not None)
     key = (program_key(inference), step.with_logp, averaging, watch is not None,
-           anchor is not None, layout, max_k, _structure(inference))
+           anchor is not None, layout, max_k, _structure(inference, rows))
     adapter = inference.approx.adapter
     def build(form=None):
         return compile_block(

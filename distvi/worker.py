@@ -200,9 +200,13 @@ class ShardWorker:
         return kernel.phi_rows(points, grads, h, temperature, lo, hi, H=H)
 
 
-# row-point pairs a step from which a minibatch data term runs in the JAX form (when jax
-# imports): below it the C form's smaller call overhead wins (benchmarks/bench_terms.py)
+# where a worker's data term runs in the JAX form (when jax imports): at many points (SVGD's
+# particles, ASVGD's draws) with at least JAX_TERM_FROM row-point pairs, where XLA's vector
+# elementwise kernels win (2,000 rows x 100 points: 2.9 ms against C's 13.4 ms); at one
+# point the C form with the linked BLAS wins at every size measured (1k-100k rows x 20-100
+# columns: JAX 1.0-3.9x slower), benchmarks/bench_terms.py
 JAX_TERM_FROM = 20_000
+JAX_TERM_POINTS = 16
 
 
 def term_form(rows: int, n_points: int, ndim: int) -> str:
@@ -216,7 +220,8 @@ def term_form(rows: int, n_points: int, ndim: int) -> str:
     if form not in ("auto", "c", "jax"):
         raise ValueError(f"DISTVI_TERM_FORM must be 'auto', 'c' or 'jax', got {form!r}")
     if form == "auto":
-        form = "jax" if rows * n_points >= JAX_TERM_FROM and jax_imports() else "c"
+        form = ("jax" if n_points >= JAX_TERM_POINTS and rows * n_points >= JAX_TERM_FROM
+                and jax_imports() else "c")
     return form
 
 

@@ -39,9 +39,17 @@ BLOCK_BYTES = 64 << 20    # the block's normals (and iterates) at most
 FORMS = ("auto", "jax", "c", "numba")
 
 
-def block_form() -> str:
+# the widest row (values per row of any data array) at which ``auto`` picks the JAX form:
+# logistic regression, batch 1k-100k, in us per step (C / JAX): 20 columns 93/67, 1509/1112,
+# 7628/7018; 100 columns 153/180, 3128/4365, 16177/32243 (XLA's matrix-vector products on
+# wide rows are slower than the linked OpenBLAS)
+JAX_MAX_COLUMNS = 64
+
+
+def block_form(columns: int = 0) -> str:
     """How blocks are compiled: ``DISTVI_BLOCK_FORM``. ``auto`` (the default): ``jax`` when
-    the ``jax`` package imports, else ``c``. ``jax``: the step by PyTensor's JAX backend,
+    the ``jax`` package imports and no data row is wider than :data:`JAX_MAX_COLUMNS`
+    values (``columns``), else ``c``. ``jax``: the step by PyTensor's JAX backend,
     looped by XLA (64-bit: it turns on ``jax_enable_x64`` for the process). ``c``: a
     PyTensor ``scan`` in C with the linked BLAS. ``numba``: the same scan by Numba (for
     measurement: it compiles for tens of seconds and ran no faster)."""
@@ -51,8 +59,13 @@ def block_form() -> str:
     if form not in FORMS:
         raise ValueError(f"DISTVI_BLOCK_FORM must be one of {list(FORMS)}, got {form!r}")
     if form == "auto":
-        form = "jax" if jax_imports() else "c"
+        form = "jax" if columns <= JAX_MAX_COLUMNS and jax_imports() else "c"
     return form
+
+
+def widest_row(shards: Sequence[ShardRows]) -> int:
+    """Values per row of the widest data array of the shards."""
+    return max((int(np.prod(np.shape(r)[1:])) for s in shards for r in s.rows), default=0)
 
 
 class ShardRows(NamedTuple):
@@ -107,7 +120,7 @@ def compile_block(approx, operator, optimizer, data_term, shards: Sequence[Shard
     same settings, over the in-process ``shards`` of ``data_term``."""
     adapter = approx.adapter
     D = adapter.ndim
-    form = block_form() if form is None else form
+    form = block_form(widest_row(shards)) if form is None else form
     shapes = [np.shape(v) for v in approx.params_values]
     P = len(shapes)
     params = [pt.tensor(f"p{i}", dtype="float64", shape=s) for i, s in enumerate(shapes)]
