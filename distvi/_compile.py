@@ -84,75 +84,10 @@ def blas_flags() -> str:
 
 def compile_mode(check_bounds: bool):
     """PyMC's treatment of parameter checks: an invalid parameter gives a -inf log density
-    (not an exception), or no check at all when the model has ``check_bounds=False``; and
-    distvi's own exact rewrites (:func:`exact_rewrites`)."""
+    (not an exception), or no check at all when the model has ``check_bounds=False``."""
     rewrite = ("local_check_parameter_to_ninf_switch" if check_bounds
                else "local_remove_check_parameter")
-    exact_rewrites()
-    return get_mode(None).including(rewrite, DISTVI_TAG)
-
-
-DISTVI_TAG = "distvi_exact"
-_REGISTERED: list = []
-
-
-def exact_rewrites() -> None:
-    """Register (once) two rewrites that change no value, only the work, in the modes
-    distvi compiles with (tagged :data:`DISTVI_TAG`: other compilations do not run them):
-
-    - ``switch(c, f(a), f(b))`` -> ``f(switch(c, a, b))`` for one elementwise unary ``f``:
-      a Bernoulli log density, ``switch(y, -softplus(-x), -softplus(x))``, then computes one
-      softplus per row instead of two (C computes both branches of a switch, XLA too).
-    - ``sigmoid(x) >= 0`` and ``sigmoid(x) <= 1`` -> ``not isnan(x)``: the same truth value
-      for every double (the bounds PyMC checks on a ``logit_p``), without the exponential.
-    """
-    if _REGISTERED:
-        return
-    import pytensor.scalar as ps
-    from pytensor.compile import optdb
-    from pytensor.graph.rewriting.basic import node_rewriter
-    from pytensor.scalar.math import Sigmoid
-    from pytensor.tensor.basic import get_underlying_scalar_constant_value
-    from pytensor.tensor.elemwise import Elemwise
-    from pytensor.tensor.exceptions import NotScalarConstantError
-
-    def unary(v):
-        return (v.owner is not None and isinstance(v.owner.op, Elemwise) and len(v.owner.inputs) == 1
-                and len(v.owner.outputs) == 1)
-
-    @node_rewriter([Elemwise])
-    def distvi_lift_switch(fgraph, node):
-        if not isinstance(node.op.scalar_op, ps.Switch):
-            return None
-        c, a, b = node.inputs
-        if not (unary(a) and unary(b) and a.owner.op == b.owner.op):
-            return None
-        x, y = a.owner.inputs[0], b.owner.inputs[0]
-        if x.type.dtype != y.type.dtype:
-            return None
-        out = a.owner.op(pt.switch(c, x, y))
-        return [out] if out.type == node.outputs[0].type else None
-
-    @node_rewriter([Elemwise])
-    def distvi_sigmoid_bounds(fgraph, node):
-        op = node.op.scalar_op
-        if not isinstance(op, (ps.GE, ps.LE)):
-            return None
-        s, k = node.inputs
-        if not (unary(s) and isinstance(s.owner.op.scalar_op, Sigmoid)):
-            return None
-        try:
-            bound = float(get_underlying_scalar_constant_value(k))
-        except NotScalarConstantError:
-            return None
-        if bound != (0.0 if isinstance(op, ps.GE) else 1.0):
-            return None
-        out = pt.invert(pt.isnan(s.owner.inputs[0]))
-        return [out] if out.type == node.outputs[0].type else None
-
-    optdb["canonicalize"].register("distvi_sigmoid_bounds", distvi_sigmoid_bounds, DISTVI_TAG)
-    optdb["specialize"].register("distvi_lift_switch", distvi_lift_switch, DISTVI_TAG)
-    _REGISTERED.append(True)
+    return get_mode(None).including(rewrite)
 
 
 def function(inputs, outputs, **kwargs: Any):
@@ -182,7 +117,7 @@ def block_mode(form: str, check_bounds_mode):
         jax.config.update("jax_enable_x64", True)
         _register_jax_window()
     mode = get_mode(form.upper())
-    for rewrite in ("local_check_parameter_to_ninf_switch", "local_remove_check_parameter", DISTVI_TAG):
+    for rewrite in ("local_check_parameter_to_ninf_switch", "local_remove_check_parameter"):
         if rewrite in check_bounds_mode.provided_optimizer.include:
             mode = mode.including(rewrite)
     return mode
