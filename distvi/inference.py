@@ -20,6 +20,7 @@ from distvi._rng import DRIVER_STREAM, Stream, check_seed
 from distvi.approximations import Approximation
 from distvi.programs import fused_step, step_program
 from distvi.driver.hooks import Callbacks, DivergenceWatch, Progress, Recorder, Trace
+from distvi.driver.fused import block_hooks
 from distvi.driver.loop import Loop
 from distvi.driver.profile import Profile, Profiler
 from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
@@ -417,8 +418,11 @@ class Inference:
         if watch is not None:  # last: its StopIteration comes after every other hook saw the step
             watch.trace = trace
             hooks.append(watch)
-        fused = fused_step(self, step, backend, watch)
+        # in fused blocks unless a hook must see every step (then not even compiled)
+        fused = fused_step(self, step, backend, watch) if block_hooks(hooks) else None
         if profiler is not None:
+            if fused is None:  # compiled before the clock runs, not inside the first update
+                step.program.update.ready(), step.program.draw.ready()
             step, backend = profiler.wrap_step(step), profiler.wrap_backend(backend)
             hooks, fused = profiler.wrap_hooks(hooks), profiler.wrap_fused(fused)
         loop = Loop(step, backend, hooks, fused)

@@ -32,6 +32,7 @@ from distvi.errors import NotFiniteError
 from distvi.optimizers import OptState
 
 MAX_BLOCK = 4096          # steps a block runs at most
+PADDINGS = (1, 32)        # a JAX block's inputs are padded to one of these, or to its max_k
 BLOCK_SECONDS = 0.2       # a block's wall time at most (Ctrl-C stays prompt)
 BLOCK_BYTES = 64 << 20    # the block's normals (and iterates) at most
 
@@ -228,7 +229,7 @@ class JaxBlock:
         self.n_carry, self.n_seq_at, self.max_k = n_carry, n_seq_at, max_k
         self._rows: tuple = ()
         self._rows_jax: tuple = ()
-        self._pads: list | None = None
+        self._pads: dict[int, list] = {}
         self.ran = False  # traced and compiled: an error now is the step's, not the form's
 
         def run(k, carry, seqs, rest):
@@ -244,7 +245,8 @@ class JaxBlock:
 
             # the per-step outputs' buffers, shaped from one evaluation's abstract values
             shapes = jax.eval_shape(lambda: jit_fn(*carry, *(x[0] for x in seqs), *rest))
-            per0 = tuple(jnp.zeros((max_k, *o.shape), o.dtype) for o in shapes[n_carry:])
+            size = seqs[0].shape[0]  # the padded length: one program per padding
+            per0 = tuple(jnp.zeros((size, *o.shape), o.dtype) for o in shapes[n_carry:])
             return jax.lax.fori_loop(0, k, body, (tuple(carry), per0))
 
         self._run = jax.jit(run)
@@ -256,10 +258,13 @@ class JaxBlock:
         a = self.n_seq_at - 4  # the carry, then the four sequences, then the rest
         carry, seqs, rest = args[:a], args[a:a + 4], args[a + 4:]
         k = len(seqs[0])
-        if self._pads is None:  # the sequences padded to max_k, kept between blocks
-            self._pads = [onp.zeros((self.max_k, *onp.shape(x)[1:]), dtype=onp.asarray(x).dtype)
-                          for x in seqs]
-        padded = self._pads
+        # padded to the smallest of PADDINGS (and max_k) that holds k: a one-step block (a
+        # callback at every step) moves one step's inputs, not max_k steps'
+        size = next((p for p in PADDINGS if k <= p < self.max_k), self.max_k)
+        if size not in self._pads:  # kept between blocks
+            self._pads[size] = [onp.zeros((size, *onp.shape(x)[1:]), dtype=onp.asarray(x).dtype)
+                                for x in seqs]
+        padded = self._pads[size]
         for pad, x in zip(padded, seqs):
             pad[:k] = x
         rest = (*rest, *(c.storage[0] for c in self._shared))  # their values now
@@ -294,6 +299,7 @@ class FusedStep:
         self.max_k = max_steps(step.program.n_draw, step.approx.ndim, program.iterates)
         self._step_s: float | None = None  # seconds a step takes, from the blocks so far
         self.compile_s = 0.0  # seconds its program took to compile, when this fit compiled it
+        self._runs = 0
 
     def block_size(self) -> int:
         """Steps in the next block: as many as fit in :data:`BLOCK_SECONDS`."""
@@ -363,8 +369,9 @@ class FusedStep:
         self.seconds["draw"] += t1 - t0
         self.seconds["block"] += t2 - t1
         seconds = t2 - t0
-        if k:
+        if k and self._runs:  # the first call compiles (JAX) or warms up: not a step's time
             self._step_s = seconds / k
+        self._runs += 1
         if not step.with_logp:
             losses = np.full(k, np.nan)
         return new, BlockInfo(np.asarray(losses), np.asarray(norms), lrs, seconds, state.step,

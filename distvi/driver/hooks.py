@@ -215,15 +215,17 @@ class Callbacks:
         for cb in self.callbacks:
             m = getattr(cb, "call_every", None)
             self.every.append(int(m) if isinstance(m, (int, np.integer)) and m >= 1 else None)
+        if None not in self.every:  # every callback says when it must run: blocks can be seen
+            self.horizon, self.block = self._horizon, self._block
 
-    def horizon(self, state: DriverState) -> int:
-        if self.calls == 0 or None in self.every:
+    def _horizon(self, state: DriverState) -> int:
+        if self.calls == 0:
             return 1
         return min(m - state.step % m for m in self.every)
 
-    def block(self, state: DriverState, info) -> None:
+    def _block(self, state: DriverState, info) -> None:
         # only the callbacks due at this step (a block may also end for other reasons)
-        due = [cb for cb, m in zip(self.callbacks, self.every) if state.step % m == 0]
+        due = [cb for cb, m in zip(self.callbacks, self.every) if self.calls == 0 or state.step % m == 0]
         if due:
             self._call(state, due)
 

@@ -14,9 +14,12 @@ class Loop:
     """Runs steps; :attr:`state` is always the last whole state, also after an error (a
     step that fails leaves it as it was before that step).
 
-    With ``fused`` (a :class:`~distvi.driver.fused.FusedStep`), every step runs through
-    its compiled block: blocks of as many steps as the hooks' horizons, the block's time
-    budget and the steps left allow, or one step at a time when a hook sees every step."""
+    With ``fused`` (a :class:`~distvi.driver.fused.FusedStep`), the steps run through its
+    compiled block, in blocks of as many steps as the hooks' horizons, the block's time
+    budget and the steps left allow. When a hook must see every step (one without
+    ``horizon``, such as a callback without ``call_every``), the whole run goes step by
+    step instead: a block of one step costs more than a step (its inputs and outputs cross
+    into the block's program), and the numbers agree to rounding."""
 
     def __init__(self, step: Step, backend, hooks: Sequence[Hook] = (),
                  fused: FusedStep | None = None) -> None:
@@ -27,7 +30,7 @@ class Loop:
         """``n`` steps from ``state``, fewer when a hook raises ``StopIteration``."""
         self.state = state
         try:
-            if self.fused is None:
+            if self.fused is None or not block_hooks(self.hooks):
                 self._steps(state, n)
             else:
                 self._blocks(state, n)
@@ -48,19 +51,9 @@ class Loop:
 
     def _blocks(self, state: DriverState, n: int) -> None:
         fused, backend, hooks = self.fused, self.backend, self.hooks
-        blocks = block_hooks(hooks)
         done = 0
         while done < n:
-            k = 1
-            if blocks:
-                k = min([n - done, fused.block_size(), *(h.horizon(state) for h in hooks)])
-            if k <= 1:
-                state, info = fused.one(state, backend)
-                self.state = state
-                done += 1
-                for hook in hooks:
-                    hook(state, info)
-                continue
+            k = max(1, min([n - done, fused.block_size(), *(h.horizon(state) for h in hooks)]))
             new, info, ok = fused.run(state, k)
             bad = first_bad(ok)
             if bad is not None or info.k == 0:

@@ -103,9 +103,13 @@ class _Lazy:
         self.build, self.fn = build, None
 
     def __call__(self, *args):
+        return self.ready()(*args)
+
+    def ready(self) -> Callable:
+        """The compiled function, compiled now if it was not."""
         if self.fn is None:
             self.fn = self.build()
-        return self.fn(*args)
+        return self.fn
 
 
 class StepGraph(NamedTuple):
