@@ -2,8 +2,8 @@
 
 A callback may declare ``call_every = m``: it needs calls only at the fit's first step and at
 steps that are multiples of ``m``. Fits in fused blocks then call it only there (blocks end
-at those steps); one without it is called at every step, and the fit runs one step per
-block while it is there. The two convergence checks here declare it.
+at those steps); with one that lacks it, the fit runs step by step. The two convergence
+checks here declare it.
 
 A callback ends a fit cleanly by raising ``StopIteration``.
 """

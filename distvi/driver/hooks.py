@@ -9,8 +9,8 @@ Fused blocks (:mod:`distvi.driver.fused`) run many steps in one call. A hook tha
 them has ``horizon(state)``, the most steps that may pass before it must see a whole state
 again (a checkpoint due, a callback's next step, a check that may end the run), and
 ``block(state, info)``, called once after a block with the block's per-step report
-(:class:`~distvi.driver.fused.BlockInfo`) and the state at its end. A hook without them is
-called after every step, and the loop then runs one step at a time.
+(:class:`~distvi.driver.fused.BlockInfo`) and the state at its end. With a hook that lacks
+them, the run goes step by step.
 """
 
 from __future__ import annotations
