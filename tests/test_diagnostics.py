@@ -175,6 +175,7 @@ def test_an_interrupted_averaged_fit_resumes_exactly(linreg, tmp_path):
         if i == 250:
             raise StopIteration
 
+    stop_at_250.call_every = 1  # every step, through fused blocks as the fit compared runs
     store = tmp_path / "run.zarr"
     make().fit(400, obj_optimizer=dv.adam(learning_rate=0.02), average_from=0.5, progressbar=False,
                store=store, checkpoint_every=100, callbacks=[stop_at_250])

@@ -26,6 +26,7 @@ def send_at(step_wanted, signum):
     def cb(approx, losses, step):
         if step == step_wanted:
             os.kill(os.getpid(), signum)
+    cb.call_every = 1  # seen at every step, through fused blocks: the same path as the fit compared
     return cb
 
 

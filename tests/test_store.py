@@ -125,6 +125,7 @@ KILLED_RUN = textwrap.dedent("""
     def report(approx, losses, step):
         print(step, flush=True)
         time.sleep(0.002)
+    report.call_every = 1  # every step, through fused blocks as the fit compared runs
 
     inf = dv.FullRankADVI(model=lr.factory, data=lr.data, random_seed=3, batch_size=50)
     inf.fit(3000, progressbar=False, obj_optimizer=dv.adam(learning_rate=0.02),
