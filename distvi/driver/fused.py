@@ -27,7 +27,7 @@ from pytensor.graph.replace import graph_replace
 
 from distvi._compile import Window, block_mode, function, jax_imports
 from distvi.driver.state import DriverState
-from distvi.driver.step import Step, StepInfo, not_finite_error, scale_inputs, step_graph
+from distvi.driver.step import Step, not_finite_error, scale_inputs, step_graph
 from distvi.errors import NotFiniteError
 from distvi.optimizers import OptState
 
@@ -390,15 +390,14 @@ class FusedStep:
         self.rows = [np.asarray(r) for s in self.shards for r in s.rows]
         return self.program
 
-    def one(self, state: DriverState, backend) -> tuple[DriverState, StepInfo]:
-        """One step from ``state`` through the block; a non-finite step raises
-        :class:`~distvi.errors.NotFiniteError` naming its variables (``state`` unchanged)."""
-        new, info, ok = self.run(state, 1)
+    def fail(self, state: DriverState, backend) -> None:
+        """Raise the error of the step from ``state``, the first of a block that could not
+        run: the schedule's invalid rate, or :class:`~distvi.errors.NotFiniteError` naming
+        its variables (``state`` unchanged)."""
+        new, _, ok = self.run(state, 1)
         if len(ok) == 0:  # the schedule's rate at this step is not valid: the step says why
             self.step.learning_rate(state.opt_step)
-        if not ok[0]:
-            raise self.not_finite(state, backend, new.params)
-        return new, StepInfo(float(info.losses[0]), float(info.norms[0]), float(info.rates[0]), True)
+        raise self.not_finite(state, backend, new.params)
 
     def not_finite(self, state: DriverState, backend, params) -> NotFiniteError:
         """The error for the step from ``state``: the per-step path names its variables."""

@@ -58,7 +58,7 @@ class Loop:
             bad = first_bad(ok)
             if bad is not None or info.k == 0:
                 if not bad:  # the first step is not finite (or its rate is not valid)
-                    fused.one(state, backend)  # raises, naming the step
+                    fused.fail(state, backend)
                 new, info, ok = fused.run(state, bad)  # the finite steps before it
             state = self.state = new
             done += info.k

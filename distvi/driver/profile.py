@@ -6,7 +6,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from distvi.driver.hooks import Hook
+from distvi.driver.hooks import NO_LIMIT, Hook
 
 
 @dataclass
@@ -166,7 +166,7 @@ class _TimedHooks:
         self._timed(lambda: [hook(state, info) for hook in self.hooks])
 
     def _horizon(self, state) -> int:
-        return min([1 << 62, *(h.horizon(state) for h in self.hooks)])
+        return min([NO_LIMIT, *(h.horizon(state) for h in self.hooks)])
 
     def _block(self, state, info) -> None:
         self._timed(lambda: [hook.block(state, info) for hook in self.hooks])

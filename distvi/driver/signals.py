@@ -6,6 +6,7 @@ import signal
 import threading
 from typing import Any
 
+from distvi.driver.hooks import NO_LIMIT
 from distvi.driver.state import DriverState
 
 
@@ -84,7 +85,7 @@ class StopOnSignal:
 
     @staticmethod
     def horizon(state: DriverState) -> int:
-        return 1 << 62
+        return NO_LIMIT
 
     def block(self, state: DriverState, info) -> None:
         self(state, info)
