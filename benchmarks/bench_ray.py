@@ -12,12 +12,19 @@ scaling
 memory
     Peak RSS of the driver process (a fresh subprocess per size) for the scaling job with
     10,000 and with ``--rows`` rows in the Zarr store: the driver reads only metadata.
+crossover
+    Steady-state ms per step of the local backend (two in-process shards) against Ray with
+    two workers (``path="auto"``, 1 CPU each), logistic regression, over a grid of rows per
+    shard per step (``--batches``) x columns (``--columns``); each shard holds twice its
+    batch. Steps are timed with ``refine`` after a warm-up fit, so start-up and compilation
+    are left out.
 
 Usage
 -----
     .venv/bin/python benchmarks/bench_ray.py overhead
     .venv/bin/python benchmarks/bench_ray.py scaling --rows 2000000 --dim 100 --batch 20000
     .venv/bin/python benchmarks/bench_ray.py memory --rows 2000000 --dim 100
+    .venv/bin/python benchmarks/bench_ray.py crossover --batches 1000,10000,50000 --columns 7,100
 """
 
 from __future__ import annotations
@@ -160,21 +167,72 @@ def memory(args) -> dict:
     return {"peak_rss_mb": out, "slope_mb_per_million_rows": slope}
 
 
+def steady_ms_per_step(inference, target_s: float) -> tuple[float, int]:
+    """ms per step of ``refine`` after a warm-up fit, over enough steps for ``target_s``."""
+    import distvi as dv
+
+    inference.fit(20, obj_optimizer=dv.adam(learning_rate=0.01), progressbar=False)  # compile, warm
+    probe = refine_seconds(inference, 10) / 10
+    n = int(min(max(target_s / probe, 20), 20_000))
+    return 1e3 * refine_seconds(inference, n) / n, n
+
+
+def crossover(args) -> dict:
+    import distvi as dv
+
+    batches = [int(b) for b in args.batches.split(",")]
+    columns = [int(c) for c in args.columns.split(",")]
+    ray = start_local_ray()
+    out = {}
+    for d in columns:
+        for batch in batches:
+            rng = np.random.default_rng(d * 1_000_003 + batch)
+            rows = 2 * 2 * batch  # two shards, each twice its batch
+            X = rng.normal(size=(rows, d))
+            w = rng.normal(0.0, 0.3, d)
+            data = {"X": X, "y": (rng.random(rows) < 1 / (1 + np.exp(-X @ w))).astype("int64")}
+            cell = {}
+            for name, backend, opts in [("local", "local", None),
+                                        ("ray", "ray", {"num_cpus": 1, "path": "auto"})]:
+                inf = dv.ADVI(model=logistic_factory, data=data, batch_size=batch, num_workers=2,
+                              backend=backend, random_seed=1, backend_options=opts)
+                with inf:
+                    ms, n = steady_ms_per_step(inf, args.target_s)
+                    path = getattr(inf._backend, "path", None)
+                cell[name] = {"ms_per_step": ms, "steps": n, **({"path": path} if path else {})}
+            cell["local_over_ray"] = cell["local"]["ms_per_step"] / cell["ray"]["ms_per_step"]
+            out[f"{batch}x{d}"] = {"batch_per_shard": batch, "columns": d, **cell}
+            print(f"# batch {batch:,} x {d}: local {cell['local']['ms_per_step']:.3f} ms, ray "
+                  f"{cell['ray']['ms_per_step']:.3f} ms ({cell['ray'].get('path')}), "
+                  f"local/ray {cell['local_over_ray']:.2f}x", file=sys.stderr)
+    ray.shutdown()
+    print("\n| rows per shard per step | columns | local ms/step | ray ms/step (path) | local / ray |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in out.values():
+        print(f"| {r['batch_per_shard']:,} | {r['columns']} | {r['local']['ms_per_step']:.3f} | "
+              f"{r['ray']['ms_per_step']:.3f} ({r['ray'].get('path')}) | {r['local_over_ray']:.2f}x |")
+    return {"crossover": out}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "memory-child":
         memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["overhead", "scaling", "memory"])
+    ap.add_argument("what", choices=["overhead", "scaling", "memory", "crossover"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--dim", type=int, default=100)
     ap.add_argument("--batch", type=int, default=20_000)
     ap.add_argument("--workdir", default="benchmarks/data")
+    ap.add_argument("--batches", default="1000,10000,50000", help="crossover: rows per shard per step")
+    ap.add_argument("--columns", default="7,100", help="crossover: columns of X")
+    ap.add_argument("--target-s", type=float, default=1.5, help="crossover: seconds of timed steps per cell")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    result = {"overhead": overhead, "scaling": scaling, "memory": memory}[args.what](args)
+    result = {"overhead": overhead, "scaling": scaling, "memory": memory,
+              "crossover": crossover}[args.what](args)
     result["date"] = time.strftime("%Y-%m-%d")
     write_result(Path(args.out or f"benchmarks/results/ray_{args.what}.json"), result)
 
