@@ -63,8 +63,8 @@ def average_from(value: Any, n: int) -> int | None:
     return int(value)
 
 
-BACKEND_OPTIONS = ("num_cpus", "max_restarts", "timeout_s", "placement_timeout_s",
-                   "startup_timeout_s", "actor_class", "path", "fused")
+BACKEND_OPTIONS = ("num_cpus", "max_restarts", "restart_window", "timeout_s",
+                   "placement_timeout_s", "startup_timeout_s", "actor_class", "path", "fused")
 
 
 def backend_options(options: dict | None) -> dict:
@@ -79,6 +79,10 @@ def backend_options(options: dict | None) -> dict:
     if "max_restarts" in options and not (is_int(options["max_restarts"])
                                           and options["max_restarts"] >= 0):
         raise ValueError(f"backend_options['max_restarts'] must be an int >= 0, got {options['max_restarts']!r}")
+    if "restart_window" in options and not (is_int(options["restart_window"])
+                                            and options["restart_window"] >= 1):
+        raise ValueError(f"backend_options['restart_window'] must be an int >= 1 (steps), "
+                         f"got {options['restart_window']!r}")
     if not isinstance(options.get("fused", True), bool):
         raise ValueError(f"backend_options['fused'] must be True or False, got {options['fused']!r}")
     if options.get("path", "auto") not in ("auto", "plain", "compiled"):

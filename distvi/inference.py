@@ -23,6 +23,7 @@ from distvi.driver.hooks import Callbacks, DivergenceWatch, Progress, Recorder, 
 from distvi.driver.fused import block_hooks
 from distvi.driver.loop import Loop
 from distvi.driver.profile import Profile, Profiler
+from distvi.backends.ray_cluster import stop_started
 from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
 from distvi.driver.state import DriverState
 from distvi.driver.step import Program, Step
@@ -78,6 +79,7 @@ class Inference:
         self.shards = Shards(source, adapter, **settings, address=address,
                              random_seed=self.random_seed, points_per_step=self._points_per_step,
                              with_logp=self._scores_by_default)
+        self.shards.label = f"the {type(self).__name__} fit"
         accepted = set(inspect.signature(op).parameters) - {"approx"}
         for key in op_kwargs:
             if key not in accepted:
@@ -322,6 +324,7 @@ class Inference:
         distvi started it) and say where the run stands."""
         self.interrupted = signal.Signals(signum).name
         self.close()
+        stop_started(signum)
         report_stop(self.interrupted, self.state.step, self._recorded[0])
 
     def settings(self) -> dict[str, Any]:
@@ -396,7 +399,8 @@ class Inference:
             return
         # the first rate before any work: a schedule's NaN rate is refused with no worker started
         self._optimizer.learning_rate_at(self.state.opt_step)
-        backend = self.shards.start() if watch is None else watch.backend(self.shards.start())
+        started = self.shards.start(wait=False)
+        backend = started if watch is None else watch.backend(started)
         signals = self._signals
         if signals is not None:
             signals.arm()
@@ -420,16 +424,19 @@ class Inference:
             hooks.append(watch)
         # in fused blocks unless a hook must see every step (then not even compiled)
         fused = fused_step(self, step, backend, watch) if block_hooks(hooks) else None
+        # compiled now, not inside the first update: before a profile's clock runs, and while
+        # Ray's workers load and compile (they were only asked for above)
+        if fused is None and (profiler is not None or self.shards.backend_name == "ray"):
+            step.program.update.ready(), step.program.draw.ready()
         if profiler is not None:
-            if fused is None:  # compiled before the clock runs, not inside the first update
-                step.program.update.ready(), step.program.draw.ready()
             step, backend = profiler.wrap_step(step), profiler.wrap_backend(backend)
             hooks, fused = profiler.wrap_hooks(hooks), profiler.wrap_fused(fused)
         loop = Loop(step, backend, hooks, fused)
         trace.start()
         try:
             if signals is None or signals.signum is None:
-                loop.run(self.state, n)
+                with self.shards.held():
+                    loop.run(self.state, n)
         except KeyboardInterrupt:
             if signals is not None and signals.forced:
                 raise  # the state may be torn mid-update: nothing of it is recorded

@@ -34,7 +34,8 @@ except ImportError:  # pragma: no cover - other PyMC layouts
 from distvi._compile import compile_mode, function
 from distvi.model_errors import DiscreteVariableError, ModelError, ModelFactoryError
 from distvi.model_factory import ModelFactory, factory_name, model_from_factory
-from distvi.model_terms import DataSchema, DataTerm, DeterministicTerm, VarLayout, rows_of
+from distvi.model_terms import (DataSchema, DataTerm, DeterministicTerm, VarLayout, rows_of,
+                                without_pymc_checks)
 from distvi.pymc_models import check_global_free_rvs, depends_on, find_row_data, rebuild_with_rows
 
 __all__ = [
@@ -132,8 +133,11 @@ class ModelAdapter:
     def data_term(self) -> DataTerm:
         """The data term as a picklable symbolic graph: what a worker compiles. It holds
         no data (a ready model's arrays were replaced by minibatch inputs)."""
-        return DataTerm(self.z, self.data_logp, list(self.data_inputs.values()),
-                        bool(self.model.check_bounds))
+        if "_data_term" not in self.__dict__:
+            check_bounds = bool(self.model.check_bounds)
+            self._data_term = DataTerm(self.z, without_pymc_checks(self.data_logp, check_bounds),
+                                       list(self.data_inputs.values()), check_bounds)
+        return self._data_term
 
     def compile_data_term(self, n_points: int) -> Callable:
         """``f(points[S, D], *rows, scale) -> (scale * datalogp[S], scale * grad[S, D])``."""

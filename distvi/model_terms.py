@@ -62,6 +62,35 @@ def rows_of(graph: Variable, z: Variable, points: Variable, n_points: int):
     return vectorize_graph(graph, {z: points})
 
 
+def without_pymc_checks(graph: Variable, check_bounds: bool) -> Variable:
+    """``graph`` with PyMC's parameter checks spelled in plain PyTensor, as PyMC's compile
+    would rewrite them: an invalid parameter gives -inf (``check_bounds``) or no check at
+    all. A shard worker then unpickles and compiles the data term without importing PyMC
+    (about 2 s of CPU per worker). A check that must raise stays PyMC's."""
+    from pytensor.graph.traversal import ancestors
+
+    def pymc_check(node) -> bool:
+        op = node.op
+        return (type(op).__name__ == "CheckParameterValue"
+                and type(op).__module__.startswith("pymc.")
+                and (not check_bounds or op.can_be_replaced_by_ninf))
+
+    while True:
+        node = next((v.owner for v in ancestors([graph]) if v.owner is not None and pymc_check(v.owner)),
+                    None)
+        if node is None:
+            return graph
+        value, *conds = node.inputs
+        if check_bounds:
+            ok = conds[0] if len(conds) == 1 else pt.all([pt.all(c) for c in conds])
+            plain = pt.switch(ok, value, -np.inf)
+            if plain.dtype != node.outputs[0].dtype:
+                plain = pt.cast(plain, node.outputs[0].dtype)
+        else:
+            plain = value
+        graph = graph_replace(graph, {node.outputs[0]: plain}, strict=False)
+
+
 @dataclass
 class DataTerm:
     """The data term's graph: ``logp`` of the flat point ``z`` and the minibatch ``inputs``."""

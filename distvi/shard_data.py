@@ -9,6 +9,7 @@ are computed by the workers, without copying the rows to the driver.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,7 @@ class Shards:
         self.batches = (shard_batches(source, num_workers, batch_size, adapter.minibatch_size)
                         if self.has_data else [None])
         self.backend = None  # started by start()
+        self.label = "a fit"  # whose workers, in notices and errors
         self._finalizer = None
         self.record_diagnosis: Callable[[Any], None] = lambda diagnosis: None
 
@@ -82,18 +84,27 @@ class Shards:
         return self.source.n_rows / per_step if per_step else 1.0
 
     # ------------------------------------------------------------ the backend
-    def start(self):
-        """The backend, started (its workers loaded with their shards) if it is not."""
+    def start(self, wait: bool = True):
+        """The backend, started (its workers loaded with their shards) if it is not; with
+        ``wait=False`` Ray's workers may still be loading (the first call waits)."""
         if self.backend is None:
             from distvi.backends.start import start_backend
 
             self.backend = start_backend(
                 self.backend_name, self.adapter, self.source, self.num_workers, self.random_seed,
                 self.batches, self._points_per_step(), self._with_logp, self.has_data,
-                self.address, self.options)
+                self.address, dict(self.options, label=self.label), wait=wait)
             if self.backend_name == "ray":  # shards dropped without close() still release their actors
                 self._finalizer = weakref.finalize(self, self.backend.close)
+        else:
+            self.backend.start(wait=wait)  # workers released while idle start again
         return self.backend
+
+    def held(self):
+        """A context in which the workers are in use: another fit of this process may not
+        release them."""
+        held = getattr(self.start(), "held", None)
+        return contextlib.nullcontext() if held is None else held()
 
     def close(self) -> None:
         """Release the backend's workers."""
@@ -111,8 +122,9 @@ class Shards:
         was_open = self.backend is not None
         backend = self.start()
         try:
-            shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
-            return backend.call(method, (*before, shared), [()] * self.num_workers)
+            with self.held():
+                shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
+                return backend.call(method, (*before, shared), [()] * self.num_workers)
         finally:
             if not was_open:
                 self.close()

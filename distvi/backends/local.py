@@ -64,6 +64,9 @@ class LocalBackend:
         """``worker.method(*shared, *own)`` on every worker, in rank order."""
         return [getattr(w, method)(*shared, *own) for w, own in zip(self.workers, per_worker)]
 
+    def start(self, wait: bool = True) -> LocalBackend:
+        return self  # its workers live in this process from the start
+
     def close(self) -> None:
         self.workers = []
 

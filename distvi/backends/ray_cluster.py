@@ -11,6 +11,8 @@ import os
 
 from distvi.backends.base import WorkerError
 
+_started_here = False  # a local instance distvi started in this process (it stays up for later fits)
+
 
 def join_or_start(address: str | None) -> bool:
     """Join the cluster at ``address`` (default: ``RAY_ADDRESS``), else start a local Ray
@@ -24,11 +26,36 @@ def join_or_start(address: str | None) -> bool:
         ray.init(address=address, log_to_driver=True)
         started = False
     else:
+        global _started_here
         owner_only_token()
         ray.init(include_dashboard=False, log_to_driver=True)
-        started = True
+        started = _started_here = True
     restore_handlers(handlers)
     return started
+
+
+def stop_started(signum: int) -> None:
+    """After a fit stopped for ``signum``: on SIGTERM (the process is on its way out) shut
+    down the local Ray instance distvi started here, if any; after Ctrl-C it stays up for
+    the next fit, and Ray stops it at exit."""
+    import signal
+
+    global _started_here
+    if _started_here and signum == signal.SIGTERM:
+        import ray
+
+        _started_here = False
+        ray.shutdown()
+
+
+def local_instance() -> bool:
+    """Whether this process started the Ray node it is on (``ray.init`` without an address):
+    a fixed set of CPUs, no autoscaler to add more."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(node is not None and getattr(node, "head", False)
+                and getattr(node, "all_processes", None))
 
 
 def token_path() -> str | None:

@@ -9,12 +9,13 @@ from typing import Any
 def start_backend(name: str, adapter, source, num_workers: int, random_seed: int,
                   shard_batches: Sequence[int | None], points_per_step: int, with_logp: bool,
                   has_data: bool = True, address: str | None = None,
-                  options: dict[str, Any] | None = None):
+                  options: dict[str, Any] | None = None, wait: bool = True):
     """A started backend whose shard ``k`` holds the ``k``-th row range of ``source`` and
     answers the model's data term on ``shard_batches[k]`` rows a step (None: all of them).
 
     ``"local"``: the shard workers live in this process (none when the model has no data);
-    ``"ray"``: one actor per shard, on the cluster at ``address``.
+    ``"ray"``: one actor per shard, on the cluster at ``address`` (with ``wait=False``
+    returned once the actors are asked for: they load and compile while the caller works).
     """
     from distvi.data import source_bounds
     from distvi.worker import ShardWorker, compiled_by_points
@@ -25,7 +26,7 @@ def start_backend(name: str, adapter, source, num_workers: int, random_seed: int
         spec = WorkerSpec(adapter.data_term(), None, random_seed, tuple(shard_batches),
                           points_per_step, with_logp)
         ray_options = {k: v for k, v in (options or {}).items() if k != "fused"}
-        return RayBackend(spec, source, num_workers, address=address, **ray_options).start()
+        return RayBackend(spec, source, num_workers, address=address, **ray_options).start(wait)
     from distvi.backends.local import LocalBackend
 
     if not has_data:
