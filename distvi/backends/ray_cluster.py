@@ -7,6 +7,7 @@ readable by its owner only, a cluster that would refuse this process is reported
 
 from __future__ import annotations
 
+import logging
 import os
 
 from distvi.backends.base import WorkerError
@@ -28,7 +29,15 @@ def join_or_start(address: str | None) -> bool:
     else:
         global _started_here
         owner_only_token()
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # Ray announces at warning level that it turned token auth on; distvi chose that
+        # and wrote the owner-only token itself, so the announcement is not the user's news
+        note = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level = note.level
+        note.setLevel(logging.ERROR)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=True)
+        finally:
+            note.setLevel(level)
         started = _started_here = True
     restore_handlers(handlers)
     return started
