@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from distvi.config import ConfigError, build_source, load, resolve, validate
@@ -212,7 +213,9 @@ def job_main(doc: str, default_config: str, argv: list[str] | None = None, repor
         cfg = load(args.config, args.set)
     except ConfigError as err:
         parser.exit(EXIT_ERROR, redact(f"distvi: error: {err}\n"))
+    t0 = time.perf_counter()
     inference = run_config(cfg)
+    seconds = time.perf_counter() - t0
     if inference.interrupted:
         sys.exit(EXIT_INTERRUPTED)
     if cfg["store"]:
@@ -222,7 +225,7 @@ def job_main(doc: str, default_config: str, argv: list[str] | None = None, repor
         print(table.iloc[:30].to_string() + (f"\n... {len(table) - 30} more rows" if len(table) > 30 else ""))
     if report is not None:
         report(inference, cfg)
-    print(_finished(cfg, inference))
+    print(_finished(cfg, inference, seconds))
     return inference
 
 
@@ -259,10 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             cfg = load(args.config, args.set)
+            t0 = time.perf_counter()
             inference = run_config(cfg)
             if inference.interrupted:
                 return EXIT_INTERRUPTED
-            print(_finished(cfg, inference))
+            print(_finished(cfg, inference, time.perf_counter() - t0))
         elif args.command == "resume":
             job = _job_of(args.store)
             if job is None:
@@ -277,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{args.store!r} was fitted until converged (n: null), which is "
                                   f"not resumed phase by phase: give --n N to continue it for a "
                                   f"fixed number of steps in all, or run its config again")
+            t0 = time.perf_counter()
             inference = run_config(cfg, resume=True, n=args.n)
             if inference.interrupted:
                 return EXIT_INTERRUPTED
-            print(_finished(cfg, inference))
+            print(_finished(cfg, inference, time.perf_counter() - t0))
         else:
             print(summary_text(args.store, sample=args.sample))
     except (ConfigError, StoreError) as err:
@@ -289,12 +294,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _finished(cfg: dict[str, Any], inference) -> str:
-    lines = [f"fitted {cfg['method']} for {inference.state.step} steps"]
+def fitted_line(cfg: dict[str, Any], inference, seconds: float) -> str:
+    """What was fitted, in one line: the model reference, its observed variables, the rows
+    and shards, the method, the steps and the seconds the fit took (``seconds``: start-up,
+    data loading and compiling included)."""
+    observed = [rv.name for rv in inference.approx.adapter.model.observed_RVs]
+    outcome = (f"outcome{'s' if len(observed) > 1 else ''} {', '.join(observed)}" if observed
+               else "no observed variables")
+    shards = f"{inference.num_workers} shard{'s' if inference.num_workers != 1 else ''}"
+    line = (f"fitted {cfg['model']} ({outcome}, {inference.source.n_rows:,} rows, {shards} on "
+            f"{inference.backend_name}) with {cfg['method']}: {inference.state.step} steps in "
+            f"{seconds:.1f} s")
     conv = inference.convergence
     if conv is not None:
-        lines[0] += (f": converged in {len(conv.phases)} phase(s)" if conv.converged else
-                     f": did not converge ({conv.reason})")
+        line += (f"; converged in {len(conv.phases)} phase(s)" if conv.converged else
+                 f"; did not converge ({conv.reason})")
+    return line
+
+
+def _finished(cfg: dict[str, Any], inference, seconds: float) -> str:
+    lines = [fitted_line(cfg, inference, seconds)]
     if cfg["store"]:
         lines.append(f"run store: {cfg['store']}  (distvi summary {cfg['store']})")
     if cfg["tracking"]:

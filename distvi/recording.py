@@ -119,11 +119,12 @@ class RecordedFit:
         inf = self.inference
         tags = {"distvi.version": __version__, "distvi.method": type(inf).__name__}
         if rs is not None:
-            tags["distvi.store"] = rs.url
+            tags["distvi.store"] = absolute(rs.url)
         commit = git_commit()
         if commit:
             tags["git.commit"] = commit
-        run_id = self.tracker.start(jsonable(config), tags, parent_run_id=parent)
+        params = {**config, "model": model_label(inf), "data": tracked_data(inf)}
+        run_id = self.tracker.start(jsonable(params), tags, parent_run_id=parent)
         if rs is not None and run_id is not None and parent is None:
             rs.set_attrs(mlflow_run_id=run_id)
 
@@ -205,6 +206,55 @@ def check_matches(rs: RunStore, inference) -> None:
         if theirs.get(key) != ours.get(key):
             raise StoreError(f"run store {rs.url!r} was written for other data: {key} "
                              f"{theirs.get(key)!r} there, {ours.get(key)!r} here")
+
+
+def absolute(url: str) -> str:
+    """A store's URL as it reads from anywhere: a path made absolute, a URL as it is."""
+    import os
+
+    return url if "://" in url else os.path.abspath(url)
+
+
+def model_label(inference) -> str:
+    """What was fitted, by name: the job's ``model:`` reference, else the factory's
+    ``module:qualname``, else what kind of object it was."""
+    job = inference.job
+    if isinstance(job, dict) and isinstance(job.get("model"), str):
+        return job["model"]
+    model = inference.approx.model
+    module, qual = getattr(model, "__module__", None), getattr(model, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qual, str):
+        return f"{module}:{qual}"
+    name = getattr(model, "name", "")
+    return f"a ready {type(model).__name__}" + (f" {name!r}" if name else "")
+
+
+def tracked_data(inference) -> dict[str, Any]:
+    """The data of a fit as MLflow params: ``kind``, ``path`` (absolute; ``in memory`` for
+    arrays), ``rows``, ``columns`` (``array[trailing shape]``, or ``array=column`` for
+    Parquet), and for a job's loader its reference and options."""
+    from distvi.redact import redact_obj
+
+    desc = inference.source.describe()
+    kind = str(desc.get("kind", type(inference.source).__name__))
+    paths = desc.get("paths", [desc["path"]] if "path" in desc else [])
+    out: dict[str, Any] = {"kind": kind}
+    job = inference.job.get("data") if isinstance(inference.job, dict) else None
+    if isinstance(job, dict) and job.get("kind") in ("loader", "npz"):
+        out["kind"] = job["kind"]  # the source is in-memory arrays: say where they came from
+        if job["kind"] == "loader":
+            out["loader"], out["options"] = job["loader"], job.get("options") or {}
+        else:
+            paths = [job["path"]]
+    out["path"] = ", ".join(absolute(str(p)) for p in paths) if paths else "in memory"
+    out["rows"] = int(inference.source.n_rows)
+    if kind == "parquet":
+        out["columns"] = ", ".join(f"{k}={v}" if isinstance(v, str) else f"{k}=[{', '.join(v)}]"
+                                   for k, v in desc["columns"].items())
+    else:
+        out["columns"] = ", ".join(f"{k}{list(shape)}" if shape else k
+                                   for k, (_, shape) in inference.source.schema().items())
+    return redact_obj(out)
 
 
 def describe_layout(layout) -> str:

@@ -8,6 +8,8 @@ complete regardless.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import subprocess
@@ -25,6 +27,23 @@ from distvi._validate import is_int
 
 MAX_BATCH = 1000
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+DB_SETUP_LOGGERS = ("mlflow.store.db.utils", "alembic")  # they log a new database's set-up
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]):
+    """These loggers at WARNING and above only, for the ``with`` block."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)
 
 
 def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -95,6 +114,7 @@ class MLflowTracking:
         self.tracking_uri, self.log_every = tracking_uri, log_every
         self.artifact_location, self.max_store_mb = artifact_location, float(max_store_mb)
         self.run_id: str | None = None
+        self._title = "loss"
         self.warned = False
         self._client = None
         self._queue: queue.Queue | None = None
@@ -116,6 +136,7 @@ class MLflowTracking:
         self.run_id, self.warned = None, False  # a tracker may serve several fits
         self._queue = self._thread = None
         self._pending, self._last_send = [], 0.0
+        self._title = plot_title(params)
         # fail fast on an unreachable server instead of MLflow's minutes of retries (for this
         # run only: restored by finish())
         import mlflow
@@ -133,8 +154,9 @@ class MLflowTracking:
 
             if uri.startswith("sqlite:///"):  # SQLite does not create the file's directory
                 Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self._client = MlflowClient(tracking_uri=uri)
-            exp = self._client.get_experiment_by_name(self.experiment)
+            with _quiet(DB_SETUP_LOGGERS):  # a new SQLite file: two INFO lines about its tables
+                self._client = MlflowClient(tracking_uri=uri)
+                exp = self._client.get_experiment_by_name(self.experiment)
             if exp is None:
                 location = self.artifact_location
                 if location is None and not uri.startswith(("http://", "https://", "databricks")):
@@ -216,7 +238,7 @@ class MLflowTracking:
             with tempfile.TemporaryDirectory() as tmp:
                 if hist is not None and len(hist):
                     png = Path(tmp) / "loss.png"
-                    _loss_plot(hist, png)
+                    _loss_plot(hist, png, self._title)
                     client.log_artifact(run_id, str(png))
                 if idata is not None:
                     import arviz as az
@@ -293,25 +315,72 @@ class MLflowTracking:
                 os.environ[k] = v
 
 
-def _loss_plot(hist: np.ndarray, path: Path) -> None:
-    import matplotlib
+def plot_title(params: dict[str, Any]) -> str:
+    """``loss.png``'s title from a run's params: method, model and rows, where given."""
+    title = str(params.get("method", "loss"))
+    if params.get("model") is not None:
+        title += f" on {params['model']}"
+    rows = params.get("data", {}).get("rows") if isinstance(params.get("data"), dict) else None
+    if rows is not None:
+        title += f" ({rows:,} rows)" if isinstance(rows, int) else f" ({rows} rows)"
+    return redact(title)
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+RUNNING_MEAN_STEPS = 50  # the running mean spans 1/50 of the run ...
+MIN_RUNNING_MEAN = 10  # ... and at least 10 steps
+
+
+def loss_figure(hist: np.ndarray, title: str = "loss"):
+    """The loss curve of a fit: each step's loss (thin) and its trailing running mean over a
+    fiftieth of the run (at least 10 steps), on a symlog axis.
+
+    The loss (-ELBO, in nats) spans orders of magnitude over a run and may be negative, so
+    the axis is symmetric-log: logarithmic beyond 1 nat either side of 0, linear within it
+    (differences below a nat are minibatch noise on any model this is used for).
+
+    Examples
+    --------
+    >>> fig = loss_figure(np.linspace(100.0, -5.0, 200), title="ADVI on m:model")
+    >>> fig.axes[0].get_yscale(), fig.axes[0].get_title()
+    ('symlog', 'ADVI on m:model')
+    """
+    # not pyplot: no backend to choose for the user's process, no figure registry to leak into
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator
+
+    hist = np.asarray(hist, dtype="float64")
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     steps = np.arange(1, len(hist) + 1)
     ax.plot(steps, hist, lw=0.5, alpha=0.5, label="loss")
-    w = max(1, len(hist) // 100)
-    if w > 1:
-        run = np.convolve(hist, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], run, lw=1.5, label=f"running mean ({w})")
+    w = max(min(MIN_RUNNING_MEAN, len(hist)), len(hist) // RUNNING_MEAN_STEPS)
+    finite = np.isfinite(hist)
+    if w >= 2:
+        # over finite losses only: one inf step would blank its whole window
+        sums = np.convolve(np.where(finite, hist, 0.0), np.ones(w), mode="valid")
+        counts = np.convolve(finite.astype("float64"), np.ones(w), mode="valid")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ax.plot(steps[w - 1:], sums / counts, lw=1.5, color="C1",
+                    label=f"running mean ({w} steps)")
+    ax.set_yscale("symlog", linthresh=1.0)
+    # a run's loss often spans less than a decade, where decade ticks alone leave the axis
+    # bare: then 1-9 x each decade, labelled plainly
+    low, high = ax.get_ylim()
+    fine = SymmetricalLogLocator(base=10, linthresh=1.0, subs=range(1, 10))
+    ticks = fine.tick_values(low, high)
+    if np.sum((ticks >= low) & (ticks <= high)) <= 12:
+        ax.yaxis.set_major_locator(fine)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (-ELBO estimate)")
+    ax.set_ylabel("loss (-ELBO estimate, symlog)")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def _loss_plot(hist: np.ndarray, path: Path, title: str = "loss") -> None:
+    loss_figure(hist, title).savefig(path, dpi=100)
 
 
 def as_tracking(tracking: Any) -> MLflowTracking | None:

@@ -23,6 +23,12 @@ import pymc as pm
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs_quiet_ray: checks output that stays clean only once distvi silences "
+                   "Ray's own log lines (backends/ray.py)")
+
+
 class LinearRegression:
     """Bayesian linear regression with known noise: w ~ N(0, tau^-1 I), y ~ N(X w, sigma^2).
 

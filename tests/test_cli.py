@@ -1,6 +1,7 @@
 """The distvi command: configs checked before anything runs, run/resume/summary end to end."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -236,3 +237,48 @@ def test_summary_says_when_start_map_fell_back():
                              "gradient_evaluations": 3, "iterations": 0, "seconds": 0.5}, None)
     assert line == ("start       default (start='map' fell back: L-BFGS made no progress "
                     "(ABNORMAL)): 3 gradient evaluations, 0 L-BFGS iterations, 0.50 s")
+
+
+def test_a_job_says_what_it_fitted(tmp_path, capsys):
+    from jobs.quickstart import main as quickstart
+
+    t0 = time.perf_counter()
+    quickstart(["--config", "configs/quickstart.yaml", "--set", "n=30", "--set", "backend=local",
+                "--set", "num_workers=2", "--set", "tracking=false", "--set", "store=null",
+                "--set", "checkpoint_every=null",
+                "--set", "data.options={rows: 1500}", "--set", "progress=off"])
+    wall = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    # the model reference, its observed variable, the rows and shards, the method, the steps
+    found = re.search(r"^fitted jobs\.quickstart:model \(outcome morekids, 1,500 rows, 2 shards on "
+                      r"local\) with advi: 30 steps in (\d+\.\d) s$", out, re.M)
+    assert found, out
+    assert 0 < float(found.group(1)) <= wall + 0.05
+
+
+def test_the_readme_data_examples_load(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from conftest import write_zarr
+    from distvi.config import build_source, validate
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    examples = {d["kind"]: d for d in (yaml.safe_load(b)["data"] for b in blocks)}
+    assert set(examples) == {"zarr", "parquet"}
+    monkeypatch.chdir(tmp_path)  # the examples' relative paths
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(25, 3)), rng.integers(0, 2, 25)
+    write_zarr(tmp_path / "runs" / "scale-data.zarr", {"X": X, "y": y, "unused": np.ones(25)})
+    (tmp_path / "data").mkdir()
+    for part, rows in (("part0", slice(0, 10)), ("part1", slice(10, 25))):
+        pq.write_table(pa.table({"x1": X[rows, 0], "x2": X[rows, 1], "x3": X[rows, 2], "y": y[rows],
+                                 "unused": np.ones(rows.stop - rows.start)}),
+                       tmp_path / "data" / f"{part}.parquet")
+    for kind, example in examples.items():
+        source = build_source(validate({**BASE, "data": example})["data"])
+        got = source.read(0, source.n_rows)
+        assert source.n_rows == 25 and set(got) == {"X", "y"}, kind
+        np.testing.assert_array_equal(got["X"], X, err_msg=kind)
+        np.testing.assert_array_equal(got["y"], y, err_msg=kind)

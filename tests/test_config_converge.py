@@ -79,7 +79,7 @@ def test_a_config_fitted_until_converged_from_map_records_it(tmp_path, capsys):
     cfg = {**BASE, "start": "map", "store": str(store)}
     assert main(["run", write(tmp_path, cfg)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"fitted advi for \d+ steps: converged in \d+ phase", out), out
+    assert re.search(r"with advi: \d+ steps in \d+\.\d s; converged in \d+ phase", out), out
     rs = dv.store.RunStore.open(str(store))
     attrs = rs.attrs
     assert attrs["start"]["method"] == "map" and attrs["start"]["gradient_evaluations"] > 0

@@ -116,7 +116,8 @@ def test_radon_through_the_distvi_command(tmp_path, capsys):
     code = distvi.cli.main(["run", "configs/radon.yaml",
                             *sets(**SHORT, n=100, tol="null", obj_n_mc=1, store=store)])
     assert code == 0
-    assert f"fitted fullrank_advi for 100 steps\nrun store: {store}" in capsys.readouterr().out
+    assert re.search(rf"with fullrank_advi: 100 steps in \d+\.\d s\nrun store: {re.escape(store)}",
+                     capsys.readouterr().out)
     assert distvi.cli.main(["summary", store]) == 0
     out = capsys.readouterr().out
     assert "status finished" in out and "steps       100 of 100 recorded" in out

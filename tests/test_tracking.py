@@ -303,3 +303,59 @@ def test_a_diagnostic_mlflow_cannot_take_warns_and_the_store_still_has_it(lr, tm
     with pytest.warns(RuntimeWarning, match="could not log the diagnostic"):
         d = inf.approx.diagnose(200, random_seed=1)
     assert dv.open_run(store).diagnosis == d.as_dict()
+
+
+def test_a_jobs_run_names_the_model_the_data_and_the_shards_and_where_the_store_is(tmp_path, monkeypatch):
+    """A config run with Parquet data and a relative store: the params say what was fitted on
+    what, the store tag is absolute, and the loss curve is there."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import write_config
+    from distvi.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.syspath_prepend(str(root))  # the model: jobs.quickstart:model
+    from jobs.quickstart import PREDICTORS, load
+
+    monkeypatch.chdir(tmp_path)
+    d = load(rows=600)
+    pq.write_table(pa.table({**{k: d["X"][:, i] for i, k in enumerate(PREDICTORS)}, "morekids": d["y"]}),
+                   "fertility.parquet")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = {"model": "jobs.quickstart:model", "method": "advi", "n": 20, "batch_size": 100,
+           "optimizer": {"name": "adam", "learning_rate": 0.05},
+           "data": {"kind": "parquet", "path": "fertility.parquet",
+                    "columns": {"X": PREDICTORS, "y": "morekids"}},
+           "num_workers": 2, "backend": "local", "progress": "off", "store": "runs/job.zarr",
+           "tracking": {"experiment": "job", "tracking_uri": uri, "log_every": 10}}
+    assert main(["run", write_config(tmp_path, cfg)]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    p = run.data.params
+    assert p["model"] == "jobs.quickstart:model" and p["method"] == "ADVI"
+    assert p["data.kind"] == "parquet" and p["data.path"] == str(tmp_path / "fertility.parquet")
+    assert p["data.rows"] == "600" and p["data.columns"] == f"X=[{', '.join(PREDICTORS)}], y=morekids"
+    assert p["inference.num_workers"] == "2"
+    assert run.data.tags["distvi.store"] == str(tmp_path / "runs" / "job.zarr")
+    assert "loss.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_the_loss_figure_has_a_title_a_symlog_axis_and_a_running_mean_over_the_raw_loss():
+    from distvi.tracking import loss_figure, plot_title
+
+    title = plot_title({"method": "ADVI", "model": "jobs.quickstart:model", "data": {"rows": 4000}})
+    assert title == "ADVI on jobs.quickstart:model (4,000 rows)"
+    rng = np.random.default_rng(0)
+    hist = np.linspace(300.0, -40.0, 1000) + rng.normal(0.0, 5.0, 1000)  # a loss may go below 0
+    (ax,) = loss_figure(hist, title).axes
+    assert ax.get_title() == title and ax.get_yscale() == "symlog"
+    raw, mean = ax.get_lines()
+    np.testing.assert_array_equal(raw.get_ydata(), hist)
+    w = 1000 // 50
+    np.testing.assert_array_equal(mean.get_xdata(), np.arange(w, 1001))
+    np.testing.assert_allclose(mean.get_ydata(), pd.Series(hist).rolling(w).mean().dropna(),
+                               rtol=1e-9, atol=1e-9)
+    (ax,) = loss_figure(hist[:30]).axes  # a short run: the mean is over 10 steps
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(),
+                               pd.Series(hist[:30]).rolling(10).mean().dropna(), rtol=1e-9, atol=1e-9)
