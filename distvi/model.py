@@ -135,8 +135,10 @@ class ModelAdapter:
         no data (a ready model's arrays were replaced by minibatch inputs)."""
         if "_data_term" not in self.__dict__:
             check_bounds = bool(self.model.check_bounds)
-            self._data_term = DataTerm(self.z, without_pymc_checks(self.data_logp, check_bounds),
-                                       list(self.data_inputs.values()), check_bounds)
+            graphs = [self.data_logp] + ([pt.grad(self.data_logp, self.z)] if self.ndim else [])
+            logp, *grad = without_pymc_checks(graphs, check_bounds)
+            self._data_term = DataTerm(self.z, logp, list(self.data_inputs.values()), check_bounds,
+                                       grad[0] if grad else None)
         return self._data_term
 
     def compile_data_term(self, n_points: int) -> Callable:

@@ -62,11 +62,14 @@ def rows_of(graph: Variable, z: Variable, points: Variable, n_points: int):
     return vectorize_graph(graph, {z: points})
 
 
-def without_pymc_checks(graph: Variable, check_bounds: bool) -> Variable:
-    """``graph`` with PyMC's parameter checks spelled in plain PyTensor, as PyMC's compile
+def without_pymc_checks(graphs: list, check_bounds: bool) -> list:
+    """``graphs`` with PyMC's parameter checks spelled in plain PyTensor, as PyMC's compile
     would rewrite them: an invalid parameter gives -inf (``check_bounds``) or no check at
     all. A shard worker then unpickles and compiles the data term without importing PyMC
-    (about 2 s of CPU per worker). A check that must raise stays PyMC's."""
+    (about 2 s of CPU per worker). A check that must raise stays PyMC's. Rewrite a
+    gradient's graph together with its log density's, after ``pt.grad`` (as PyMC's compile
+    does: a check passes the gradient through; a switch built before ``pt.grad`` would not
+    give the same graph)."""
     from pytensor.graph.traversal import ancestors
 
     def pymc_check(node) -> bool:
@@ -76,10 +79,10 @@ def without_pymc_checks(graph: Variable, check_bounds: bool) -> Variable:
                 and (not check_bounds or op.can_be_replaced_by_ninf))
 
     while True:
-        node = next((v.owner for v in ancestors([graph]) if v.owner is not None and pymc_check(v.owner)),
+        node = next((v.owner for v in ancestors(graphs) if v.owner is not None and pymc_check(v.owner)),
                     None)
         if node is None:
-            return graph
+            return graphs
         value, *conds = node.inputs
         if check_bounds:
             ok = conds[0] if len(conds) == 1 else pt.all([pt.all(c) for c in conds])
@@ -88,7 +91,7 @@ def without_pymc_checks(graph: Variable, check_bounds: bool) -> Variable:
                 plain = pt.cast(plain, node.outputs[0].dtype)
         else:
             plain = value
-        graph = graph_replace(graph, {node.outputs[0]: plain}, strict=False)
+        graphs = graph_replace(graphs, {node.outputs[0]: plain}, strict=False)
 
 
 @dataclass
@@ -99,6 +102,7 @@ class DataTerm:
     logp: Variable
     inputs: list
     check_bounds: bool
+    grad: Variable | None = None  # d logp / dz, when built with the log density (else built here)
 
     def compile(self, n_points: int, with_logp: bool = True, with_grad: bool = True) -> Callable:
         """``f(points[S, D], *rows, scale) -> (scale * datalogp[S], scale * grad[S, D])``;
@@ -145,7 +149,10 @@ class DataTerm:
         if with_logp:
             graphs.append(self.logp)
         if with_grad:
-            graphs.append(pt.grad(self.logp, self.z) if ndim else pt.zeros((0,)))
+            if not ndim:
+                graphs.append(pt.zeros((0,)))
+            else:
+                graphs.append(pt.grad(self.logp, self.z) if self.grad is None else self.grad)
         if rows is not None:
             graphs = graph_replace(graphs, dict(zip(self.inputs, rows)), strict=False)
         return [scale * rows_of(g, self.z, points, n_points) for g in graphs]
