@@ -399,8 +399,8 @@ class Inference:
             return
         # the first rate before any work: a schedule's NaN rate is refused with no worker started
         self._optimizer.learning_rate_at(self.state.opt_step)
-        started = self.shards.start(wait=False)
-        backend = started if watch is None else watch.backend(started)
+        backend = self.shards.start(wait=False)  # Ray's workers: asked for, ready below
+        backend = backend if watch is None else watch.backend(backend)
         signals = self._signals
         if signals is not None:
             signals.arm()
@@ -424,14 +424,14 @@ class Inference:
             hooks.append(watch)
         # in fused blocks unless a hook must see every step (then not even compiled)
         fused = fused_step(self, step, backend, watch) if block_hooks(hooks) else None
-        # compiled now, not inside the first update: before a profile's clock runs, and while
-        # Ray's workers load and compile (they were only asked for above)
+        # compiled now, not in the first update: before a profile's clock, while Ray's workers start
         if fused is None and (profiler is not None or self.shards.backend_name == "ray"):
             step.program.update.ready(), step.program.draw.ready()
         if profiler is not None:
             step, backend = profiler.wrap_step(step), profiler.wrap_backend(backend)
             hooks, fused = profiler.wrap_hooks(hooks), profiler.wrap_fused(fused)
         loop = Loop(step, backend, hooks, fused)
+        self.shards.start()  # the workers ready before the progress bar's clock starts
         trace.start()
         try:
             if signals is None or signals.signum is None:
