@@ -32,7 +32,7 @@ import numpy as np
 
 from distvi.backends import ray_fleet
 from distvi.backends.base import WorkerError
-from distvi.backends.ray_actor import ShardActor, WorkerSpec
+from distvi.backends.ray_actor import ShardActor, WorkerSpec, teardown_graph
 from distvi.backends.ray_cluster import join_or_start, local_instance
 from distvi.data import ArraySource, source_bounds
 
@@ -326,12 +326,8 @@ class RayBackend:
             self.path = "plain"
 
     def _teardown_graph(self) -> None:
-        if self._cdag is not None:
-            try:
-                self._cdag.teardown()
-            except Exception:  # an actor already gone takes the graph with it
-                pass
-            self._cdag = None
+        teardown_graph(self._cdag)
+        self._cdag = None
 
     def _evaluate_compiled(self, points: np.ndarray, step: int, with_logp: bool):
         import ray

@@ -12,7 +12,7 @@ import numpy as np
 
 from distvi.worker import ShardWorker, compiled_by_points
 
-__all__ = ["ShardActor", "WorkerSpec"]
+__all__ = ["ShardActor", "WorkerSpec", "teardown_graph"]
 
 
 @dataclass
@@ -68,3 +68,12 @@ class ShardActor:
 
     def n_rows(self) -> int:
         return self.worker.n_rows
+
+
+def teardown_graph(cdag) -> None:
+    """Tear a compiled graph down; a graph whose actor is already gone went with it."""
+    if cdag is not None:
+        try:
+            cdag.teardown()
+        except Exception:
+            pass

@@ -39,6 +39,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from distvi.backends.ray_actor import teardown_graph
+
 __all__ = ["ReducerActor", "TreeReducer", "add_in_order", "pids_of", "tree_levels"]
 
 
@@ -230,12 +232,8 @@ class TreeReducer:
         """Tear the graph down and kill the reducers (the shard actors are the caller's)."""
         import ray
 
-        if self._cdag is not None:
-            try:
-                self._cdag.teardown()
-            except Exception:  # an actor already gone takes the graph with it
-                pass
-            self._cdag = None
+        teardown_graph(self._cdag)
+        self._cdag = None
         for r in self.reducers:
             try:
                 ray.kill(r)
