@@ -13,6 +13,7 @@ import pytest
 
 import distvi as dv
 from distvi.backends.base import WorkerError
+from distvi.backends.ray import ShardActor
 from distvi.backends.ray_fleet import RestartBudget
 
 from conftest import LinearRegression
@@ -145,3 +146,20 @@ def test_failures_faster_than_the_budget_end_clearly_with_a_checkpoint(tmp_path,
     run = dv.open_run(str(store))
     assert run.checkpoint.step == 40  # the steps before the failure are kept
     np.testing.assert_array_equal(run.traces["step"], np.arange(1, 41))
+
+
+class CannotStart(ShardActor):
+    def __init__(self, spec, rank, *args):
+        if rank == 1:
+            raise RuntimeError("shard 1 is not readable here")
+        super().__init__(spec, rank, *args)
+
+
+def test_a_worker_that_cannot_start_ends_the_start_with_its_error(lr):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    inf = advi(lr, "ray", actor_class=CannotStart)
+    with inf, pytest.raises(WorkerError, match="(?s)worker 1 died while starting .*RuntimeError: shard 1 is not readable here"):
+        inf.fit(10, **ADAM)
+    assert inf._backend is None or not inf._backend.actors  # nothing is left holding CPUs

@@ -225,8 +225,18 @@ class RayBackend:
         except Exception:  # already gone
             pass
         self.actors[rank] = self._new_actor(rank)
-        self._get([self.actors[rank].n_rows.remote()], step=None,
-                  timeout=max(self.timeout_s, self.startup_timeout_s))
+        self._started([self.actors[rank]], [rank])
+
+    def _started(self, actors: list, ranks: list) -> None:
+        """Wait until ``actors`` have loaded their shards and compiled; one that dies doing
+        so (a shard it cannot read, say) ends the start with its error."""
+        try:
+            # loading a shard and compiling take longer than a step: their own timeout
+            self._get([a.n_rows.remote() for a in actors], step=None,
+                      timeout=max(self.timeout_s, self.startup_timeout_s))
+        except _Died as died:
+            raise WorkerError(f"worker {ranks[died.rank]} died while starting (loading its shard "
+                              f"and compiling): {died.err}") from None
 
     def _await(self) -> None:
         """Wait for the actors asked for by :meth:`start`: placed, loaded, compiled."""
@@ -239,9 +249,7 @@ class RayBackend:
             if not ready:
                 raise WorkerError(ray_fleet.full_message(
                     self, ray.cluster_resources().get("CPU", 0.0), self.placement_timeout_s))
-            # loading a shard and compiling take longer than a step: their own timeout
-            self._get([a.n_rows.remote() for a in self.actors], step=None,
-                      timeout=max(self.timeout_s, self.startup_timeout_s))
+            self._started(self.actors, list(range(self.k)))
             self._pending = False
             if self.path == "auto":
                 ndim = self.spec.data_term.z.type.shape[0]
