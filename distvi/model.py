@@ -135,7 +135,9 @@ class ModelAdapter:
         no data (a ready model's arrays were replaced by minibatch inputs)."""
         if "_data_term" not in self.__dict__:
             check_bounds = bool(self.model.check_bounds)
-            graphs = [self.data_logp] + ([pt.grad(self.data_logp, self.z)] if self.ndim else [])
+            # (a model without data has a constant data term: its gradient is zeros)
+            graphs = [self.data_logp] + ([pt.grad(self.data_logp, self.z, disconnected_inputs="ignore")]
+                                         if self.ndim else [])
             logp, *grad = without_pymc_checks(graphs, check_bounds)
             self._data_term = DataTerm(self.z, logp, list(self.data_inputs.values()), check_bounds,
                                        grad[0] if grad else None)
