@@ -107,7 +107,7 @@ class RayBackend:
         self.spec, self.source, self.k = spec, source, num_workers
         self.n_rows = source.n_rows
         self.address, self.label = address, label
-        self.num_cpus, self.max_restarts = float(num_cpus), int(max_restarts)
+        self.num_cpus = float(num_cpus)
         self.timeout_s, self.placement_timeout_s = float(timeout_s), float(placement_timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
         self.actor_class = ShardActor if actor_class is None else actor_class

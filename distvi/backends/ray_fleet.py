@@ -36,16 +36,13 @@ def _holding(but=None) -> list:
     return [b for b in list(_LIVE) if b is not but and b.holds_workers]
 
 
-def release_idle(but) -> float:
-    """Release the workers of this process's idle backends (all but ``but``); the CPUs freed."""
-    freed = 0.0
+def release_idle(but) -> None:
+    """Release the workers of this process's idle backends (all but ``but``)."""
     for backend in _holding(but):
         if not backend.busy:
-            freed += backend.cpus
             backend.release()
             print(f"distvi: released the {backend.num_workers} idle Ray workers of {backend.label} "
                   f"to make room; they start again on its next fit", file=sys.stderr, flush=True)
-    return freed
 
 
 def busy_cpus(but=None) -> float:
@@ -55,7 +52,7 @@ def busy_cpus(but=None) -> float:
 
 def full_message(backend, total: float, waited_s: float | None = None) -> str:
     """Why ``backend`` cannot be placed, who holds the CPUs, and what to do."""
-    mine = [b for b in _holding(backend)]
+    mine = _holding(backend)
     held = sum(b.cpus for b in mine)
     when = f" within {waited_s:.0f} s" if waited_s is not None else ""
     who = ("; ".join(f"{b.label} holds {b.cpus:g} ({b.num_workers} workers, "
