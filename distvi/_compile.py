@@ -67,11 +67,51 @@ def blas_threads() -> int:
     return n
 
 
+_assumed: str | None = None  # a Ray worker's BLAS, as its driver found it (see assume_blas)
+
+
+def compiler_facts() -> dict:
+    """What this process found out about compiling C, for its Ray workers: which BLAS
+    :func:`blas_flags` gives (``"user"``, ``"bundled"`` or ``"off"``) and, with the host's
+    name, the CPU flags PyTensor's compiler detected."""
+    import socket
+
+    from pytensor.link.c.cmodule import GCC_compiler
+
+    flags = blas_flags()
+    GCC_compiler.compile_args()  # detects the CPU's flags (once per process)
+    march = GCC_compiler.march_flags
+    return {"blas": "off" if not flags else "bundled" if flags == _bundled_flags() else "user",
+            "host": socket.gethostname(), "march": None if march is None else list(march)}
+
+
+def adopt_compiler_facts(facts: dict | None) -> None:
+    """In a Ray worker (a process of distvi's own): take its driver's findings instead of
+    finding them again. PyTensor finds a BLAS's flags and the CPU's by compiling and running
+    test programs, ~0.4 s each, measured, at every worker start. The BLAS finding is set as
+    ``blas__ldflags`` (``"user"``: the worker reads its own); the CPU flags only on the
+    driver's own host (another machine may have another CPU)."""
+    import socket
+
+    from pytensor.link.c.cmodule import GCC_compiler
+
+    global _assumed
+    facts = facts or {}
+    if facts.get("blas") in ("bundled", "off") and _assumed is None:
+        _assumed = facts["blas"]
+        pytensor.config.blas__ldflags = blas_flags()
+    if (facts.get("march") is not None and facts.get("host") == socket.gethostname()
+            and GCC_compiler.march_flags is None):
+        GCC_compiler.march_flags = list(facts["march"])
+
+
 def blas_flags() -> str:
     """The ``blas__ldflags`` distvi compiles with: the user's if set, else the bundled
     OpenBLAS, else ``""`` (``DISTVI_BLAS=off``, or ``scipy-openblas32`` missing)."""
     import warnings
 
+    if _assumed is not None:
+        return _bundled_flags() if _assumed == "bundled" else ""
     with warnings.catch_warnings():  # the first read warns that pip's PyTensor has no BLAS
         warnings.simplefilter("ignore")
         user = pytensor.config.blas__ldflags

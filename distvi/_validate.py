@@ -85,8 +85,9 @@ def backend_options(options: dict | None) -> dict:
                          f"got {options['restart_window']!r}")
     if not isinstance(options.get("fused", True), bool):
         raise ValueError(f"backend_options['fused'] must be True or False, got {options['fused']!r}")
-    if options.get("path", "auto") not in ("auto", "plain", "compiled"):
-        raise ValueError(f"backend_options['path'] must be 'auto', 'plain' or 'compiled', got {options['path']!r}")
+    if options.get("path", "auto") not in ("auto", "direct", "compiled", "plain"):
+        raise ValueError(f"backend_options['path'] must be 'auto', 'direct', 'compiled' or 'plain', "
+                         f"got {options['path']!r}")
     return options
 
 

@@ -56,8 +56,8 @@ class Inference:
     backend_options
         For ``"ray"``: ``num_cpus`` per worker (1), ``max_restarts`` (3), ``timeout_s`` per
         step (300), ``placement_timeout_s`` (60), ``startup_timeout_s`` (600), ``path``
-        (``"auto"``: a Ray Compiled Graph when steps compute for under 2 ms, else plain
-        actor calls; ``"plain"``; ``"compiled"``).
+        (``"auto"``: a direct connection to each worker, else plain actor calls;
+        ``"direct"``; ``"compiled"``, a Ray Compiled Graph; ``"plain"``).
     random_seed
         Seeds the run: the driver's draws and every shard's minibatches.
     """

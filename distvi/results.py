@@ -4,11 +4,14 @@ PyMC's ``MultiTrace``) with the model's deterministics, and moments by variable.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xarray as xr
 
 from distvi._validate import is_int
+
+if TYPE_CHECKING:  # imported where used: a shard worker that imports distvi needs none of it
+    import xarray as xr
 
 # draws of data-dependent deterministics that approx.sample() computes on the workers, at most
 DETERMINISTICS_MAX_MB = 512
@@ -19,6 +22,8 @@ class Results:
     of it): :meth:`sample`, and the moments by variable."""
 
     def _by_var(self, flat: np.ndarray) -> xr.Dataset:
+        import xarray as xr
+
         ad = self.require_bound()
         names = [lay.name for lay in ad.layout] + [lay.rv_name for lay in ad.layout]
         dims, coords = ad.dims_and_coords(names)

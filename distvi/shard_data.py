@@ -90,6 +90,10 @@ class Shards:
         if self.backend is None:
             from distvi.backends.start import start_backend
 
+            if self.backend_name == "ray":  # Ray starts while the workers' graph is built
+                from distvi.backends.ray_cluster import begin_joining
+
+                begin_joining(self.address)
             self.backend = start_backend(
                 self.backend_name, self.adapter, self.source, self.num_workers, self.random_seed,
                 self.batches, self._points_per_step(), self._with_logp, self.has_data,

@@ -41,7 +41,7 @@ def step_run(lr):
     return fit(lr, "local", backend_options={"fused": False})
 
 
-@pytest.mark.parametrize("path", ["plain", "compiled"])
+@pytest.mark.parametrize("path", ["plain", "direct", "compiled"])
 def test_ray_equals_local_for_the_same_seed_and_shards(lr, local_run, path):
     remote = fit(lr, "ray", backend_options={"path": path})
     np.testing.assert_allclose(remote.hist, local_run.hist, rtol=1e-10)
@@ -56,7 +56,7 @@ def test_ray_equals_local_fullrank_from_zarr(lr, tmp_path):
     np.testing.assert_allclose(remote.approx.cov, local.approx.cov, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("path", ["plain", "compiled"])
+@pytest.mark.parametrize("path", ["plain", "direct", "compiled"])
 def test_a_killed_worker_changes_nothing(lr, step_run, path):
     inf = dv.ADVI(model=lr.factory, data=lr.data, batch_size=40, num_workers=2, backend="ray",
                   random_seed=21, backend_options={"path": path})
@@ -72,7 +72,7 @@ def test_a_killed_worker_changes_nothing(lr, step_run, path):
         inf.fit(120, obj_optimizer=dv.adam(learning_rate=0.05), callbacks=[kill_worker_one],
                 progressbar=False)
         assert inf._backend.pids()[1] != killed[0]  # a new process took over
-        assert inf._backend.compiled == (path == "compiled")  # the graph was rebuilt
+        assert inf._backend.fast_path == (None if path == "plain" else path)  # opened again
     np.testing.assert_array_equal(inf.hist, step_run.hist)
     np.testing.assert_array_equal(inf.approx.mean, step_run.approx.mean)
 
@@ -84,7 +84,7 @@ class HangsAtStepFive(ShardActor):
         return super().evaluate(points, step, with_logp)
 
 
-@pytest.mark.parametrize("path", ["plain", "compiled"])
+@pytest.mark.parametrize("path", ["plain", "direct", "compiled"])
 def test_a_hung_worker_is_named_and_the_last_good_parameters_kept(lr, path):
     import ray
 
@@ -98,6 +98,25 @@ def test_a_hung_worker_is_named_and_the_last_good_parameters_kept(lr, path):
                 callbacks=[lambda approx, losses, i: seen.append(approx.mean.copy())])
     assert len(inf.hist) == 5
     np.testing.assert_array_equal(inf.approx.mean, seen[-1])
+
+
+class NoLine(ShardActor):
+    def listen(self, token, host=None):
+        return ("127.0.0.1", 1)  # nothing listens there: the direct path cannot open
+
+
+def test_a_direct_path_that_cannot_open_falls_back_or_fails_as_asked(lr, local_run):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    auto = dv.ADVI(model=lr.factory, data=lr.data, batch_size=40, num_workers=2, backend="ray",
+                   random_seed=21, backend_options={"actor_class": NoLine})
+    with auto, pytest.warns(RuntimeWarning, match="direct path to the workers is unavailable"):
+        auto.fit(120, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False)
+        assert auto._backend.path == "plain" and auto._backend.fast_path is None
+    np.testing.assert_allclose(auto.approx.mean, local_run.approx.mean, rtol=1e-10)
+    with pytest.raises(WorkerError, match="could not open the direct path .* could not connect"):
+        fit(lr, "ray", n=5, backend_options={"actor_class": NoLine, "path": "direct"})
 
 
 def test_placement_that_cannot_be_met_fails_clearly(lr):

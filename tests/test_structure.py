@@ -391,7 +391,7 @@ LAYERS = [
                 "distvi.driver.profile", "distvi.driver.fused"}),
     ("backends", {"distvi.worker", "distvi.backends", "distvi.backends.base", "distvi.backends.local",
                   "distvi.backends.ray", "distvi.backends.ray_actor", "distvi.backends.ray_cluster",
-                  "distvi.backends.ray_fleet", "distvi.backends.ray_tree",
+                  "distvi.backends.ray_fleet", "distvi.backends.ray_paths", "distvi.backends.ray_tree",
                   "distvi.backends.start", "distvi.backends.anchored"}),
     ("sinks", {"distvi.store", "distvi.tracking"}),
     ("inference", {"distvi.shard_data", "distvi.rebuild", "distvi.recording",

@@ -7,12 +7,13 @@ shard). A restarted actor re-runs ``__init__`` and reloads its shard, and the dr
 the step again; minibatches depend only on (seed, rank, step), so the step answers exactly
 what the lost one would have.
 
-Two paths carry a step, with identical numbers: plain actor calls (the reference) and a
-Ray Compiled Graph (the fast path: shared-memory channels instead of a task per call). With
-``path="auto"`` the graph is built after the workers have compiled (a plain warm-up call),
-and used when it builds; after an actor dies the graph tears itself down, the step is
-retried over plain calls (which wait for the restart), and the graph is rebuilt. Results
-are summed on the driver in rank order, so the numbers equal the local backend's.
+Plain actor calls carry a step (the reference: they wait for a restarted actor and name a
+hung one), or a fast path from :mod:`~distvi.backends.ray_paths` with identical numbers:
+a direct TCP connection to each worker (``path="auto"``, the default, and ``"direct"``) or
+a Ray Compiled Graph (``"compiled"``). The fast path opens once the workers have compiled;
+at the first trouble (a worker dead, hung or failing) it is closed, the step is retried
+over plain calls, and it opens again for the next step. Results are summed on the driver
+in rank order, so the numbers equal the local backend's.
 
 Start-up overlaps the driver's own work: ``start(wait=False)`` joins Ray and asks for the
 actors, which load their shards and compile while the driver compiles its step; the first
@@ -23,7 +24,7 @@ call waits for them. Every failure counts against the fit's
 from __future__ import annotations
 
 import contextlib
-import logging
+import dataclasses
 import time
 import warnings
 from typing import Any
@@ -32,22 +33,14 @@ import numpy as np
 
 from distvi.backends import ray_fleet
 from distvi.backends.base import WorkerError
-from distvi.backends.ray_actor import ShardActor, WorkerSpec, teardown_graph
-from distvi.backends.ray_cluster import join_or_start, local_instance
+from distvi.backends.ray_actor import ShardActor, WorkerSpec
+from distvi.backends.ray_paths import DirectPath, GraphPath, PathFailed
+from distvi.backends.ray_cluster import Background, join_or_start, local_instance
 from distvi.data import ArraySource, source_bounds
 
-__all__ = ["AUTO_COMPILED_BELOW_S", "RayBackend", "ShardActor", "WorkerError", "WorkerSpec"]
+PATHS = ("auto", "direct", "compiled", "plain")
 
-
-# "auto" uses the compiled graph only when a step computes for less than this: its
-# channels poll, which saves ~1-3 ms of transfer per step but, measured on a 2-core machine,
-# slows steps whose workers compute for milliseconds (2 workers x 20,000 rows x 100: 15 ms
-# per step compiled against 12 ms plain)
-AUTO_COMPILED_BELOW_S = 2e-3
-
-
-class _GraphTimeout(Exception):
-    """A compiled-graph step did not finish in time."""
+__all__ = ["PATHS", "RayBackend", "ShardActor", "WorkerError", "WorkerSpec"]
 
 
 class _Died(Exception):
@@ -85,9 +78,9 @@ class RayBackend:
     label
         What the workers are for, in notices and errors (e.g. the inference's class).
     path
-        ``"auto"`` (the compiled graph when a step's compute, timed on warm-up calls, is
-        short, else plain calls; plain calls too when the graph cannot be built), ``"plain"``
-        or ``"compiled"`` (fail if the graph cannot be built).
+        ``"auto"`` (a direct connection to each worker; plain calls, with a warning, when
+        one cannot be opened), ``"direct"`` or ``"compiled"`` (fail when that path cannot
+        be opened), or ``"plain"``.
     """
 
     name = "ray"
@@ -97,12 +90,12 @@ class RayBackend:
                  placement_timeout_s: float = 60.0, startup_timeout_s: float = 600.0,
                  actor_class: type | None = None, path: str = "auto", restart_window: int = 100,
                  label: str = "a fit") -> None:
-        if path not in ("auto", "plain", "compiled"):
-            raise ValueError(f"path must be 'auto', 'plain' or 'compiled', got {path!r}")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.budget = ray_fleet.RestartBudget(max_restarts, restart_window)
         self.path = path
-        self.compute_s: float | None = None
-        self._cdag = None
+        self._fast = None  # a ray_paths path once open
+        self._starting = None  # a Background start under way
         self._rebuild = False
         self.spec, self.source, self.k = spec, source, num_workers
         self.n_rows = source.n_rows
@@ -152,15 +145,16 @@ class RayBackend:
         return once the actors are asked for (the first call waits for them)."""
         import ray
 
-        if self.actors:  # already started (or starting)
+        if self.actors or self._starting is not None:  # already started (or starting)
             if wait:
                 self._await()
             return self
-        if not ray.is_initialized():
-            join_or_start(self.address)
         try:
-            self._place()
-            self._launch()
+            if ray.is_initialized():
+                self._place()
+                self._launch()
+            else:  # Ray starts (seconds) while the driver compiles its step: joined in _await
+                self._starting = Background(self._join_and_launch)
             self._pending = True
             if wait:
                 self._await()
@@ -170,6 +164,17 @@ class RayBackend:
         self.released = False
         ray_fleet.register(self)
         return self
+
+    def _join_and_launch(self) -> None:
+        join_or_start(self.address)
+        self._place()
+        self._launch()
+
+    def _joined(self) -> None:
+        """Wait for a start begun in the background; its error, if any, is raised here."""
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.result()
 
     def _place(self) -> None:
         import ray
@@ -191,9 +196,7 @@ class RayBackend:
         # in-memory arrays go to the object store once per shard; any other source is
         # read by the actors themselves (the driver holds only its description)
         in_memory = isinstance(self.source, ArraySource)
-        spec = WorkerSpec(self.spec.data_term, None if in_memory else self.source,
-                          self.spec.seed, self.spec.batch_size, self.spec.n_points,
-                          self.spec.with_logp)
+        spec = dataclasses.replace(self.spec, source=None if in_memory else self.source)
         # the driver keeps these references: a replacement worker is built from them
         self._refs = [ray.put(spec)]
         self._bounds = source_bounds(self.source, self.k)
@@ -218,7 +221,7 @@ class RayBackend:
         """A new worker for shard ``rank`` in place of a dead one, loaded and compiled."""
         import ray
 
-        self._teardown_graph()  # the graph holds the dead actor: rebuilt at the next step
+        self._close_fast()  # the path holds the dead actor: opened again at the next step
         self._rebuild = self.path != "plain"
         try:
             ray.kill(self.actors[rank], no_restart=True)
@@ -245,21 +248,15 @@ class RayBackend:
         import ray
 
         try:
+            self._joined()
             ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
             if not ready:
                 raise WorkerError(ray_fleet.full_message(
                     self, ray.cluster_resources().get("CPU", 0.0), self.placement_timeout_s))
             self._started(self.actors, list(range(self.k)))
             self._pending = False
-            if self.path == "auto":
-                ndim = self.spec.data_term.z.type.shape[0]
-                points = np.zeros((self.spec.n_points, ndim))
-                self.compute_s = min(max(a[2] for a in self._plain(points, 0, self.spec.with_logp))
-                                     for _ in range(3))
-                if self.compute_s >= AUTO_COMPILED_BELOW_S:
-                    self.path = "plain"
             if self.path != "plain":
-                self._build_graph()
+                self._open_fast()
         except BaseException:
             self.close()
             raise
@@ -315,45 +312,31 @@ class RayBackend:
     def _plain(self, points: np.ndarray, step: int, with_logp: bool):
         return self._call_all("evaluate", [(points, step, with_logp)] * self.k, step)
 
-    # ------------------------------------------------------------------ compiled graph
-    def _build_graph(self) -> None:
-        from ray.dag import InputNode, MultiOutputNode
-
-        # the graph's set-up and teardown narrate at INFO level; a run's output keeps to the run
-        logging.getLogger("ray.dag.compiled_dag_node").setLevel(logging.WARNING)
+    # ------------------------------------------------------------------ fast paths
+    def _open_fast(self) -> None:
+        """Open the fast path (``ray_paths``); in ``"auto"``, fall back to plain calls with
+        a warning when it cannot open (a worker that just died: tried again next step)."""
         try:
-            with InputNode() as inp:
-                dag = MultiOutputNode([a.evaluate.bind(inp[0], inp[1], inp[2]) for a in self.actors])
-            self._cdag = dag.experimental_compile()
-        except Exception as err:
-            self._cdag = None
             if self.path == "compiled":
-                raise WorkerError(f"could not build the compiled graph: {err}") from err
-            warnings.warn(f"compiled graph unavailable, using plain actor calls: {err}",
-                          RuntimeWarning, stacklevel=2)
+                self._fast = GraphPath(self.actors, self.timeout_s)
+            else:
+                token = DirectPath.new_token()
+                addresses = self._call_all("listen", [(token,)] * self.k, self._last_step)
+                self._fast = DirectPath(addresses, token, self.timeout_s)
+        except _Died:
+            self._rebuild = True
+        except Exception as err:
+            self._fast = None
+            if self.path != "auto":
+                raise WorkerError(f"could not open the {self.path} path to the workers: {err}") from err
+            warnings.warn(f"the direct path to the workers is unavailable, using plain actor "
+                          f"calls: {err}", RuntimeWarning, stacklevel=2)
             self.path = "plain"
 
-    def _teardown_graph(self) -> None:
-        teardown_graph(self._cdag)
-        self._cdag = None
-
-    def _evaluate_compiled(self, points: np.ndarray, step: int, with_logp: bool):
-        import ray
-        from ray.exceptions import RayChannelTimeoutError
-
-        refs = self._cdag.execute(points, step, with_logp)
-        deadline = time.monotonic() + self.timeout_s
-        answers = []
-        for ref in refs:
-            try:
-                answer = ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0))
-            except (RayChannelTimeoutError, TimeoutError):
-                # the graph's outputs arrive together, so the hung worker is not known here;
-                # the caller retries the step over plain calls, which name it (or succeed)
-                raise _GraphTimeout from None
-            # zero-copy views into the graph's channel: copy before the next execution
-            answers.append((np.array(answer[0]), np.array(answer[1]), *answer[2:]))
-        return answers
+    def _close_fast(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+        self._fast = None
 
     def evaluate(self, points: np.ndarray, step: int,
                  with_logp: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -361,18 +344,18 @@ class RayBackend:
         self._last_step = step
         if self._pending or not self.actors:
             self.start()
-        if self._rebuild and self._cdag is None:
+        if self._rebuild and self._fast is None:
             self._rebuild = False
-            self._build_graph()
+            self._open_fast()
         answers = None
-        if self._cdag is not None:
+        if self._fast is not None:
             try:
-                answers = self._evaluate_compiled(points, step, with_logp)
-            except Exception:
-                # an actor died or hung: the graph is gone; retry this step over plain calls
-                # (they wait for a restart, and name a worker that hangs again) and rebuild
-                # the graph for the next step
-                self._teardown_graph()
+                answers = self._fast.evaluate(points, step, with_logp)
+            except PathFailed:
+                # a worker died, hung or failed: retry this step over plain calls (they wait
+                # for a restart, name a worker that hangs again, report an error) and open
+                # the path again for the next step
+                self._close_fast()
                 self._rebuild = True
         if answers is None:
             # points are small: passed inline (a ray.put per step doubles the round trip)
@@ -409,16 +392,25 @@ class RayBackend:
     @property
     def compiled(self) -> bool:
         """Whether steps currently go through the compiled graph."""
-        return self._cdag is not None
+        return isinstance(self._fast, GraphPath)
+
+    @property
+    def fast_path(self) -> str | None:
+        """The path steps currently take besides plain calls: "direct", "compiled" or None."""
+        return None if self._fast is None else self._fast.name
 
     def _stop_workers(self) -> None:
         import ray
 
         self._pending = False
+        try:
+            self._joined()  # a start still under way finishes first: its actors are stopped too
+        except BaseException:
+            pass
         if not ray.is_initialized():
-            self.actors, self._refs, self._pg, self._cdag = [], [], None, None
+            self.actors, self._refs, self._pg, self._fast = [], [], None, None
             return
-        self._teardown_graph()
+        self._close_fast()
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +13,7 @@ import numpy as np
 
 from distvi.worker import ShardWorker, compiled_by_points
 
-__all__ = ["ShardActor", "WorkerSpec", "teardown_graph"]
+__all__ = ["ShardActor", "WorkerSpec"]
 
 
 @dataclass
@@ -25,12 +26,16 @@ class WorkerSpec:
     batch_size: int | None | tuple = None  # rows per step: for every shard, or one per rank
     n_points: int = 1       # compiled in __init__ so the first step does not pay for it
     with_logp: bool = True  # the variant compiled in __init__
+    compiler: dict | None = None  # the driver's findings (distvi._compile.compiler_facts)
 
 
 class ShardActor:
     """One shard's worker inside an actor process."""
 
     def __init__(self, spec: WorkerSpec, rank: int, start: int, stop: int, rows: Any = None) -> None:
+        from distvi._compile import adopt_compiler_facts
+
+        adopt_compiler_facts(spec.compiler)
         data_term = compiled_by_points(spec.data_term)
         if rows is None:
             rows = spec.source.read(start, stop)
@@ -38,12 +43,34 @@ class ShardActor:
         self.worker = ShardWorker(rows, rank, spec.seed, batch, data_term)
         ndim = spec.data_term.z.type.shape[0]
         self.worker.evaluate(np.zeros((spec.n_points, ndim)), 0, spec.with_logp)
+        # steps come over plain calls (the actor's thread) or the direct line (its own
+        # thread): one at a time, so a step retried after a timeout waits for the first
+        self._lock = threading.Lock()
+        self._line = None
 
     def evaluate(self, points: np.ndarray, step: int, with_logp: bool = True):
         """The worker's answer and the seconds it computed (the rest of a call is transfer)."""
-        t0 = time.perf_counter()
-        logp, grad = self.worker.evaluate(points, step, with_logp)
-        return logp, grad, time.perf_counter() - t0
+        with self._lock:
+            t0 = time.perf_counter()
+            logp, grad = self.worker.evaluate(points, step, with_logp)
+            return logp, grad, time.perf_counter() - t0
+
+    def listen(self, token: bytes, host: str | None = None) -> tuple:
+        """Open (once) the direct line steps may come over, for the driver that presents
+        ``token`` (the latest one given); its (host, port)."""
+        from distvi.backends.ray_paths import Line
+
+        if self._line is None:
+            if host is None:
+                try:
+                    import ray
+
+                    host = ray.util.get_node_ip_address()
+                except Exception:  # outside Ray
+                    host = "127.0.0.1"
+            self._line = Line(self.evaluate, token, host)
+        self._line.token = bytes(token)
+        return self._line.address
 
     def full_logp(self, *args):
         return self.worker.full_logp(*args)
@@ -69,11 +96,3 @@ class ShardActor:
     def n_rows(self) -> int:
         return self.worker.n_rows
 
-
-def teardown_graph(cdag) -> None:
-    """Tear a compiled graph down; a graph whose actor is already gone went with it."""
-    if cdag is not None:
-        try:
-            cdag.teardown()
-        except Exception:
-            pass

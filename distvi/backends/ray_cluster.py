@@ -9,19 +9,90 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from distvi.backends.base import WorkerError
 
 _started_here = False  # a local instance distvi started in this process (it stays up for later fits)
 
 
+_joining = None  # a Background join_or_start begun by begin_joining
+
+
+def begin_joining(address: str | None) -> None:
+    """Begin :func:`join_or_start` in the background (the driver builds the workers' graph
+    meanwhile); the next :func:`join_or_start` waits for it. Nothing when Ray is up."""
+    import ray
+
+    global _joining
+    if _joining is None and not ray.is_initialized():
+        _joining = Background(lambda: _join_or_start(address))
+
+
 def join_or_start(address: str | None) -> bool:
     """Join the cluster at ``address`` (default: ``RAY_ADDRESS``), else start a local Ray
     instance; True when one was started here (and is the caller's to shut down)."""
+    global _joining
+    if _joining is not None:  # begun in the background: its outcome, error included
+        joining, _joining = _joining, None
+        return joining.result()
+    return _join_or_start(address)
+
+
+def _join_or_start(address: str | None) -> bool:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     handlers = python_handlers()
+    # off the main thread Ray sets no SIGTERM handler and says so at warning level: distvi
+    # keeps the program's handlers either way (see restore_handlers), so that is not news
+    quiet = logging.getLogger("ray._private.worker")
+    quiet.addFilter(_no_sigterm_note)
+    try:
+        started = _init(ray, address)
+    finally:
+        quiet.removeFilter(_no_sigterm_note)
+    restore_handlers(handlers)
+    return started
+
+
+def _no_sigterm_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("SIGTERM handler is not set")
+
+
+class Background:
+    """``fn()`` in a daemon thread; :meth:`result` waits for it and raises its error.
+
+    A thread that started the local Ray instance stays (parked) for the life of the
+    process: Ray's processes are bound to the thread that started them (the kernel kills
+    them when it ends), so Ray would die with a thread that returned."""
+
+    def __init__(self, fn) -> None:
+        self.value, self.error = None, None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(fn,), name="distvi-ray-start",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, fn) -> None:
+        before = _started_here
+        try:
+            self.value = fn()
+        except BaseException as err:
+            self.error = err
+        finally:
+            self.done.set()
+        if _started_here and not before:
+            threading.Event().wait()
+
+    def result(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _init(ray, address: str | None) -> bool:
     if address:
         check_can_join(address)
         ray.init(address=address, log_to_driver=True)
@@ -34,13 +105,30 @@ def join_or_start(address: str | None) -> bool:
         note = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = note.level
         note.setLevel(logging.ERROR)
+        before = os.environ.get("PYTENSOR_FLAGS")
+        os.environ["PYTENSOR_FLAGS"] = worker_pytensor_flags(before)  # the workers inherit it
         try:
             ray.init(include_dashboard=False, log_to_driver=True)
         finally:
             note.setLevel(level)
+            if before is None:
+                del os.environ["PYTENSOR_FLAGS"]
+            else:
+                os.environ["PYTENSOR_FLAGS"] = before
         started = _started_here = True
-    restore_handlers(handlers)
     return started
+
+
+def worker_pytensor_flags(flags: str | None) -> str:
+    """``PYTENSOR_FLAGS`` for the workers of a local instance: the driver's, with PyTensor's
+    compile cache in a directory of the workers' own. On opening, PyTensor's cache loads
+    every entry it holds, and a user's cache holds PyMC's (loading them imports PyMC: ~3 s
+    of CPU in each worker, all at once, measured); the workers' cache holds only their data
+    terms. It fills on a machine's first Ray fit and is reused after."""
+    import pytensor
+
+    own = "compiledir_format=distvi-worker_" + pytensor.config.compiledir_format
+    return f"{flags},{own}" if flags else own
 
 
 def stop_started(signum: int) -> None:

@@ -39,8 +39,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from distvi.backends.ray_actor import teardown_graph
-
 __all__ = ["ReducerActor", "TreeReducer", "add_in_order", "pids_of", "tree_levels"]
 
 
@@ -232,7 +230,11 @@ class TreeReducer:
         """Tear the graph down and kill the reducers (the shard actors are the caller's)."""
         import ray
 
-        teardown_graph(self._cdag)
+        if self._cdag is not None:
+            try:
+                self._cdag.teardown()
+            except Exception:  # a graph whose actor is already gone went with it
+                pass
         self._cdag = None
         for r in self.reducers:
             try:

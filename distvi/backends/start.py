@@ -21,10 +21,11 @@ def start_backend(name: str, adapter, source, num_workers: int, random_seed: int
     from distvi.worker import ShardWorker, compiled_by_points
 
     if name == "ray":
+        from distvi._compile import compiler_facts
         from distvi.backends.ray import RayBackend, WorkerSpec
 
         spec = WorkerSpec(adapter.data_term(), None, random_seed, tuple(shard_batches),
-                          points_per_step, with_logp)
+                          points_per_step, with_logp, compiler_facts())
         ray_options = {k: v for k, v in (options or {}).items() if k != "fused"}
         return RayBackend(spec, source, num_workers, address=address, **ray_options).start(wait)
     from distvi.backends.local import LocalBackend
