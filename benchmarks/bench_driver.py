@@ -4,7 +4,7 @@ Each shard worker's compute is a fixed wait (``time.sleep``: no CPU), so that 2 
 fit on this 2-core machine and what grows with their number is the driver's work: sending the
 points, receiving the answers, adding them in rank order. Workers are :class:`ShardActor`
 subclasses (no PyMC model, no compile) reserving 0.01 CPU each, run by :class:`RayBackend`
-on its two paths (``path="plain"`` and ``path="compiled"``); each answers gradients of the
+on its paths (``path="plain"``, ``"compiled"``, ``"direct"``); each answers gradients of the
 points' size (D = 8 and D = 10,000 float64 values, one point a step).
 
 For every number of workers N and each D, per step (medians over ``--steps`` timed steps after
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -58,6 +59,7 @@ class SleepActor(ShardActor):
     """A shard worker whose compute is a fixed wait; it answers zeros of the points' shape."""
 
     def __init__(self, spec, rank: int, start: int, stop: int, rows=None) -> None:
+        self._lock, self._line = threading.Lock(), None  # what ShardActor.listen uses
         self.sleep_s = spec.data_term.sleep_s
         self.rows = stop - start
         self._zeros: dict = {}
@@ -111,7 +113,7 @@ def run_n(n: int, args) -> dict:
     actors), then flat compiled (a second backend: its graph holds the actors)."""
     source = ArraySource({"x": np.zeros((n, 1))})
     out: dict = {}
-    for path in ("plain", "compiled"):
+    for path in args.paths:
         t0 = time.perf_counter()
         backend = RayBackend(sleep_spec(args.sleep_ms / 1e3, args.dims[0]), source, n,
                              num_cpus=0.01, path=path, actor_class=SleepActor, timeout_s=120).start()
@@ -130,7 +132,7 @@ def run_n(n: int, args) -> dict:
             backend.close()
         print(f"# {n} workers, {path}: started in {started:.1f} s", file=sys.stderr)
     if n <= args.fan_out:  # no reducer: the tree is the flat sum
-        for path in ("plain", "compiled"):
+        for path in set(args.paths) & {"plain", "compiled"}:
             for d in args.dims:
                 out[("tree " + path, d)] = out[(path, d)]
     for (series, d), r in sorted(out.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -139,12 +141,13 @@ def run_n(n: int, args) -> dict:
     return out
 
 
-SERIES = ("plain", "compiled", "tree plain", "tree compiled")
+ALL_SERIES = ("plain", "compiled", "direct", "tree plain", "tree compiled")
 
 
 def report(rows: dict, args) -> dict:
     ns = sorted(rows)
     fits = {}
+    SERIES = [s for s in ALL_SERIES if all((s, d) in rows[n] for n in ns for d in args.dims)]
     for d in args.dims:
         print(f"\nD = {d:,} (one point a step, {args.sleep_ms:g} ms fixed wait per worker; "
               f"ms per step: overhead = wall - wait / driver CPU; tree fan-out {args.fan_out})\n")
@@ -164,6 +167,8 @@ def report(rows: dict, args) -> dict:
               f"{f['at_64_ms']:.2f} | {f['at_512_ms']:.2f} |")
     # a tree's driver receives the top level's answers, not N: its CPU against that count
     # (flat plain calls and plain trees together), extrapolated with the tree's top level
+    if not ("plain" in SERIES and "tree plain" in SERIES):
+        return fits
     top = lambda n: len(tree_levels(n, args.fan_out)[-1]) if n > args.fan_out else n  # noqa: E731
     print(f"\ndriver CPU (plain calls) against the answers it receives, a + b K (ms); the tree "
           f"(fan-out {args.fan_out}) receives K = {top(64)} at 64 and {top(512)} at 512 workers "
@@ -207,6 +212,8 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=20)
     ap.add_argument("--fan-out", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="N = 2, 4, 16; 60 steps")
+    ap.add_argument("--paths", default="plain,compiled,direct",
+                    help="the backend's paths to time (the tree runs with plain)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", metavar="JSON", help="print the tables of an earlier result, run nothing")
     args = ap.parse_args()
@@ -218,6 +225,7 @@ def main() -> None:
     if args.quick:
         args.workers, args.steps, args.warm, args.fan_out = "2,4,16", 60, 10, 4
     args.dims = [int(d) for d in args.dims.split(",")]
+    args.paths = args.paths.split(",")
     workers = [int(n) for n in args.workers.split(",")]
     env = environment()
     ray = start_local_ray()

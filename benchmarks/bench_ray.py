@@ -4,8 +4,8 @@ Three measurements (each prints a Markdown table; ratios are taken within one ru
 
 overhead
     A tiny model (2 coefficients, 64 rows per shard, full shard per step): seconds per step
-    for 1, 2 and 4 workers on the local backend, on Ray with plain actor calls, and on Ray
-    with a compiled graph.
+    for 1, 2 and 4 workers on the local backend, on Ray with plain actor calls, with a
+    compiled graph, and over the direct path.
 scaling
     Logistic regression, N x D from a Zarr store written once under ``--workdir``, batch of
     ``--batch`` rows per worker per step: rows per second for 1 and 2 workers.
@@ -19,12 +19,20 @@ crossover
     batch. Steps are timed with ``refine`` after a warm-up fit, so start-up and compilation
     are left out.
 
+startup
+    The call-to-result benchmark: each run a fresh process that builds the quickstart's
+    model (254k x 7 logistic regression), then times ``ADVI(..., num_workers=2,
+    batch_size=1000)``, ``fit(3000)`` and ``close()``, on the local backend and on Ray
+    (a new local instance each time), alternating, ``--repeats`` times each; Ray's runs
+    also time their phases (Ray joined, workers asked for, workers ready, the steps).
+
 Usage
 -----
     .venv/bin/python benchmarks/bench_ray.py overhead
     .venv/bin/python benchmarks/bench_ray.py scaling --rows 2000000 --dim 100 --batch 20000
     .venv/bin/python benchmarks/bench_ray.py memory --rows 2000000 --dim 100
     .venv/bin/python benchmarks/bench_ray.py crossover --batches 1000,10000,50000 --columns 7,100
+    .venv/bin/python benchmarks/bench_ray.py startup --repeats 3
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ def overhead(args) -> dict:
         row = {}
         for name, backend, opts in [("local", "local", None),
                                     ("ray plain", "ray", {"path": "plain", "num_cpus": 0.5}),
-                                    ("ray compiled", "ray", {"path": "compiled", "num_cpus": 0.5})]:
+                                    ("ray compiled", "ray", {"path": "compiled", "num_cpus": 0.5}),
+                                    ("ray direct", "ray", {"path": "direct", "num_cpus": 0.5})]:
             inf = dv.ADVI(model=tiny_factory, data=data, num_workers=k, backend=backend,
                           random_seed=1, backend_options=opts)
             with inf:
@@ -83,11 +92,13 @@ def overhead(args) -> dict:
         print(f"# {k} worker(s): " + ", ".join(f"{n} {1e3 * v:.2f} ms" for n, v in row.items()),
               file=sys.stderr)
     ray.shutdown()
-    print("\n| workers | local ms/step | ray plain ms/step | ray compiled ms/step | plain/compiled |")
-    print("|---:|---:|---:|---:|---:|")
+    print("\n| workers | local ms/step | ray plain ms/step | ray compiled ms/step | "
+          "ray direct ms/step | plain/direct |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for k, r in rows.items():
         print(f"| {k} | {1e3 * r['local']:.3f} | {1e3 * r['ray plain']:.3f} | "
-              f"{1e3 * r['ray compiled']:.3f} | {r['ray plain'] / r['ray compiled']:.2f}x |")
+              f"{1e3 * r['ray compiled']:.3f} | {1e3 * r['ray direct']:.3f} | "
+              f"{r['ray plain'] / r['ray direct']:.2f}x |")
     return {"overhead_s_per_step": rows}
 
 
@@ -123,7 +134,7 @@ def scaling(args) -> dict:
                       backend_options={"num_cpus": 1})
         with inf:
             s = seconds_per_step(inf, args.steps)
-            chosen = {"path": inf._backend.path, "compute_s": inf._backend.compute_s}
+            chosen = {"path": inf._backend.fast_path or "plain"}
         out[k] = {"s_per_step": s, "rows_per_s": k * args.batch / s, **chosen}
         print(f"# {k} worker(s): path {chosen}", file=sys.stderr)
         print(f"# {k} worker(s): {1e3 * s:.1f} ms/step, {k * args.batch / s:,.0f} rows/s", file=sys.stderr)
@@ -198,7 +209,7 @@ def crossover(args) -> dict:
                               backend=backend, random_seed=1, backend_options=opts)
                 with inf:
                     ms, n = steady_ms_per_step(inf, args.target_s)
-                    path = getattr(inf._backend, "path", None)
+                    path = getattr(inf._backend, "fast_path", None) or getattr(inf._backend, "path", None)
                 cell[name] = {"ms_per_step": ms, "steps": n, **({"path": path} if path else {})}
             cell["local_over_ray"] = cell["local"]["ms_per_step"] / cell["ray"]["ms_per_step"]
             out[f"{batch}x{d}"] = {"batch_per_shard": batch, "columns": d, **cell}
@@ -214,12 +225,86 @@ def crossover(args) -> dict:
     return {"crossover": out}
 
 
+def startup_child(backend: str, steps: int) -> None:
+    """One timed call to result in this fresh process; prints JSON."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jobs.quickstart import load, model
+
+    import distvi as dv
+    from distvi.backends import ray as ray_backend
+    from distvi.backends import ray_cluster
+    from distvi.driver import loop
+
+    marks: dict[str, float] = {}
+
+    def timed(owner, name, at_start=None, at_end=None):
+        inner = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            if at_start:
+                marks.setdefault(at_start, time.perf_counter())
+            out = inner(*a, **k)
+            if at_end:
+                marks.setdefault(at_end, time.perf_counter())
+            return out
+        setattr(owner, name, wrapper)
+
+    timed(ray_cluster, "_join_or_start", "ray_init_start", "ray_init_done")
+    timed(ray_backend.RayBackend, "_launch", None, "workers_asked")
+    timed(ray_backend.RayBackend, "_open_fast", "workers_ready")
+    timed(loop.Loop, "run", "steps_start", "steps_done")
+    data = load()
+    m = model(data)
+    t0 = time.perf_counter()
+    inf = dv.ADVI(model=m, batch_size=1000, num_workers=2, backend=backend, random_seed=1)
+    approx = inf.fit(steps, obj_optimizer=dv.adam(learning_rate=0.01), progressbar=False)
+    inf.close()
+    total = time.perf_counter() - t0
+    print(json.dumps({"seconds": total, "mean": np.asarray(approx.mean).tolist(),
+                      "marks": {k: v - t0 for k, v in marks.items()}}))
+
+
+def startup(args) -> dict:
+    runs: dict[str, list] = {"local": [], "ray": []}
+    for _ in range(args.repeats):
+        for backend in ("local", "ray"):
+            res = subprocess.run([sys.executable, __file__, "startup-child", backend, str(args.steps)],
+                                 capture_output=True, text=True, check=True)
+            runs[backend].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            print(f"# {backend}: {runs[backend][-1]['seconds']:.2f} s", file=sys.stderr)
+    same = all(r["mean"] == runs["ray"][0]["mean"] for r in runs["ray"])
+    diff = float(np.max(np.abs(np.subtract(runs["ray"][0]["mean"], runs["local"][0]["mean"]))))
+    med = {b: float(np.median([r["seconds"] for r in rs])) for b, rs in runs.items()}
+    print(f"\n| backend | call to result, s (runs) | median |\n|---|---|---:|")
+    for b, rs in runs.items():
+        seconds = ", ".join(f"{r['seconds']:.2f}" for r in rs)
+        print(f"| {b} | {seconds} | {med[b]:.2f} |")
+    print(f"\nray / local: {med['ray'] / med['local']:.2f}x; Ray's runs identical to each other: {same}; "
+          f"max |mean ray - mean local| = {diff:.1e}")
+    phases = [("ray_init_start", "ray_init_done", "Ray joined (a new local instance)"),
+              ("ray_init_done", "workers_asked", "placement group, shards put, actors asked for"),
+              ("workers_asked", "workers_ready", "workers: start, import, load, compile, warm-up"),
+              ("steps_start", "steps_done", f"{args.steps} steps"),
+              ("steps_done", None, "close")]
+    print("\n| Ray phase (median over runs) | from, s | to, s |\n|---|---:|---:|")
+    for a, b, what in phases:
+        lo = np.median([r["marks"].get(a, np.nan) for r in runs["ray"]])
+        hi = np.median([r["marks"].get(b, np.nan) if b else r["seconds"] for r in runs["ray"]])
+        print(f"| {what} | {lo:.2f} | {hi:.2f} |")
+    return {"startup": runs, "median_s": med, "ratio": med["ray"] / med["local"],
+            "ray_runs_identical": same, "max_abs_mean_diff_ray_local": diff}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "memory-child":
         memory_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "startup-child":
+        startup_child(sys.argv[2], int(sys.argv[3]))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["overhead", "scaling", "memory", "crossover"])
+    ap.add_argument("what", choices=["overhead", "scaling", "memory", "crossover", "startup"])
+    ap.add_argument("--repeats", type=int, default=3, help="startup: runs per backend")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--dim", type=int, default=100)
@@ -232,7 +317,7 @@ def main() -> None:
     args = ap.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     result = {"overhead": overhead, "scaling": scaling, "memory": memory,
-              "crossover": crossover}[args.what](args)
+              "crossover": crossover, "startup": startup}[args.what](args)
     result["date"] = time.strftime("%Y-%m-%d")
     write_result(Path(args.out or f"benchmarks/results/ray_{args.what}.json"), result)
 

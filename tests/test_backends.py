@@ -59,3 +59,64 @@ def test_a_backend_without_shards_answers_zeros():
     logp, grad = backend.evaluate(points, 0)
     np.testing.assert_array_equal(logp, np.zeros(2))
     np.testing.assert_array_equal(grad, np.zeros((2, 4)))
+
+
+WORKER_FINDINGS = r"""
+import json, sys, numpy as np
+sys.path.insert(0, {tests!r})
+import pytensor
+from pytensor.link.c.cmodule import GCC_compiler
+from distvi._compile import adopt_compiler_facts, compiler_facts, _bundled_flags
+from distvi.backends.ray_actor import ShardActor, WorkerSpec
+from distvi.data import ArraySource
+from distvi.model import DataSchema, ModelAdapter
+from conftest import logistic_factory
+facts = json.loads(sys.argv[1])
+if facts.get("blas") == "user":  # the driver's findings as a worker on another host gets them
+    facts = dict(facts["real"], host="elsewhere")
+adopt_compiler_facts(facts)
+adopted = {{"blas": pytensor.config.blas__ldflags == _bundled_flags(), "march": GCC_compiler.march_flags}}
+rng = np.random.default_rng(0)
+X = rng.normal(size=(200, 3)); data = {{"X": X, "y": (X @ [1.0, -1.0, 0.5] > 0).astype("int64")}}
+adapter = ModelAdapter.from_factory(logistic_factory, DataSchema.of(data))
+actor = ShardActor(WorkerSpec(adapter.data_term(), ArraySource(data), compiler=facts), 0, 0, 200)
+logp, grad, _ = actor.evaluate(np.full((1, adapter.ndim), 0.1), 3)
+print(json.dumps({{**adopted, "logp": logp.tolist(), "grad": grad.tolist()}}))
+"""
+
+
+def test_a_worker_takes_the_drivers_compiler_findings_on_its_host_only(tmp_path, adapter, logistic_data):
+    """A Ray worker takes its driver's BLAS and CPU-flag findings instead of compiling test
+    programs for them; the CPU flags only on the driver's host; the answers are the same."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distvi._compile import compiler_facts
+
+    facts = compiler_facts()
+    assert facts["blas"] == "bundled" and facts["march"] is not None
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_FINDINGS.format(tests=str(Path(__file__).parent)))
+    runs = {}
+    for name, given in [("same host", facts), ("other host", {"blas": "user", "real": facts})]:
+        out = subprocess.run([sys.executable, str(script), json.dumps(given)], capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["same host"]["blas"] and runs["same host"]["march"] == facts["march"]
+    # on another host the CPU flags are left for the worker to find (none taken)
+    assert runs["other host"]["blas"] and runs["other host"]["march"] is None
+    assert runs["same host"]["logp"] == runs["other host"]["logp"]
+    assert runs["same host"]["grad"] == runs["other host"]["grad"]
+
+
+def test_the_workers_of_a_local_instance_get_a_compile_cache_of_their_own():
+    import pytensor
+
+    from distvi.backends.ray_cluster import worker_pytensor_flags
+
+    own = "compiledir_format=distvi-worker_" + pytensor.config.compiledir_format
+    assert worker_pytensor_flags(None) == own
+    assert worker_pytensor_flags("floatX=float64,cxx=g++") == "floatX=float64,cxx=g++," + own
