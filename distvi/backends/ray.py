@@ -172,9 +172,13 @@ class RayBackend:
 
     def _joined(self) -> None:
         """Wait for a start begun in the background; its error, if any, is raised here."""
-        starting, self._starting = self._starting, None
+        starting = self._starting
         if starting is not None:
-            starting.result()
+            try:
+                starting.result()
+            finally:
+                if starting.done.is_set():  # not when the wait itself was interrupted
+                    self._starting = None
 
     def _place(self) -> None:
         import ray
@@ -314,8 +318,8 @@ class RayBackend:
 
     # ------------------------------------------------------------------ fast paths
     def _open_fast(self) -> None:
-        """Open the fast path (``ray_paths``); in ``"auto"``, fall back to plain calls with
-        a warning when it cannot open (a worker that just died: tried again next step)."""
+        """Open the fast path (``ray_paths``; a worker found dead meanwhile is replaced as in
+        any call); in ``"auto"``, fall back to plain calls with a warning when it cannot."""
         try:
             if self.path == "compiled":
                 self._fast = GraphPath(self.actors, self.timeout_s)
@@ -323,8 +327,6 @@ class RayBackend:
                 token = DirectPath.new_token()
                 addresses = self._call_all("listen", [(token,)] * self.k, self._last_step)
                 self._fast = DirectPath(addresses, token, self.timeout_s)
-        except _Died:
-            self._rebuild = True
         except Exception as err:
             self._fast = None
             if self.path != "auto":
@@ -403,10 +405,9 @@ class RayBackend:
         import ray
 
         self._pending = False
-        try:
-            self._joined()  # a start still under way finishes first: its actors are stopped too
-        except BaseException:
-            pass
+        starting, self._starting = self._starting, None
+        if starting is not None:  # a start under way finishes first: its actors are stopped too
+            starting.done.wait()
         if not ray.is_initialized():
             self.actors, self._refs, self._pg, self._fast = [], [], None, None
             return
