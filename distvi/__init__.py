@@ -1,5 +1,12 @@
 """distvi: variational inference for PyMC models on sharded data, with PyMC's variational API."""
 
+import os as _os
+
+if _os.environ.get("DISTVI_RAY_WORKER"):  # a Ray worker (distvi._lean): lighter imports
+    from distvi._lean import defer_scipy_signal
+
+    defer_scipy_signal()
+
 from distvi import data
 from distvi.approximations import Approximation
 from distvi.approximations import Empirical

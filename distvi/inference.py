@@ -154,9 +154,8 @@ class Inference:
         """Check every fit setting, then set them together (a bad one changes nothing)."""
         _validate.no_fit_keywords(kwargs, type(self).__name__)
         n_mc = _validate.positive_int("obj_n_mc", obj_n_mc)
-        # distvi's default is adam(learning_rate=0.01): PyMC's adagrad_window(1e-3) leaves the
-        # posterior sd about 9 % too wide on a conjugate normal model; adam is scale-free, which
-        # matters because the data term is in full-data units
+        # distvi's default, adam(0.01): PyMC's adagrad_window(1e-3) leaves the posterior sd ~9 %
+        # too wide on a conjugate normal model; adam is scale-free (the data term: full-data units)
         opt = optimizers.as_optimizer(optimizers.adam(learning_rate=0.01) if obj_optimizer is None
                                       else obj_optimizer)
         opt.learning_rate_at(0)  # a schedule's first rate: NaN is a NotFiniteError before any work
@@ -278,6 +277,7 @@ class Inference:
         self._recorded = (None, None)
         with DeferredSignals() as signals:
             self._signals = signals
+            self.shards.begin()  # the arguments are good: Ray starts while the fit sets up
             try:
                 self.start_report = start_near_answer(self, store, resume)
                 if self.start_report is not None:

@@ -120,3 +120,64 @@ def test_the_workers_of_a_local_instance_get_a_compile_cache_of_their_own():
     own = "compiledir_format=distvi-worker_" + pytensor.config.compiledir_format
     assert worker_pytensor_flags(None) == own
     assert worker_pytensor_flags("floatX=float64,cxx=g++") == "floatX=float64,cxx=g++," + own
+
+
+LEAN_WORKER = r"""
+import json, sys, numpy as np
+sys.path.insert(0, {tests!r})
+import distvi
+deferred = "scipy.signal" not in sys.modules and "scipy.stats" not in sys.modules
+import pytensor, pytensor.tensor as pt
+from distvi.backends.ray_actor import ShardActor, WorkerSpec
+from distvi.data import ArraySource
+from distvi.model import DataSchema, ModelAdapter
+from conftest import logistic_factory
+rng = np.random.default_rng(0)
+X = rng.normal(size=(200, 3)); data = {{"X": X, "y": (X @ [1.0, -1.0, 0.5] > 0).astype("int64")}}
+adapter = ModelAdapter.from_factory(logistic_factory, DataSchema.of(data))
+actor = ShardActor(WorkerSpec(adapter.data_term(), ArraySource(data)), 0, 0, 200)
+logp, grad, _ = actor.evaluate(np.full((1, adapter.ndim), 0.1), 3)
+a, k = pt.dmatrix("a"), pt.dmatrix("k")  # PyTensor's one caller of scipy.signal.convolve
+conv = pytensor.function([a, k], pt.signal.convolve2d(a, k, mode="full"))
+got = conv(np.arange(6.0).reshape(2, 3), np.array([[1.0, -2.0], [0.5, 3.0]]))
+import scipy.signal
+print(json.dumps({{"deferred": deferred, "logp": logp.tolist(), "grad": grad.tolist(),
+                  "conv": got.tolist(), "real_after": hasattr(scipy.signal, "find_peaks")}}))
+"""
+
+
+def test_a_ray_workers_imports_defer_scipy_signal_and_change_no_number(tmp_path):
+    """In a worker of a local instance (``DISTVI_RAY_WORKER``) PyTensor is imported without
+    ``scipy.signal`` (~0.6 s of CPU a worker); a data term's answers are the same bit for
+    bit as without, PyTensor's convolution still gives the hand-computed answer, and a
+    later ``import scipy.signal`` is the real module."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distvi._lean import WORKER_ENV
+
+    script = tmp_path / "lean.py"
+    script.write_text(LEAN_WORKER.format(tests=str(Path(__file__).parent)))
+    runs = {}
+    for name, flag in [("worker", "1"), ("driver", None)]:
+        env = {k: v for k, v in os.environ.items() if k != WORKER_ENV}
+        if flag:
+            env[WORKER_ENV] = flag
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["worker"]["deferred"] is True and runs["driver"]["deferred"] is False
+    a, k = np.arange(6.0).reshape(2, 3), np.array([[1.0, -2.0], [0.5, 3.0]])
+    full = np.zeros((3, 4))  # the full 2-d convolution, by its definition
+    for i in range(2):
+        for j in range(3):
+            full[i:i + 2, j:j + 2] += a[i, j] * k
+    for run in runs.values():
+        np.testing.assert_allclose(run["conv"], full, rtol=0, atol=1e-12)
+        assert run["real_after"]
+    assert runs["worker"]["logp"] == runs["driver"]["logp"]
+    assert runs["worker"]["grad"] == runs["driver"]["grad"]

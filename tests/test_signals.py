@@ -198,3 +198,40 @@ def test_sigterm_goes_to_the_handler_the_program_had_after_the_clean_stop(linreg
         assert dv.open_run(str(tmp_path / "run.zarr")).checkpoint.step == 9
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_sigterm_action_ray_sets_off_the_main_thread_is_set_back():
+    """``ray.init`` in a background thread puts Ray's crash handler in front of the
+    program's SIGTERM handler at the C level (Python cannot set its own back off the main
+    thread); distvi keeps the action from before and sets it back from that thread."""
+    import ctypes
+    import threading
+
+    from distvi.backends.ray_cluster import set_sigterm_action, sigterm_action
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+
+    def delivered() -> bool:
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 1.0
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return bool(seen)
+
+    def in_thread(fn):
+        t = threading.Thread(target=fn)
+        t.start()
+        t.join()
+
+    try:
+        kept = sigterm_action()
+        assert kept is not None
+        libc = ctypes.CDLL(None)
+        libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+        in_thread(lambda: libc.signal(int(signal.SIGTERM), 1))  # another action: SIG_IGN
+        assert not delivered()  # the Python handler is still set, but the kernel ignores it
+        in_thread(lambda: set_sigterm_action(kept))
+        assert delivered() and seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)

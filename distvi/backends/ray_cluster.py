@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 
+from distvi._lean import WORKER_ENV
 from distvi.backends.base import WorkerError
 
 _started_here = False  # a local instance distvi started in this process (it stays up for later fits)
@@ -21,11 +22,13 @@ _joining = None  # a Background join_or_start begun by begin_joining
 
 def begin_joining(address: str | None) -> None:
     """Begin :func:`join_or_start` in the background (the driver builds the workers' graph
-    meanwhile); the next :func:`join_or_start` waits for it. Nothing when Ray is up."""
-    import ray
+    meanwhile); the next :func:`join_or_start` waits for it. Nothing when Ray is up. Ray
+    is imported in the background too when it is not yet (~0.4 s)."""
+    import sys
 
     global _joining
-    if _joining is None and not ray.is_initialized():
+    ray = sys.modules.get("ray")
+    if _joining is None and not (ray is not None and ray.is_initialized()):
         _joining = Background(lambda: _join_or_start(address))
 
 
@@ -43,7 +46,7 @@ def _join_or_start(address: str | None) -> bool:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    handlers = python_handlers()
+    handlers, kept = python_handlers(), sigterm_action()
     # off the main thread Ray sets no SIGTERM handler and says so at warning level: distvi
     # keeps the program's handlers either way (see restore_handlers), so that is not news
     quiet = logging.getLogger("ray._private.worker")
@@ -53,7 +56,38 @@ def _join_or_start(address: str | None) -> bool:
     finally:
         quiet.removeFilter(_no_sigterm_note)
     restore_handlers(handlers)
+    set_sigterm_action(kept)
     return started
+
+
+def sigterm_action() -> bytes | None:
+    """The process's SIGTERM action as the kernel holds it (opaque bytes), to set back with
+    :func:`set_sigterm_action`; None where libc's ``sigaction`` cannot be called.
+
+    ``ray.init`` installs Ray's crash handler for SIGTERM at the C level; it stands in front
+    of the program's handler (a fit's deferral, which then cannot stop the process cleanly:
+    it aborts at exit) and, off the main thread, Python cannot set its own back."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(512)  # larger than any platform's struct sigaction
+        if libc.sigaction(int(signal.SIGTERM), None, buf) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return buf.raw
+
+
+def set_sigterm_action(action: bytes | None) -> None:
+    if action is None:
+        return
+    import ctypes
+    import signal
+
+    buf = ctypes.create_string_buffer(action, len(action))
+    ctypes.CDLL(None, use_errno=True).sigaction(int(signal.SIGTERM), buf, None)
 
 
 def _no_sigterm_note(record: logging.LogRecord) -> bool:
@@ -107,10 +141,12 @@ def _init(ray, address: str | None) -> bool:
         note.setLevel(logging.ERROR)
         before = os.environ.get("PYTENSOR_FLAGS")
         os.environ["PYTENSOR_FLAGS"] = worker_pytensor_flags(before)  # the workers inherit it
+        os.environ[WORKER_ENV] = "1"  # their imports are lighter (distvi._lean)
         try:
             ray.init(include_dashboard=False, log_to_driver=True)
         finally:
             note.setLevel(level)
+            del os.environ[WORKER_ENV]
             if before is None:
                 del os.environ["PYTENSOR_FLAGS"]
             else:
