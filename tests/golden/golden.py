@@ -32,19 +32,23 @@ PACKAGES = ("numpy", "scipy", "scipy-openblas32", "pytensor", "pymc", "ray")
 
 def environment() -> dict:
     """What the bits of a fit depend on beyond distvi: Python, the numerical packages'
-    versions, the machine and its CPU's vector instructions."""
+    versions, the machine, its CPU's model and vector instructions. The model counts on its
+    own: OpenBLAS picks its kernels by CPU model, and two CPUs with the same vector
+    instructions (measured: an AMD EPYC against the machine of the recording) differ in
+    the last bit of a fit."""
     import platform
     from importlib.metadata import version
 
-    flags = set()
+    flags, model = set(), platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith("flags") and not flags:
                 flags = set(line.split(":", 1)[1].split())
-                break
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"python": platform.python_version(), "machine": platform.machine(),
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpu": model,
             "packages": {p: version(p) for p in PACKAGES},
             "vector": sorted(f for f in flags if f.startswith(("avx", "fma", "sse4")))}
 
