@@ -277,7 +277,6 @@ class Inference:
         self._recorded = (None, None)
         with DeferredSignals() as signals:
             self._signals = signals
-            self.shards.begin()  # the arguments are good: Ray starts while the fit sets up
             try:
                 self.start_report = start_near_answer(self, store, resume)
                 if self.start_report is not None:
@@ -404,8 +403,7 @@ class Inference:
         signals = self._signals
         if signals is not None:
             signals.arm()
-        # a loss needs the data term's value; KSD's update does not, so unscored Stein steps
-        # skip it on the workers and the progress bar shows the gradient norm instead
+        # a loss needs the data term; KSD's update does not: unscored Stein steps skip it
         step = self._step(self.objective.needs_logp or score, n)
         trace = Trace(n, self.state.step, scored=step.with_logp)
         hooks = [trace, DivergenceWatch(trace, on_divergence=watch and watch.diverged)] \
@@ -431,9 +429,11 @@ class Inference:
             step, backend = profiler.wrap_step(step), profiler.wrap_backend(backend)
             hooks, fused = profiler.wrap_hooks(hooks), profiler.wrap_fused(fused)
         loop = Loop(step, backend, hooks, fused)
-        self.shards.start()  # the workers ready before the progress bar's clock starts
-        trace.start()
         try:
+            self.shards.start()  # the workers ready before the clocks start
+            trace.start()
+            if progress is not None:
+                progress.start()
             if signals is None or signals.signum is None:
                 with self.shards.held():
                     loop.run(self.state, n)

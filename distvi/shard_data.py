@@ -84,22 +84,16 @@ class Shards:
         return self.source.n_rows / per_step if per_step else 1.0
 
     # ------------------------------------------------------------ the backend
-    def begin(self) -> None:
-        """For Ray with no backend yet: begin joining the cluster (or starting a local
-        instance) in the background, so that it overlaps what the fit sets up and compiles
-        before its first step (see ``ray_cluster.begin_joining``)."""
-        if self.backend is None and self.backend_name == "ray":
-            from distvi.backends.ray_cluster import begin_joining
-
-            begin_joining(self.address)
-
     def start(self, wait: bool = True):
         """The backend, started (its workers loaded with their shards) if it is not; with
         ``wait=False`` Ray's workers may still be loading (the first call waits)."""
         if self.backend is None:
             from distvi.backends.start import start_backend
 
-            self.begin()
+            if self.backend_name == "ray":  # Ray starts while the workers' graph is built
+                from distvi.backends.ray_cluster import begin_joining
+
+                begin_joining(self.address)
             self.backend = start_backend(
                 self.backend_name, self.adapter, self.source, self.num_workers, self.random_seed,
                 self.batches, self._points_per_step(), self._with_logp, self.has_data,

@@ -42,8 +42,11 @@ def step_run(lr):
 
 
 @pytest.mark.parametrize("path", ["plain", "direct", "compiled"])
-def test_ray_equals_local_for_the_same_seed_and_shards(lr, local_run, path):
+def test_ray_equals_local_for_the_same_seed_and_shards(lr, local_run, step_run, path):
     remote = fit(lr, "ray", backend_options={"path": path})
+    # bit for bit the local backend's step-by-step fit (its fused blocks sum in another order)
+    np.testing.assert_array_equal(remote.hist, step_run.hist)
+    np.testing.assert_array_equal(remote.approx.mean, step_run.approx.mean)
     np.testing.assert_allclose(remote.hist, local_run.hist, rtol=1e-10)
     np.testing.assert_allclose(remote.approx.mean, local_run.approx.mean, rtol=1e-10)
 
@@ -117,6 +120,24 @@ def test_a_direct_path_that_cannot_open_falls_back_or_fails_as_asked(lr, local_r
     np.testing.assert_allclose(auto.approx.mean, local_run.approx.mean, rtol=1e-10)
     with pytest.raises(WorkerError, match="could not open the direct path .* could not connect"):
         fit(lr, "ray", n=5, backend_options={"actor_class": NoLine, "path": "direct"})
+
+
+def test_where_ray_uses_tls_auto_steps_over_plain_calls(lr, step_run, monkeypatch):
+    """The direct path is not encrypted: with Ray's TLS on, ``"auto"`` keeps to Ray's calls."""
+    from distvi.backends import ray as ray_backend
+    from distvi.backends.ray_cluster import ray_tls
+
+    for value, on in [("1", True), ("true", True), ("0", False), ("", False)]:
+        monkeypatch.setenv("RAY_USE_TLS", value)
+        assert ray_tls() is on
+    monkeypatch.delenv("RAY_USE_TLS")  # the session's Ray connection stays as it is
+    monkeypatch.setattr(ray_backend, "ray_tls", lambda: True)
+    inf = dv.ADVI(model=lr.factory, data=lr.data, batch_size=40, num_workers=2, backend="ray",
+                  random_seed=21)
+    with inf:
+        inf.fit(120, obj_optimizer=dv.adam(learning_rate=0.05), progressbar=False)
+        assert inf._backend.path == "plain" and inf._backend.fast_path is None
+    np.testing.assert_array_equal(inf.approx.mean, step_run.approx.mean)
 
 
 def test_placement_that_cannot_be_met_fails_clearly(lr):

@@ -163,3 +163,94 @@ def test_a_worker_that_cannot_start_ends_the_start_with_its_error(lr):
     with inf, pytest.raises(WorkerError, match="(?s)worker 1 died while starting .*RuntimeError: shard 1 is not readable here"):
         inf.fit(10, **ADAM)
     assert inf._backend is None or not inf._backend.actors  # nothing is left holding CPUs
+
+
+
+class SlowStart(ShardActor):
+    def __init__(self, spec, rank, *args):
+        if rank == 1:
+            import time
+
+            time.sleep(60)
+        super().__init__(spec, rank, *args)
+
+
+def test_a_worker_that_does_not_start_in_time_is_named(lr):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    inf = advi(lr, "ray", actor_class=SlowStart, timeout_s=3.0, startup_timeout_s=3.0)
+    with inf, pytest.raises(WorkerError, match=r"worker\(s\) \[1\] did not start \(load the shard "
+                                               r"and compile\) within 3 s"):
+        inf.fit(10, **ADAM)
+    assert inf._backend is None or not inf._backend.actors  # nothing is left holding CPUs
+
+
+class DiesOnListen(ShardActor):
+    def listen(self, token, host=None):
+        os._exit(1)  # every worker, and every replacement, dies as the direct path opens
+
+
+def test_a_restart_budget_spent_while_the_direct_path_opens_ends_the_fit_with_its_error(lr):
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    import warnings
+
+    inf = advi(lr, "ray", actor_class=DiesOnListen, max_restarts=1)
+    with inf, warnings.catch_warnings(record=True) as seen, pytest.raises(
+            WorkerError, match="worker failures .* exceed the restart budget of max_restarts=1"):
+        warnings.simplefilter("always")
+        inf.fit(10, **ADAM)
+    # the budget's error at once, not a fallback to plain calls on workers that are gone
+    assert not [w for w in seen if "direct path" in str(w.message)]
+    assert inf._backend is None or not inf._backend.actors  # nothing is left holding CPUs
+
+OWN_RAY_JOB = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import numpy as np
+    import ray
+    import distvi as dv
+    from distvi.backends.base import WorkerError
+    from conftest import LinearRegression
+
+    lr = LinearRegression(n_rows=300, seed=5)
+
+    def fit(**kw):
+        inf = dv.ADVI(model=lr.factory, data=lr.data, batch_size=30, num_workers=2, backend="ray",
+                      random_seed=8, **kw)
+        with inf:
+            return np.asarray(inf.fit(40, obj_optimizer=dv.adam(learning_rate=0.05),
+                                      progressbar=False).mean).tolist()
+
+    out = {{}}
+    try:
+        fit(address="127.0.0.1:1")
+    except WorkerError as err:
+        out["no_cluster"] = str(err)
+    out["up_after_refusal"] = ray.is_initialized()
+    out["first"] = fit()
+    ray.shutdown()  # the program's own, between two fits
+    out["second"] = fit()
+    print(json.dumps(out))
+""")
+
+
+def test_a_background_join_reports_its_error_and_a_fit_after_the_programs_ray_shutdown_starts_ray_again(tmp_path):
+    """Ray is joined in a background thread: a cluster that does not answer is the fit's
+    error; after the program shut Ray down itself, the next fit starts a new local instance
+    (whose processes live as long as the thread that started it) with the same numbers."""
+    import json
+
+    script = tmp_path / "own_ray.py"
+    script.write_text(OWN_RAY_JOB.format(tests=str(Path(__file__).parent)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "no Ray cluster answers at 127.0.0.1:1" in out["no_cluster"]
+    assert out["up_after_refusal"] is False
+    assert out["second"] == out["first"]

@@ -3,11 +3,11 @@
 The actor class is a plain :class:`ShardActor` (testable without Ray); ``ray.remote`` is
 applied when the backend starts. The driver keeps no data: an actor reads its row range
 from the source itself (arrays given in memory are put into the object store once per
-shard). A restarted actor re-runs ``__init__`` and reloads its shard, and the driver sends
-the step again; minibatches depend only on (seed, rank, step), so the step answers exactly
-what the lost one would have.
+shard). The driver replaces a dead actor with a new one, which runs ``__init__`` and
+reloads its shard, and sends the step again; minibatches depend only on (seed, rank, step),
+so the step answers exactly what the lost one would have.
 
-Plain actor calls carry a step (the reference: they wait for a restarted actor and name a
+Plain actor calls carry a step (the reference: they wait for a replacement actor and name a
 hung one), or a fast path from :mod:`~distvi.backends.ray_paths` with identical numbers:
 a direct TCP connection to each worker (``path="auto"``, the default, and ``"direct"``) or
 a Ray Compiled Graph (``"compiled"``). The fast path opens once the workers have compiled;
@@ -35,7 +35,8 @@ from distvi.backends import ray_fleet
 from distvi.backends.base import WorkerError
 from distvi.backends.ray_actor import ShardActor, WorkerSpec
 from distvi.backends.ray_paths import DirectPath, GraphPath, PathFailed
-from distvi.backends.ray_cluster import Background, join_or_start, local_instance
+from distvi.backends.ray_cluster import (Background, join_or_start, joining, local_instance,
+                                         ray_tls, ray_up)
 from distvi.data import ArraySource, source_bounds
 
 PATHS = ("auto", "direct", "compiled", "plain")
@@ -44,7 +45,7 @@ __all__ = ["PATHS", "RayBackend", "ShardActor", "WorkerError", "WorkerSpec"]
 
 
 class _Died(Exception):
-    """Worker ``rank`` died during a call (Ray restarts it)."""
+    """Worker ``rank`` died during a call (the driver replaces it)."""
 
     def __init__(self, rank: int, err: BaseException) -> None:
         super().__init__(rank)
@@ -66,7 +67,7 @@ class RayBackend:
         CPUs reserved per worker.
     max_restarts, restart_window
         The restart budget: worker failures allowed within any ``restart_window`` steps
-        (each dead worker is restarted by Ray, on another node when its own is gone).
+        (the driver replaces each dead worker, on another node when its own is gone).
     timeout_s
         Seconds a step may take before the worker is declared hung.
     placement_timeout_s
@@ -143,14 +144,14 @@ class RayBackend:
     def start(self, wait: bool = True) -> RayBackend:
         """Join or start Ray, place one actor per shard, load the shards; with ``wait=False``
         return once the actors are asked for (the first call waits for them)."""
-        import ray
-
         if self.actors or self._starting is not None:  # already started (or starting)
             if wait:
                 self._await()
             return self
         try:
-            if ray.is_initialized():
+            # a join under way (begun by the shards, maybe still importing Ray) is finished
+            # by the thread that launches, so this thread does not import Ray beside it
+            if not joining() and ray_up():
                 self._place()
                 self._launch()
             else:  # Ray starts (seconds) while the driver compiles its step: joined in _await
@@ -239,7 +240,7 @@ class RayBackend:
         so (a shard it cannot read, say) ends the start with its error."""
         try:
             # loading a shard and compiling take longer than a step: their own timeout
-            self._get([a.n_rows.remote() for a in actors], step=None,
+            self._get([a.n_rows.remote() for a in actors], step=None, what="start", ranks=ranks,
                       timeout=max(self.timeout_s, self.startup_timeout_s))
         except _Died as died:
             raise WorkerError(f"worker {ranks[died.rank]} died while starting (loading its shard "
@@ -249,10 +250,10 @@ class RayBackend:
         """Wait for the actors asked for by :meth:`start`: placed, loaded, compiled."""
         if not self._pending:
             return
-        import ray
-
         try:
             self._joined()
+            import ray  # after the join: its thread may still be importing Ray
+
             ready, _ = ray.wait([self._pg.ready()], timeout=self.placement_timeout_s)
             if not ready:
                 raise WorkerError(ray_fleet.full_message(
@@ -270,9 +271,10 @@ class RayBackend:
         self._stop_workers()
         self.released = True
 
-    def _get(self, refs, step: int | None, timeout: float | None = None, what: str = "answer"):
-        """Every answer, in order; a worker that died raises :class:`_Died` (it is being
-        restarted), any other failure a :class:`WorkerError`."""
+    def _get(self, refs, step: int | None, timeout: float | None = None, what: str = "answer",
+             ranks: list | None = None):
+        """Every answer, in order; a worker that died raises :class:`_Died` (the caller
+        replaces it), any other failure a :class:`WorkerError`."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -284,8 +286,9 @@ class RayBackend:
                 answers.append(ray.get(ref, timeout=max(deadline - time.monotonic(), 0.0)))
             except GetTimeoutError:
                 ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                hung = [r for r, ref in enumerate(refs) if ref not in ready]
-                what = "start (load the shard and compile)" if step is None else f"{what} step {step}"
+                hung = [(ranks or range(len(refs)))[r] for r, ref in enumerate(refs) if ref not in ready]
+                what = ("start (load the shard and compile)" if what == "start"
+                        else what if step is None else f"{what} step {step}")
                 raise WorkerError(f"worker(s) {hung} did not {what} within {timeout:.0f} s") from None
             except RayActorError as err:
                 raise _Died(rank, err) from None
@@ -320,6 +323,9 @@ class RayBackend:
     def _open_fast(self) -> None:
         """Open the fast path (``ray_paths``; a worker found dead meanwhile is replaced as in
         any call); in ``"auto"``, fall back to plain calls with a warning when it cannot."""
+        if self.path == "auto" and ray_tls():  # the direct path is not encrypted: Ray's is
+            self.path = "plain"
+            return
         try:
             if self.path == "compiled":
                 self._fast = GraphPath(self.actors, self.timeout_s)
@@ -329,6 +335,8 @@ class RayBackend:
                 self._fast = DirectPath(addresses, token, self.timeout_s)
         except Exception as err:
             self._fast = None
+            if not self.actors:  # the restart budget was spent meanwhile: the fit's error
+                raise
             if self.path != "auto":
                 raise WorkerError(f"could not open the {self.path} path to the workers: {err}") from err
             warnings.warn(f"the direct path to the workers is unavailable, using plain actor "
@@ -392,23 +400,21 @@ class RayBackend:
         return self._call_all("pid", [()] * self.k, None)
 
     @property
-    def compiled(self) -> bool:
-        """Whether steps currently go through the compiled graph."""
-        return isinstance(self._fast, GraphPath)
-
-    @property
     def fast_path(self) -> str | None:
         """The path steps currently take besides plain calls: "direct", "compiled" or None."""
         return None if self._fast is None else self._fast.name
 
     def _stop_workers(self) -> None:
+        self._pending = False
+        starting = self._starting
+        if starting is not None:  # a start under way finishes first: its actors are stopped too
+            starting.done.wait()  # (interrupted: kept, and the next close waits again)
+        self._starting = None
         import ray
 
-        self._pending = False
-        starting, self._starting = self._starting, None
-        if starting is not None:  # a start under way finishes first: its actors are stopped too
-            starting.done.wait()
         if not ray.is_initialized():
+            with contextlib.suppress(Exception):
+                self._close_fast()  # its sockets, at least
             self.actors, self._refs, self._pg, self._fast = [], [], None, None
             return
         self._close_fast()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import threading
 
 from distvi._lean import WORKER_ENV
@@ -18,6 +19,7 @@ _started_here = False  # a local instance distvi started in this process (it sta
 
 
 _joining = None  # a Background join_or_start begun by begin_joining
+_this_thread = threading.local()  # started_ray: this thread's ray.init started a local instance
 
 
 def begin_joining(address: str | None) -> None:
@@ -30,6 +32,24 @@ def begin_joining(address: str | None) -> None:
     ray = sys.modules.get("ray")
     if _joining is None and not (ray is not None and ray.is_initialized()):
         _joining = Background(lambda: _join_or_start(address))
+
+
+def joining() -> bool:
+    """Whether a join begun by :func:`begin_joining` waits to be finished by
+    :func:`join_or_start`."""
+    return _joining is not None
+
+
+def ray_up() -> bool:
+    """Whether this process is connected to Ray (importing it)."""
+    import ray
+
+    return ray.is_initialized()
+
+
+def ray_tls() -> bool:
+    """Whether Ray's own connections use TLS here (``RAY_USE_TLS``, as Ray reads it)."""
+    return os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true")
 
 
 def join_or_start(address: str | None) -> bool:
@@ -46,17 +66,28 @@ def _join_or_start(address: str | None) -> bool:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
-    handlers, kept = python_handlers(), sigterm_action()
+    # in the main thread the handlers are set back through Python; off it at the C level
+    main = threading.current_thread() is threading.main_thread()
+    handlers, kept = python_handlers(), None if main else sigterm_action()
     # off the main thread Ray sets no SIGTERM handler and says so at warning level: distvi
     # keeps the program's handlers either way (see restore_handlers), so that is not news
     quiet = logging.getLogger("ray._private.worker")
     quiet.addFilter(_no_sigterm_note)
+    # ray.init changes the environment from this thread (Ray sets PYTHONBREAKPOINT and
+    # RAY_AUTH_MODE, distvi the workers' flags): a process that another thread spawns with
+    # vfork meanwhile reads it mid-change (PyTensor's g++, spawned by the driver's compile,
+    # failed with EFAULT, measured); with fork the child has its own copy
+    vfork = None if main else getattr(subprocess, "_USE_VFORK", None)
+    if vfork:
+        subprocess._USE_VFORK = False
     try:
         started = _init(ray, address)
-    finally:
+    finally:  # also when ray.init failed after setting its own
         quiet.removeFilter(_no_sigterm_note)
-    restore_handlers(handlers)
-    set_sigterm_action(kept)
+        restore_handlers(handlers)
+        set_sigterm_action(kept)
+        if vfork:
+            subprocess._USE_VFORK = vfork
     return started
 
 
@@ -81,13 +112,21 @@ def sigterm_action() -> bytes | None:
 
 
 def set_sigterm_action(action: bytes | None) -> None:
+    """Set back an action from :func:`sigterm_action` — when Python's own table still says
+    a Python handler is set (the kernel must then call Python's); when it now says the
+    default or ignore (the program changed it meanwhile), that, as Python would have set it."""
     if action is None:
         return
     import ctypes
     import signal
 
-    buf = ctypes.create_string_buffer(action, len(action))
-    ctypes.CDLL(None, use_errno=True).sigaction(int(signal.SIGTERM), buf, None)
+    libc = ctypes.CDLL(None, use_errno=True)
+    now = signal.getsignal(signal.SIGTERM)
+    if callable(now):
+        libc.sigaction(int(signal.SIGTERM), ctypes.create_string_buffer(action, len(action)), None)
+    elif now in (signal.SIG_DFL, signal.SIG_IGN):
+        libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+        libc.signal(int(signal.SIGTERM), int(now))
 
 
 def _no_sigterm_note(record: logging.LogRecord) -> bool:
@@ -109,14 +148,13 @@ class Background:
         self.thread.start()
 
     def _run(self, fn) -> None:
-        before = _started_here
         try:
             self.value = fn()
         except BaseException as err:
             self.error = err
         finally:
             self.done.set()
-        if _started_here and not before:
+        if getattr(_this_thread, "started_ray", False):
             threading.Event().wait()
 
     def result(self):
@@ -151,7 +189,7 @@ def _init(ray, address: str | None) -> bool:
                 del os.environ["PYTENSOR_FLAGS"]
             else:
                 os.environ["PYTENSOR_FLAGS"] = before
-        started = _started_here = True
+        started = _started_here = _this_thread.started_ray = True
     return started
 
 

@@ -1,7 +1,7 @@
 """The fast paths that carry a step between the driver and its Ray workers.
 
 Plain actor calls are the reference path: one Ray task per worker per step, which waits
-for a restarted actor and names a hung one. A fast path carries the same arguments and
+for a replacement actor and names a hung one. A fast path carries the same arguments and
 answers with less machinery, and is torn down at the first trouble (the backend then
 retries the step over plain calls, which handle it, and opens the path again):
 

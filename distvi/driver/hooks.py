@@ -166,6 +166,12 @@ class Progress:
 
             self.bar = tqdm(total=n, unit="it", smoothing=0.1)
 
+    def start(self) -> None:
+        """The clock (rate, ETA) from now: after the workers are ready."""
+        self.t0 = self.t_line = time.perf_counter()
+        if self.mode == "bar":
+            self.bar.reset()
+
     def __call__(self, state: DriverState, info: StepInfo) -> None:
         done = self.trace.done
         if done % self.every == 0 or done == self.n:
