@@ -1,11 +1,8 @@
 """distvi: variational inference for PyMC models on sharded data, with PyMC's variational API."""
 
-import os as _os
+from distvi._lean import lighten_a_worker as _lighten
 
-if _os.environ.get("DISTVI_RAY_WORKER"):  # a Ray worker (distvi._lean): lighter imports
-    from distvi._lean import defer_scipy_signal
-
-    defer_scipy_signal()
+_lighten()  # in a Ray worker of a local instance only: see distvi._lean
 
 from distvi import data
 from distvi.approximations import Approximation

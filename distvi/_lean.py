@@ -15,6 +15,14 @@ import types
 WORKER_ENV = "DISTVI_RAY_WORKER"  # set in the environment of the workers of a local instance
 
 
+def lighten_a_worker() -> None:
+    """In a process with :data:`WORKER_ENV` set: :func:`defer_scipy_signal`."""
+    import os
+
+    if os.environ.get(WORKER_ENV):
+        defer_scipy_signal()
+
+
 def defer_scipy_signal() -> None:
     """Import PyTensor with ``scipy.signal`` deferred (nothing when either is imported)."""
     if "pytensor" in sys.modules or "scipy.signal" in sys.modules:

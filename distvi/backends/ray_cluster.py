@@ -7,6 +7,7 @@ readable by its owner only, a cluster that would refuse this process is reported
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -177,20 +178,31 @@ def _init(ray, address: str | None) -> bool:
         note = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level = note.level
         note.setLevel(logging.ERROR)
-        before = os.environ.get("PYTENSOR_FLAGS")
-        os.environ["PYTENSOR_FLAGS"] = worker_pytensor_flags(before)  # the workers inherit it
-        os.environ[WORKER_ENV] = "1"  # their imports are lighter (distvi._lean)
+        # the workers inherit these: a compile cache of their own, lighter imports (_lean)
+        workers_env = {"PYTENSOR_FLAGS": worker_pytensor_flags(os.environ.get("PYTENSOR_FLAGS")),
+                       WORKER_ENV: "1"}
         try:
-            ray.init(include_dashboard=False, log_to_driver=True)
+            with environment(workers_env):
+                ray.init(include_dashboard=False, log_to_driver=True)
         finally:
             note.setLevel(level)
-            del os.environ[WORKER_ENV]
-            if before is None:
-                del os.environ["PYTENSOR_FLAGS"]
-            else:
-                os.environ["PYTENSOR_FLAGS"] = before
         started = _started_here = _this_thread.started_ray = True
     return started
+
+
+@contextlib.contextmanager
+def environment(updates: dict[str, str]):
+    """``os.environ`` with ``updates`` while inside; each variable as it was after."""
+    before = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def worker_pytensor_flags(flags: str | None) -> str:
