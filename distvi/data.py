@@ -188,7 +188,14 @@ def _column_mapping(columns: Any, available: list[str]) -> dict[str, str | list[
 
 
 def source_bounds(source: Source, num_workers: int) -> list[tuple[int, int]]:
-    """The shards of a source: chunk-aligned where the source has chunks."""
+    """The shards of a source: chunk-aligned where the source has chunks; fixed where the
+    source fixed them (rows split by group for local variables)."""
+    fixed = getattr(source, "shard_bounds", None)
+    if fixed is not None:
+        if len(fixed) != num_workers:
+            raise ValueError(f"the rows were split by group for {len(fixed)} shards, not "
+                             f"{num_workers}")
+        return list(fixed)
     return shard_bounds(source.n_rows, num_workers, getattr(source, "chunk_rows", 1))
 
 

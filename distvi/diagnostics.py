@@ -114,7 +114,10 @@ def diagnose(approx, draws: int = 1000, random_seed: Any = None) -> Diagnosis:
 
     draws = check_draws(draws)
     seed = check_seed(random_seed)
-    approx.require_bound()
+    if approx.require_bound().locals:
+        raise ValueError("PSIS with local variables would need the joint density of every "
+                         "group's draws at each draw of the globals, which the workers do not "
+                         "compute yet: diagnose() is not available for a fit with local=")
     if any(g.vfam == "empirical" for g in approx.groups):
         raise TypeError("PSIS needs the density of q: an Empirical approximation (draws or "
                         "SVGD particles) has none")

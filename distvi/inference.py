@@ -28,6 +28,7 @@ from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
 from distvi.driver.state import DriverState
 from distvi.driver.step import Program, Step
 from distvi.recording import RecordedFit, check_recording, record_diagnosis
+from distvi.local_fit import check_local_fit
 from distvi.shard_data import Shards, check_settings
 
 class Inference:
@@ -69,13 +70,13 @@ class Inference:
                  batch_size: int | None = None, num_workers: int | None = None,
                  backend: str | None = None, address: str | None = None,
                  random_seed: int | None = None, backend_options: dict | None = None,
-                 **op_kwargs: Any) -> None:
+                 local: dict | None = None, **op_kwargs: Any) -> None:
         from distvi.model import adapt
 
         settings = check_settings(batch_size, num_workers, backend, backend_options)
         self.random_seed = check_seed(random_seed)
         model = approx.model if model is None else model
-        adapter, source = adapt(model, data)
+        adapter, source = adapt(model, data, local)
         self.shards = Shards(source, adapter, **settings, address=address,
                              random_seed=self.random_seed, points_per_step=self._points_per_step,
                              with_logp=self._scores_by_default)
@@ -131,16 +132,13 @@ class Inference:
                      doc="The ``pm.Model`` being fitted (for a factory, on symbolic minibatch rows).")
 
     def full_data_logp(self, points: np.ndarray) -> np.ndarray:
-        """The log-likelihood of all the rows at each flat point (S, D): every shard worker
-        sums its whole shard (no minibatch)."""
+        """The log-likelihood of all the rows at each flat point (S, D), shard by shard."""
         return self.approx.shard_data.logp(points)
 
-    def _points_per_step(self) -> int:
-        """How many points the workers evaluate per step."""
+    def _points_per_step(self) -> int:  # the points the workers evaluate per step
         return self._n_mc
 
-    def close(self) -> None:
-        """Release the backend's workers."""
+    def close(self) -> None:  # release the backend's workers
         self.shards.close()
 
     def __enter__(self) -> Inference:
@@ -162,8 +160,7 @@ class Inference:
         max_norm = _validate.max_norm(total_grad_norm_constraint)
         self._n_mc, self._optimizer, self._max_norm = n_mc, opt, max_norm
 
-    def _draws_per_step(self) -> int:
-        """Rows of normals the driver draws per step."""
+    def _draws_per_step(self) -> int:  # rows of normals the driver draws per step
         return self._n_mc
 
     def _cost_scale(self) -> float:
@@ -264,6 +261,7 @@ class Inference:
         from distvi.tracking import as_tracking
 
         n, until = check_until(n, max_n, tol, average_from, resume, obj_optimizer)
+        check_local_fit(self, until, store, tracking, average_from)
         tracker = as_tracking(tracking)
         every = check_recording(store, checkpoint_every, resume)
         average_after = _validate.average_from(average_from, n)
@@ -399,6 +397,7 @@ class Inference:
         # the first rate before any work: a schedule's NaN rate is refused with no worker started
         self._optimizer.learning_rate_at(self.state.opt_step)
         backend = self.shards.start(wait=False)  # Ray's workers: asked for, ready below
+        self.shards.begin_locals(self._optimizer, self.state)
         backend = backend if watch is None else watch.backend(backend)
         signals = self._signals
         if signals is not None:
@@ -444,6 +443,7 @@ class Inference:
             if progress is not None:
                 progress.close()
             self.state = loop.state or self.state
+            self.approx.local_params = self.shards.local_params()  # {} without local variables
             self.gradient_evaluations += trace.done * (self._points_per_step() + getattr(watch, "anchored", 0))
             self.approx.params_values = self.state.result
             if score:

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - other PyMC layouts
 
 from distvi._compile import compile_mode, function
 from distvi.model_errors import DiscreteVariableError, ModelError, ModelFactoryError
+from distvi.local_terms import LocalTerm, LocalVar, build_local_term, check_local
 from distvi.model_factory import ModelFactory, factory_name, model_from_factory
 from distvi.model_terms import (DataSchema, DataTerm, DeterministicTerm, VarLayout, rows_of,
                                 without_pymc_checks)
@@ -51,7 +52,8 @@ class ModelAdapter:
     """
 
     def __init__(
-        self, model: pm.Model, data_inputs: dict[str, pt.TensorVariable], replace: dict
+        self, model: pm.Model, data_inputs: dict[str, pt.TensorVariable], replace: dict,
+        local: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.data_inputs = data_inputs
@@ -60,51 +62,88 @@ class ModelAdapter:
             if isinstance(obs.owner.op, MinibatchRandomVariable):  # stripped by the builders
                 raise ModelError(f"observed variable {obs.name!r} still carries total_size")
         check_global_free_rvs(model, row_vars)
+        local = check_local(local)
 
         point = model.initial_point()
-        layout, start = [], 0
+        layout, start, locals_ = [], 0, {}
+        names = {n: rv.name for rv, vv in zip(model.free_RVs, model.value_vars) for n in (rv.name, vv.name)}
+        unknown = [n for n in local if n not in names]
+        if unknown:
+            raise ModelError(f"local={local!r}: {unknown} are not free variables of the model; "
+                             f"its free variables: {[rv.name for rv in model.free_RVs]}")
+        local = {names[n]: c for n, c in local.items()}
+        self._pairs = []  # the global free variables and their value variables
         for rv, vv in zip(model.free_RVs, model.value_vars):
             shape = tuple(int(s) for s in np.shape(point[vv.name]))
             size = int(np.prod(shape, dtype=int))
             tr = model.rvs_to_transforms.get(rv)
-            layout.append(VarLayout(vv.name, rv.name, shape, start, start + size,
-                                    None if tr is None else type(tr).__name__))
+            tr = None if tr is None else type(tr).__name__
+            if rv.name in local:
+                locals_[rv.name] = self._local_var(rv, vv, local[rv.name], shape, tr)
+                continue
+            layout.append(VarLayout(vv.name, rv.name, shape, start, start + size, tr))
+            self._pairs.append((rv, vv))
             start += size
         self.layout: tuple[VarLayout, ...] = tuple(layout)
+        self.locals: tuple[LocalVar, ...] = tuple(locals_.values())
         self.ndim = start
         self._initial = np.concatenate(
             [np.asarray(point[v.name], dtype="float64").ravel() for v in layout]
         ) if layout else np.zeros(0)
+        self._local_initial = {v.name: point[v.name] for v in self.locals}
 
         data_potentials = [p for p in model.potentials if depends_on(p, row_vars)]
         prior_potentials = [p for p in model.potentials if p not in data_potentials]
+        local_rvs = {model[v.rv_name] for v in self.locals}
+        for p in prior_potentials:
+            if local_rvs and depends_on(p, local_rvs):
+                raise ModelError(f"potential {p.name!r} depends on local variables "
+                                 f"{[v.rv_name for v in self.locals]} but not on the data; a "
+                                 "local variable's terms must be row by row")
         self.z = pt.vector("z", dtype="float64", shape=(self.ndim,))
         to_z = self._value_replacements(self.z)
-        prior = model.logp(vars=[*model.free_RVs, *prior_potentials], jacobian=True)
+        prior = model.logp(vars=[*(rv for rv, _ in self._pairs), *prior_potentials], jacobian=True)
         data_terms = [*model.observed_RVs, *data_potentials]
         data = model.logp(vars=data_terms) if data_terms else pt.constant(0.0, dtype="float64")
         self.prior_logp = graph_replace(pt.cast(prior, "float64"), to_z, strict=False)
         data = rebuild_with_rows(pt.cast(data, "float64"), replace) if replace else data
+        self._data_values = data  # in the value variables (what a local term is built from)
         self.data_logp = graph_replace(pt.cast(data, "float64"), to_z, strict=False)
         self._replace = replace
         # the total rows per step a ready model's pm.Minibatch asks for (None: not given)
         self.minibatch_size: int | None = None
         self.has_data = bool(data_inputs)
 
+    def _local_var(self, rv, vv, column: str, shape: tuple, transform: str | None) -> LocalVar:
+        """A local variable's entry, its column checked against the data."""
+        if column not in self.data_inputs:
+            raise ModelError(f"local={{{rv.name!r}: {column!r}}}: {column!r} is not a data column; "
+                             f"the columns: {sorted(self.data_inputs)}")
+        dtype = self.data_inputs[column].dtype
+        if not dtype.startswith(("int", "uint")):
+            raise ModelError(f"local={{{rv.name!r}: {column!r}}}: column {column!r} is {dtype}; the "
+                             "column a local variable is indexed by must hold integer group "
+                             "indices (0 .. groups - 1)")
+        if not shape:
+            raise ModelError(f"local variable {rv.name!r} is a scalar; a local variable has one "
+                             f"entry per group on its first axis (e.g. dims={column!r})")
+        return LocalVar(vv.name, rv.name, column, shape, transform)
+
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_factory(cls, factory: ModelFactory, schema: DataSchema,
-                     n_rows: int | None = None) -> ModelAdapter:
+                     n_rows: int | None = None, local: Mapping[str, str] | None = None) -> ModelAdapter:
         """Call ``factory(data)`` with symbolic minibatch rows and adapt the model it returns.
 
         A key the factory reads that is not in the data, and (given the data's ``n_rows``)
         an array of the data's full rows in the model's data term where ``data[key]`` belongs,
         are :class:`ModelError` s naming them."""
         model, inputs = model_from_factory(factory, schema, n_rows)
-        return cls(model, inputs, {})
+        return cls(model, inputs, {}, local)
 
     @classmethod
-    def from_model(cls, model: pm.Model) -> tuple[ModelAdapter, dict[str, np.ndarray]]:
+    def from_model(cls, model: pm.Model, local: Mapping[str, str] | None = None
+                   ) -> tuple[ModelAdapter, dict[str, np.ndarray]]:
         """Adapt a ready model: its row-aligned data become symbolic inputs.
 
         ``pm.Minibatch`` views are replaced by their source arrays (the rows to shard; their
@@ -115,7 +154,7 @@ class ModelAdapter:
         model without observed data: it is fitted on the driver alone).
         """
         rows = find_row_data(model)
-        adapter = cls(rows.model, rows.inputs, rows.replace)
+        adapter = cls(rows.model, rows.inputs, rows.replace, local)
         adapter.minibatch_size = rows.batch_size
         return adapter, rows.arrays
 
@@ -123,16 +162,22 @@ class ModelAdapter:
     def _value_replacements(self, z: pt.TensorVariable) -> dict:
         return {
             vv: z[lay.start:lay.stop].reshape(lay.shape)
-            for vv, lay in zip(self.model.value_vars, self.layout)
+            for (_, vv), lay in zip(self._pairs, self.layout)
         }
 
     def rows_of(self, graph: pt.TensorVariable, points: pt.TensorVariable, n_points: int):
         """``graph`` of ``z`` evaluated at each row of ``points`` (S, D) -> (S, ...)."""
         return rows_of(graph, self.z, points, n_points)
 
-    def data_term(self) -> DataTerm:
+    def data_term(self) -> DataTerm | LocalTerm:
         """The data term as a picklable symbolic graph: what a worker compiles. It holds
         no data (a ready model's arrays were replaced by minibatch inputs)."""
+        if "_data_term" not in self.__dict__ and self.locals:
+            self._data_term = build_local_term(
+                self.model, {v.rv_name: v.column for v in self.locals}, self._data_values,
+                self._value_replacements(self.z), self.z, self.data_inputs,
+                {v.rv_name: v for v in self.locals}, self._local_initial,
+                bool(self.model.check_bounds))
         if "_data_term" not in self.__dict__:
             check_bounds = bool(self.model.check_bounds)
             # (a model without data has a constant data term: its gradient is zeros)
@@ -214,10 +259,10 @@ class ModelAdapter:
         With ``n_draws``, every array carries a leading draw axis and the result is (n_draws, D).
         """
         model = self.model
-        rvs = {rv.name: rv for rv in model.free_RVs}
+        rvs = {rv.name: rv for rv, _ in self._pairs}
         holders = {rv: pt.tensor(dtype=rv.dtype, shape=(None,) * rv.ndim) for rv in model.free_RVs}
         outs, used = [], []
-        for lay, rv in zip(self.layout, model.free_RVs):
+        for lay, (rv, _) in zip(self.layout, self._pairs):
             if lay.rv_name not in constrained:
                 continue
             tr = model.rvs_to_transforms.get(rv)
@@ -257,14 +302,15 @@ class ModelAdapter:
             return cache[key]
         model = self.model
         row_vars = set(self._replace) | set(self.data_inputs.values())
-        named = [(rv.name, rv) for rv in model.free_RVs]
+        named = [(rv.name, rv) for rv, _ in self._pairs]
         if deterministics:
             named += [
-                (d.name, d) for d in model.deterministics if not (row_vars and depends_on(d, row_vars))
+                (d.name, d) for d in model.deterministics
+                if not (row_vars and depends_on(d, row_vars)) and not self._local_dependent(d)
             ]
         graphs = model.replace_rvs_by_values([g for _, g in named])
         if include_transformed:
-            for lay, vv in zip(self.layout, model.value_vars):
+            for lay, (_, vv) in zip(self.layout, self._pairs):
                 if lay.transform is not None:
                     named.append((lay.name, vv))
                     graphs.append(vv)
@@ -290,7 +336,8 @@ class ModelAdapter:
             return cached
         model = self.model
         row_vars = set(self._replace) | set(self.data_inputs.values())
-        dets = [d for d in model.deterministics if row_vars and depends_on(d, row_vars)]
+        dets = [d for d in model.deterministics if row_vars and depends_on(d, row_vars)
+                and not self._local_dependent(d)]
         row_wise, names, others = [], [], []
         if dets:
             graphs = model.replace_rvs_by_values(dets)
@@ -312,6 +359,38 @@ class ModelAdapter:
                                      tuple(names), uuid.uuid4().hex)
         self._data_dets = (term, others)
         return self._data_dets
+
+    def local_values(self, var: LocalVar, u: np.ndarray, flat: np.ndarray,
+                     include_transformed: bool) -> dict[str, np.ndarray]:
+        """A local variable's draws ``u`` (draws, *shape), unconstrained, by name: constrained
+        (its transform's parameters from the global draws ``flat``), and as they are too with
+        ``include_transformed``."""
+        if var.transform is None:
+            return {var.rv_name: u}
+        cache = self.__dict__.setdefault("_local_value_fns", {})
+        if var.name not in cache:
+            model = self.model
+            rv = model[var.rv_name]
+            vv = model.rvs_to_values[rv]
+            x = model.replace_rvs_by_values([model.rvs_to_transforms[rv].backward(vv, *rv.owner.inputs)])[0]
+            x = graph_replace(x, self._value_replacements(self.z), strict=False)
+            points = pt.matrix("points", dtype="float64")
+            held = pt.tensor("u", dtype="float64", shape=(None, *var.shape))
+            cache[var.name] = function([points, held], vectorize_graph(x, {self.z: points, vv: held}),
+                                       on_unused_input="ignore")
+        out = {var.rv_name: np.asarray(cache[var.name](np.ascontiguousarray(flat), u))}
+        if include_transformed:
+            out[var.name] = u
+        return out
+
+    def _local_dependent(self, node) -> bool:
+        """Whether ``node`` depends on a local variable (its draws are the workers')."""
+        local_rvs = {self.model[v.rv_name] for v in self.locals}
+        return bool(local_rvs) and depends_on(node, local_rvs)
+
+    def local_deterministics(self) -> list[str]:
+        """The deterministics that depend on local variables (left out of the draws)."""
+        return [d.name for d in self.model.deterministics if self._local_dependent(d)]
 
     def dims_and_coords(self, names) -> tuple[dict[str, list[str]], dict[str, Any]]:
         """ArviZ dims/coords for these variable names, from the model."""
@@ -335,7 +414,8 @@ class ModelAdapter:
         return exprs if isinstance(node, list) else exprs[0]
 
 
-def adapt(model: Any, data: Any) -> tuple[ModelAdapter, Any]:
+def adapt(model: Any, data: Any, local: Mapping[str, str] | None = None
+          ) -> tuple[ModelAdapter, Any]:
     """The adapter and the data source for a factory, a ready model, or the model on the
     context stack (``model=None``), as ``pymc.fit`` finds it."""
     from distvi.data import ArraySource, NoData, as_source
@@ -354,7 +434,7 @@ def adapt(model: Any, data: Any) -> tuple[ModelAdapter, Any]:
                 "data= goes with a model factory; a ready pm.Model already holds its data "
                 "(its pm.Data containers and observed arrays are sharded)"
             )
-        adapter, arrays = ModelAdapter.from_model(model)
+        adapter, arrays = ModelAdapter.from_model(model, local)
         adapter.user_model = model
         return adapter, (ArraySource(arrays) if arrays else NoData())
     if not callable(model):
@@ -363,4 +443,4 @@ def adapt(model: Any, data: Any) -> tuple[ModelAdapter, Any]:
         raise TypeError(f"model factory {factory_name(model)!r} needs data= (the arrays to shard)")
     source = as_source(data)
     schema = DataSchema(tuple((k, d, s) for k, (d, s) in source.schema().items()))
-    return ModelAdapter.from_factory(model, schema, n_rows=source.n_rows), source
+    return ModelAdapter.from_factory(model, schema, n_rows=source.n_rows, local=local), source

@@ -82,7 +82,7 @@ def fused_step(inference, step, backend, watch=None) -> FusedStep | None:
     """The fused form of ``step`` for ``inference``'s started ``backend``, or None where
     the fit runs step by step."""
     shards = inference.shards
-    if (shards.backend_name != "local" or not shards.options.get("fused", True)
+    if (shards.backend_name != "local" or not shards.options.get("fused", True) or shards.adapter.locals
             or not getattr(inference.objective, "fusable", False)):
         return None
     local = getattr(backend, "backend", backend)  # an anchored backend wraps the local one

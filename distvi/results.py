@@ -15,17 +15,19 @@ if TYPE_CHECKING:  # imported where used: a shard worker that imports distvi nee
 
 # draws of data-dependent deterministics that approx.sample() computes on the workers, at most
 DETERMINISTICS_MAX_MB = 512
+# draws of local variables approx.sample() makes on the driver, at most
+LOCAL_DRAWS_MAX_MB = 1024
 
 
 class Results:
     """What an :class:`~distvi.approximations.Approximation` gives as results (a base class
     of it): :meth:`sample`, and the moments by variable."""
 
-    def _by_var(self, flat: np.ndarray) -> xr.Dataset:
+    def _by_var(self, flat: np.ndarray, local: dict | None = None) -> xr.Dataset:
         import xarray as xr
 
         ad = self.require_bound()
-        names = [lay.name for lay in ad.layout] + [lay.rv_name for lay in ad.layout]
+        names = [lay.name for lay in (*ad.layout, *ad.locals)] + [lay.rv_name for lay in (*ad.layout, *ad.locals)]
         dims, coords = ad.dims_and_coords(names)
         out = {}
         for lay in ad.layout:
@@ -33,18 +35,61 @@ class Results:
             if not d or len(d) != len(lay.shape):
                 d = [f"{lay.name}_dim_{i}" for i in range(len(lay.shape))]
             out[lay.name] = xr.DataArray(flat[lay.slice].reshape(lay.shape), dims=d)
+        for var, value in (local or {}).items():
+            d = dims.get(var.name) or (dims.get(var.rv_name) if var.transform is None else None)
+            if not d or len(d) != len(var.shape):
+                d = [f"{var.name}_dim_{i}" for i in range(len(var.shape))]
+            out[var.name] = xr.DataArray(value.reshape(var.shape), dims=d)
         return xr.Dataset(out, coords={k: v for k, v in coords.items()
                                        if any(k in a.dims for a in out.values())})
 
     @property
     def mean_data(self) -> xr.Dataset:
-        """Mean of q by value-variable name."""
-        return self._by_var(np.asarray(self.mean))
+        """Mean of q by value-variable name (local variables' too)."""
+        return self._by_var(np.asarray(self.mean), {v: p[0] for v, p in self._locals().items()})
 
     @property
     def std_data(self) -> xr.Dataset:
-        """Standard deviation of q by value-variable name."""
-        return self._by_var(np.asarray(self.std))
+        """Standard deviation of q by value-variable name (local variables' too)."""
+        from distvi.families import softplus
+
+        return self._by_var(np.asarray(self.std),
+                            {v: softplus(p[1]) for v, p in self._locals().items()})
+
+    def _locals(self) -> dict:
+        """Each local variable's ``(mu, rho)``, ``(groups, width)`` each, by its entry: what
+        the last fit's workers held (before any fit, the initial values)."""
+        ad = self.require_bound()
+        if not ad.locals:
+            return {}
+        params = getattr(self, "local_params", None)
+        if params is None:
+            if self.shard_data is None:
+                raise ValueError("the local variables' parameters are not with this "
+                                 "approximation (an unpickled one before any fit)")
+            params = self.shard_data.local_params()
+        return {v: params[v.name] for v in ad.locals}
+
+    def _local_draws(self, draws: int, rng: np.random.Generator, flat: np.ndarray,
+                     include_transformed: bool) -> dict[str, np.ndarray]:
+        """Draws of the local variables from their groups' factors (after the globals' draws
+        ``flat``, whose values a transform may read), in the constrained space."""
+        out = {}
+        locs = self._locals()
+        size = sum(draws * v.n_groups * v.width for v in locs) * 8 / 2**20
+        if size > LOCAL_DRAWS_MAX_MB:
+            raise ValueError(
+                f"{draws} draws of local variables {[v.rv_name for v in locs]} take {size:.0f} MB "
+                f"(limit distvi.results.LOCAL_DRAWS_MAX_MB = {LOCAL_DRAWS_MAX_MB}); take fewer "
+                "draws, or raise the limit")
+        from distvi.families import softplus
+
+        ad = self.require_bound()
+        for var, (mu, rho) in locs.items():
+            u = mu + softplus(rho) * rng.standard_normal((draws, *mu.shape))
+            u = u.reshape((draws, *var.shape))
+            out.update(ad.local_values(var, u, flat, include_transformed))
+        return out
 
     def sample(self, draws: int = 500, random_seed: int | None = None,
                return_inferencedata: bool = True, include_transformed: bool = False,
@@ -90,9 +135,11 @@ class Results:
             flat = self.draw_flat(int(draws), rng)
         if not return_inferencedata:
             values = ad.constrained_fn(True)(flat)
+            values.update(self._local_draws(int(draws), rng, flat, True))
             values.update(self._data_deterministics(flat))
             return self._multitrace(values, stats)
         values = ad.constrained_fn(include_transformed)(flat)
+        values.update(self._local_draws(int(draws), rng, flat, include_transformed))
         values.update(self._data_deterministics(flat))
         dims, coords = ad.dims_and_coords(values)
         posterior = {k: np.asarray(v)[None] for k, v in values.items()}
@@ -144,6 +191,13 @@ class Results:
         ad = self.require_bound()
         term, others = ad.data_deterministics()
         out: dict[str, np.ndarray] = {}
+        if ad.locals:
+            left = [*(term.names if term is not None else ()), *others, *ad.local_deterministics()]
+            if left:
+                warnings.warn(f"deterministics {left} depend on the data or on local variables: "
+                              "with local variables they are not computed yet and are left out "
+                              "of the draws", stacklevel=3)
+            return out
         if term is not None:
             n_rows = getattr(self.source, "n_rows", 0)
             trailing = [int(np.prod([s or 1 for s in o.type.shape[1:]], dtype=int))

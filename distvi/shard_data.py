@@ -59,6 +59,10 @@ class Shards:
             backend, num_workers = "local", 1
         elif num_workers > source.n_rows:
             raise ValueError(f"num_workers={num_workers} is more than the {source.n_rows} rows of data")
+        if adapter.locals:  # every row of a group in one shard
+            from distvi.local_data import group_source
+
+            source = self.source = group_source(source, adapter.locals, num_workers)
         self.batch_size, self.num_workers, self.backend_name = batch_size, num_workers, backend
         self.address, self.options, self.random_seed = address, options, random_seed
         self._points_per_step, self._with_logp = points_per_step, with_logp
@@ -70,6 +74,8 @@ class Shards:
         self.label = "a fit"  # whose workers, in notices and errors
         self._finalizer = None
         self.record_diagnosis: Callable[[Any], None] = lambda diagnosis: None
+        # with local variables: what each shard's worker held when last asked (see sync_locals)
+        self.local_states: list[dict] | None = None
 
     @property
     def rows_per_step(self) -> int:
@@ -97,7 +103,8 @@ class Shards:
             self.backend = start_backend(
                 self.backend_name, self.adapter, self.source, self.num_workers, self.random_seed,
                 self.batches, self._points_per_step(), self._with_logp, self.has_data,
-                self.address, dict(self.options, label=self.label), wait=wait)
+                self.address, dict(self.options, label=self.label), wait=wait,
+                local_states=self.local_states)
             if self.backend_name == "ray":  # shards dropped without close() still release their actors
                 self._finalizer = weakref.finalize(self, self.backend.close)
         else:
@@ -110,8 +117,47 @@ class Shards:
         held = getattr(self.start(), "held", None)
         return contextlib.nullcontext() if held is None else held()
 
+    # ------------------------------------------------------------ local variables
+    def begin_locals(self, optimizer, state) -> None:
+        """Tell the workers holding local variables the optimizer of the fit about to run from
+        the driver's ``state``: where its step 0 was, and whether it starts from zero."""
+        if self.adapter.locals:
+            self.start().call("local_begin", (optimizer, state.step - state.opt_step,
+                                              state.opt_step == 0), [()] * self.num_workers)
+
+    def sync_locals(self) -> None:
+        """Bring what the workers hold of the local variables to the driver (kept for
+        results, and to restore workers started again)."""
+        if self.adapter.locals and self.backend is not None and self.backend.num_workers:
+            self.local_states = self.backend.call("local_state", (), [()] * self.num_workers)
+
+    def local_params(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each local variable's ``(mu, rho)`` over all its groups, ``(groups, width)`` each
+        (the initial values before any fit; empty without local variables)."""
+        if not self.adapter.locals:
+            return {}
+        self.sync_locals()
+        out = {}
+        for j, var in enumerate(self.adapter.locals):
+            if self.local_states is None:
+                init = self.adapter.data_term().initial[j]
+                out[var.name] = (init.copy(), np.zeros_like(init))
+                continue
+            mu = np.concatenate([s["mu"][j] for s in self.local_states])
+            rho = np.concatenate([s["rho"][j] for s in self.local_states])
+            out[var.name] = (mu, rho)
+        return out
+
     def close(self) -> None:
-        """Release the backend's workers."""
+        """Release the backend's workers (what they hold of local variables is kept here)."""
+        try:
+            self.sync_locals()
+        except Exception as err:  # a backend that is down: the states of the last sync stay
+            import warnings
+
+            warnings.warn(f"the workers' local variables could not be read before they were "
+                          f"released ({type(err).__name__}: {err}); the results keep what they "
+                          "held at the end of the last fit", stacklevel=2)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None

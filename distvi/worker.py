@@ -74,6 +74,10 @@ class ShardWorker:
             wrap = np.concatenate([perm, perm[: self.batch_size]])
             self.rows = [np.ascontiguousarray(np.take(a, wrap, axis=0)) for a in arrays]
 
+    def warm(self, n_points: int, with_logp: bool = True) -> None:
+        """Compile (and run once) the step's term for ``n_points`` points."""
+        self.evaluate(np.zeros((n_points, self._data_term.data_term.z.type.shape[0])), 0, with_logp)
+
     def minibatch(self, step: int) -> list[np.ndarray]:
         """The rows of ``step``'s minibatch: a window of the shuffled shard (views, no copy)."""
         if self.full:

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from distvi.worker import ShardWorker, compiled_by_points
+from distvi.local_worker import shard_worker
+from distvi.worker import compiled_by_points
 
 __all__ = ["ShardActor", "WorkerSpec"]
 
@@ -27,6 +28,7 @@ class WorkerSpec:
     n_points: int = 1       # compiled in __init__ so the first step does not pay for it
     with_logp: bool = True  # the variant compiled in __init__
     compiler: dict | None = None  # the driver's findings (distvi._compile.compiler_facts)
+    local_states: tuple | None = None  # with local variables: what each rank held before
 
 
 class ShardActor:
@@ -40,9 +42,9 @@ class ShardActor:
         if rows is None:
             rows = spec.source.read(start, stop)
         batch = spec.batch_size[rank] if isinstance(spec.batch_size, tuple) else spec.batch_size
-        self.worker = ShardWorker(rows, rank, spec.seed, batch, data_term)
-        ndim = spec.data_term.z.type.shape[0]
-        self.worker.evaluate(np.zeros((spec.n_points, ndim)), 0, spec.with_logp)
+        state = None if spec.local_states is None else spec.local_states[rank]
+        self.worker = shard_worker(rows, rank, spec.seed, batch, data_term, state)
+        self.worker.warm(spec.n_points, spec.with_logp)
         # steps come over plain calls (the actor's thread) or the direct line (its own
         # thread): one at a time, so a step retried after a timeout waits for the first
         self._lock = threading.Lock()
@@ -89,6 +91,12 @@ class ShardActor:
 
     def stein_rows(self, *args):
         return self.worker.stein_rows(*args)
+
+    def local_begin(self, *args):
+        return self.worker.local_begin(*args)
+
+    def local_state(self):
+        return self.worker.local_state()
 
     def pid(self) -> int:
         return os.getpid()

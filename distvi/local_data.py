@@ -1,0 +1,89 @@
+"""Rows split by group for local variables: every row of a group in one shard.
+
+The rows are ordered by the group column (stably: a group's rows keep their order) and the
+shards are contiguous ranges of whole groups, cut where the rows are closest to equal.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distvi.data import ArraySource, DataError
+
+
+class GroupedSource(ArraySource):
+    """In-memory rows ordered by ``column``, with the shards' row ranges fixed at group
+    boundaries (``shard_bounds``) for ``len(shard_bounds)`` workers."""
+
+    def __init__(self, arrays, column: str, n_groups: int, shard_bounds: list[tuple[int, int]]) -> None:
+        super().__init__(arrays)
+        self.column, self.n_groups = column, n_groups
+        self.shard_bounds = list(shard_bounds)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "grouped_by": self.column, "groups": self.n_groups}
+
+
+def group_cuts(counts: np.ndarray, num_workers: int) -> list[int]:
+    """Group indices ``0 = c_0 < c_1 < ... < c_W = groups``: shard ``k`` holds the groups
+    ``c_k .. c_{k+1} - 1``, each cut at the group boundary whose row count is nearest
+    ``k * N / W``."""
+    n_groups = len(counts)
+    ends = np.cumsum(counts)  # rows up to and including each group
+    total = int(ends[-1])
+    cuts = [0]
+    for k in range(1, num_workers):
+        target = k * total / num_workers
+        g = int(np.searchsorted(ends, target))  # first group whose end reaches the target
+        if g > 0 and abs(ends[g - 1] - target) <= abs(ends[min(g, n_groups - 1)] - target):
+            g -= 1
+        # at least one group per shard on either side
+        g = min(max(g + 1, cuts[-1] + 1), n_groups - (num_workers - k))
+        cuts.append(g)
+    cuts.append(n_groups)
+    return cuts
+
+
+def group_source(source, locals_, num_workers: int) -> GroupedSource:
+    """``source``'s rows ordered by the local variables' column and split into
+    ``num_workers`` shards of whole groups. Bad group indices are refused first, naming the
+    column, before any row is copied."""
+    columns = sorted({v.column for v in locals_})
+    if len(columns) > 1:
+        raise ValueError(f"local variables {[v.rv_name for v in locals_]} are indexed by "
+                         f"different columns {columns}; the shards can follow one grouping: "
+                         "make one of them a global variable")
+    column = columns[0]
+    sizes = {v.n_groups for v in locals_}
+    if len(sizes) > 1:
+        raise ValueError(f"local variables {[v.rv_name for v in locals_]} of column {column!r} "
+                         f"have different numbers of groups {sorted(sizes)}")
+    n_groups = sizes.pop()
+    if not isinstance(source, ArraySource):
+        raise DataError(f"local variables need the rows in memory (a mapping of arrays) for "
+                        f"now; {type(source).__name__} cannot yet be split by group", column)
+    rows = source.read(0, source.n_rows)
+    g = np.asarray(rows[column])
+    names = ", ".join(v.rv_name for v in locals_)
+    if g.ndim != 1:
+        raise DataError(f"column {column!r} (the groups of {names}) must be one index per row, "
+                        f"got shape {g.shape}", column)
+    bad = (g < 0) | (g >= n_groups)
+    if bad.any():
+        raise DataError(f"column {column!r} holds {int(bad.sum())} group indices outside "
+                        f"0..{n_groups - 1} (the first {int(g[bad][0])} at row "
+                        f"{int(np.flatnonzero(bad)[0])}); {names} has {n_groups} groups", column)
+    counts = np.bincount(g, minlength=n_groups)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise DataError(f"{empty.size} of the {n_groups} groups of {names} have no rows (the first: "
+                        f"group {int(empty[0])}); a group without data has nothing to fit: leave "
+                        "it out of the variable's coords or size", column)
+    if n_groups < num_workers:
+        raise ValueError(f"num_workers={num_workers} is more than the {n_groups} groups of {names}; "
+                         "each shard holds whole groups")
+    order = np.argsort(g, kind="stable")
+    cuts = group_cuts(counts, num_workers)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    bounds = [(int(starts[a]), int(starts[b])) for a, b in zip(cuts[:-1], cuts[1:])]
+    return GroupedSource({k: np.asarray(v)[order] for k, v in rows.items()}, column, n_groups, bounds)
