@@ -28,8 +28,8 @@ from distvi.driver.signals import DeferredSignals, StopOnSignal, report_stop
 from distvi.driver.state import DriverState
 from distvi.driver.step import Program, Step
 from distvi.recording import RecordedFit, check_recording, record_diagnosis
-from distvi.local_fit import check_local_fit
 from distvi.shard_data import Shards, check_settings
+
 
 class Inference:
     """Base of every method: an operator, an approximation, and where the data is.
@@ -59,6 +59,9 @@ class Inference:
         step (300), ``placement_timeout_s`` (60), ``startup_timeout_s`` (600), ``path``
         (``"auto"``: a direct connection to each worker, else plain actor calls;
         ``"direct"``; ``"compiled"``, a Ray Compiled Graph; ``"plain"``).
+    local
+        ``{"a": "user"}``: ``a`` (its first axis indexed by the integer column ``user``) is a
+        local variable, one mean-field factor per group on the worker of the group's rows.
     random_seed
         Seeds the run: the driver's draws and every shard's minibatches.
     """
@@ -124,7 +127,6 @@ class Inference:
     backend_name = property(lambda self: self.shards.backend_name)
     address = property(lambda self: self.shards.address)
     backend_options = property(lambda self: self.shards.options)
-    _shard_batches = property(lambda self: self.shards.batches)
     _backend = property(lambda self: self.shards.backend)
 
     # ---------------------------------------------------------------- resources
@@ -183,9 +185,6 @@ class Inference:
 
     def _fresh_state_at(self, params) -> DriverState:
         return DriverState.fresh(self._optimizer, params, self.state)
-
-    def _rows_per_step(self) -> int:
-        return self.shards.rows_per_step
 
     # ---------------------------------------------------------------- public loop
     def fit(self, n: int | None = 10000, score: bool | None = None, callbacks: Sequence[Callable] | None = None,
@@ -261,7 +260,7 @@ class Inference:
         from distvi.tracking import as_tracking
 
         n, until = check_until(n, max_n, tol, average_from, resume, obj_optimizer)
-        check_local_fit(self, until, store, tracking, average_from)
+        self.shards.check_local_fit(self.objective, until, store, tracking, average_from)
         tracker = as_tracking(tracking)
         every = check_recording(store, checkpoint_every, resume)
         average_after = _validate.average_from(average_from, n)
@@ -372,7 +371,7 @@ class Inference:
         if tracker is not None:
             tracker.start({"profiling_steps": n, "method": type(self).__name__},
                           {"distvi.profiling": "true"})
-            recorder = Recorder(None, None, tracker, self._rows_per_step())
+            recorder = Recorder(None, None, tracker, self.shards.rows_per_step)
         profiler = Profiler(n)
         t0 = time.perf_counter()
         try:

@@ -85,6 +85,27 @@ def _group_sized_constants(graph: Variable, n_groups: int) -> list:
             and a.data.shape[0] == n_groups and n_groups > 1]
 
 
+def _at_rows(graph, vv, slots):
+    """``graph`` with ``vv`` (a group per entry) replaced by ``slots`` (a row per entry), its
+    nodes rebuilt so that their types follow; a shape check or a broadcast to the groups'
+    size on the way is dropped (what it applies to has the rows' shape already)."""
+    from pytensor.graph.traversal import io_toposort
+    from pytensor.tensor.basic import Alloc
+    from pytensor.tensor.shape import SpecifyShape
+
+    new = {vv: slots}
+    for node in io_toposort([vv], [graph]):
+        inputs = [new.get(i, i) for i in node.inputs]
+        if inputs == node.inputs:
+            continue
+        if isinstance(node.op, SpecifyShape | Alloc) and inputs[0] is not node.inputs[0]:
+            new[node.outputs[0]] = inputs[0]
+            continue
+        for old, out in zip(node.outputs, node.op.make_node(*inputs).outputs):
+            new[old] = out
+    return new.get(graph, graph)
+
+
 def _replace_indexing(data, vv, var: LocalVar, slots, columns: dict):
     """``data`` with every ``x[data[column]]`` (``x`` a function of ``vv``) replaced by
     ``x`` at the per-row ``slots``."""
@@ -100,7 +121,7 @@ def _replace_indexing(data, vv, var: LocalVar, slots, columns: dict):
                 f"local variable {var.rv_name!r} is indexed in the likelihood by something other "
                 f"than data[{var.column!r}]; local={{{var.rv_name!r}: {var.column!r}}} needs "
                 f"{var.rv_name}[data[{var.column!r}]]")
-        at_rows = graph_replace(x, {vv: slots}, strict=False)
+        at_rows = _at_rows(x, vv, slots)
         if _group_sized_constants(at_rows, var.n_groups):
             raise ModelError(
                 f"local variable {var.rv_name!r} is combined with a per-group array before it "
@@ -179,7 +200,7 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
         slots = (m + sd * e).reshape((m.shape[0], *var.shape[1:]))
         data_graph = _replace_indexing(data_graph, vv, var, slots, columns)
         elementwise = model.logp(vars=[rv], jacobian=True, sum=False)[0]
-        at_rows = graph_replace(elementwise, {vv: slots}, strict=False)
+        at_rows = _at_rows(elementwise, vv, slots)
         if _group_sized_constants(at_rows, var.n_groups):
             raise ModelError(
                 f"the prior of local variable {var.rv_name!r} has parameters that differ by "

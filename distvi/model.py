@@ -113,6 +113,8 @@ class ModelAdapter:
         # the total rows per step a ready model's pm.Minibatch asks for (None: not given)
         self.minibatch_size: int | None = None
         self.has_data = bool(data_inputs)
+        if self.locals:  # the likelihood's use of them checked now, before any work
+            self.data_term()
 
     def _local_var(self, rv, vv, column: str, shape: tuple, transform: str | None) -> LocalVar:
         """A local variable's entry, its column checked against the data."""

@@ -133,7 +133,7 @@ class RecordedFit:
         rs, remaining, config, parent = self._start(n, score, average_after)
         if tracker is not None:
             self._start_tracking(rs, config, parent)
-        recorder = Recorder(rs, self.every, tracker, inf._rows_per_step())
+        recorder = Recorder(rs, self.every, tracker, inf.shards.rows_per_step)
         inf._recorded = (None if rs is None else rs.url, tracker)
         signals = inf._signals
         status, forced = "failed", False

@@ -25,7 +25,8 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
         random_seed: int | None = None, start: dict | None = None, start_sigma: dict | None = None,
         inf_kwargs: dict | None = None, *, data: Any = None, batch_size: int | None = None,
         num_workers: int | None = None, backend: str | None = None, address: str | None = None,
-        backend_options: dict | None = None, **kwargs: Any) -> Approximation:
+        backend_options: dict | None = None, local: dict | None = None,
+        **kwargs: Any) -> Approximation:
     """Fit an approximation, as ``pymc.fit`` does, on sharded data.
 
     Parameters
@@ -43,8 +44,9 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
         As in PyMC.
     inf_kwargs
         Extra keywords for the Inference class (e.g. ``beta``, ``stl``).
-    data, batch_size, num_workers, backend, address
-        Where the rows are and how they are split (see :class:`Inference`).
+    data, batch_size, num_workers, backend, address, local
+        Where the rows are and how they are split, and the local variables (see
+        :class:`Inference`).
     **kwargs
         Passed to :meth:`Inference.fit` (``obj_optimizer``, ``obj_n_mc``,
         ``total_grad_norm_constraint``, ``callbacks``, ``progressbar``, ``score``, and the
@@ -67,7 +69,8 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
                                         start_sigma=start_sigma, inf_kwargs=inf_kwargs or None,
                                         data=data, batch_size=batch_size, num_workers=num_workers,
                                         backend=backend, address=address,
-                                        backend_options=backend_options).items() if v is not None}
+                                        backend_options=backend_options, local=local).items()
+                 if v is not None}
         if given:
             raise TypeError(f"method is an Inference instance, which already has its settings; "
                             f"{sorted(given)} would be ignored")
@@ -83,7 +86,7 @@ def fit(n: int = 10000, method: str | Inference = "advi", model: Any = None,
         inference = METHODS[key](model=model, data=data, batch_size=batch_size,
                                  num_workers=num_workers, backend=backend, address=address,
                                  random_seed=random_seed, backend_options=backend_options,
-                                 **inf_kwargs)
+                                 local=local, **inf_kwargs)
     else:
         raise TypeError(f"method must be a str or an Inference instance, got {type(method).__name__}")
     if inference is method:

@@ -118,6 +118,25 @@ class Shards:
         return contextlib.nullcontext() if held is None else held()
 
     # ------------------------------------------------------------ local variables
+    def check_local_fit(self, objective, until, store: Any, tracking: Any, average_from) -> None:
+        """The fit settings not built yet for local variables, refused before any work."""
+        if not self.adapter.locals:
+            return
+        names = [v.rv_name for v in self.adapter.locals]
+        if type(objective).__name__ != "KL":
+            raise ValueError(f"local variables {names} are fitted by a KL method (ADVI, "
+                             "FullRankADVI, KLqp); Stein methods move particles of the global "
+                             "variables only")
+        refused = [what for what, bad in [
+            ("n=None (fit until converged)", until is not None),
+            ("store= (the run store does not yet checkpoint the workers' local state)", store is not None),
+            ("tracking=", tracking not in (None, False)),
+            ("average_from= (the workers' groups are not averaged)", average_from is not None),
+            ("beta != 1", getattr(objective, "beta", 1.0) != 1.0)] if bad]
+        if refused:
+            raise ValueError(f"with local variables {names}, these are not supported yet: "
+                             + "; ".join(refused))
+
     def begin_locals(self, optimizer, state) -> None:
         """Tell the workers holding local variables the optimizer of the fit about to run from
         the driver's ``state``: where its step 0 was, and whether it starts from zero."""

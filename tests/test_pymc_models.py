@@ -48,7 +48,7 @@ def test_minibatch_model_equals_the_factory_on_the_same_rows(lr, separate):
     factory with the per-shard batches its batch_size splits into (100 over 2 x 150 rows)."""
     with _minibatch_model(lr, 100, 300, separate):
         inf = dv.ADVI(num_workers=2, backend="local", random_seed=3)
-        assert inf._shard_batches == [50, 50]
+        assert inf.shards.batches == [50, 50]
         got = inf.fit(300, progressbar=False)
     ref = dv.ADVI(model=lr.factory, data=lr.data, batch_size=50, num_workers=2,
                   backend="local", random_seed=3)

@@ -397,8 +397,7 @@ LAYERS = [
     ("sinks", {"distvi.store", "distvi.tracking"}),
     ("inference", {"distvi.shard_data", "distvi.rebuild", "distvi.recording",
                    "distvi.inference", "distvi.methods", "distvi.pathfinder",
-                   "distvi.convergence", "distvi.phase_stats", "distvi.programs",
-                   "distvi.local_fit"}),
+                   "distvi.convergence", "distvi.phase_stats", "distvi.programs"}),
     ("runs", {"distvi.runs"}),
     ("front", {"distvi.config", "distvi.cli", "distvi"}),
 ]

@@ -226,6 +226,7 @@ class RayBackend:
         """A new worker for shard ``rank`` in place of a dead one, loaded and compiled."""
         import ray
 
+        ray_fleet.refuse_lost_locals(self, rank)
         self._close_fast()  # the path holds the dead actor: opened again at the next step
         self._rebuild = self.path != "plain"
         try:
@@ -268,6 +269,7 @@ class RayBackend:
 
     def release(self) -> None:
         """Let the workers go while idle (Ray stays up); :meth:`start` brings them back."""
+        ray_fleet.keep_local_states(self)
         self._stop_workers()
         self.released = True
 

@@ -1,0 +1,245 @@
+"""Local variables (``local={"a": "g"}``): a per-group effect fitted on the worker of its
+group's rows, checked against the closed-form posterior of a normal-normal hierarchical
+regression with known variances.
+
+The joint posterior of (mu, b, a_1..a_G) is Gaussian with precision ``P``; the mean-field
+optimum has the exact posterior means and the sds ``1 / sqrt(diag(P))``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pymc as pm
+import pytest
+
+import distvi as dv
+from distvi.data import DataError
+from distvi.families import softplus
+from distvi.model_errors import ModelError
+
+TAU, SIGMA = 0.5, 1.0
+
+
+class Hier:
+    """y_i ~ N(a[g_i] + b x_i, SIGMA), a_j ~ N(mu, TAU), mu, b ~ N(0, 1)."""
+
+    def __init__(self, n_groups: int = 200, max_rows: int = 8, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.G = n_groups
+        self.counts = rng.integers(1, max_rows, n_groups)
+        g = np.repeat(np.arange(n_groups), self.counts)
+        rng.shuffle(g)
+        x = rng.normal(size=g.size)
+        a = 0.3 + TAU * rng.normal(size=n_groups)
+        y = a[g] + 0.7 * x + SIGMA * rng.normal(size=g.size)
+        self.data = {"g": g, "x": x, "y": y}
+        self.mean, self.sd = self._exact()
+
+    def _exact(self):
+        g, x, y, G = self.data["g"], self.data["x"], self.data["y"], self.G
+        P = np.zeros((G + 2, G + 2))
+        h = np.zeros(G + 2)
+        P[0, 0] = 1 + G / TAU**2
+        P[1, 1] = 1 + (x**2).sum() / SIGMA**2
+        P[0, 2:] = P[2:, 0] = -1 / TAU**2
+        P[2:, 2:] = np.diag(1 / TAU**2 + self.counts / SIGMA**2)
+        np.add.at(P[1], 2 + g, x / SIGMA**2)
+        P[2:, 1] = P[1, 2:]
+        np.add.at(h, 2 + g, y / SIGMA**2)
+        h[1] = (x * y).sum() / SIGMA**2
+        mean = np.linalg.solve(P, h)
+        self.best_elbo = self._log_joint(mean) + 0.5 * (G + 2) * np.log(2 * np.pi) \
+            - 0.5 * np.log(np.diag(P)).sum()
+        return mean, 1 / np.sqrt(np.diag(P))
+
+    def _log_joint(self, theta):
+        """log p(y, mu, b, a) at ``theta = (mu, b, a)``."""
+        from scipy.stats import norm
+
+        g, x, y = self.data["g"], self.data["x"], self.data["y"]
+        mu, b, a = theta[0], theta[1], theta[2:]
+        return (norm.logpdf(mu) + norm.logpdf(b) + norm.logpdf(a, mu, TAU).sum()
+                + norm.logpdf(y, a[g] + b * x, SIGMA).sum())
+
+    def factory(self, data):
+        with pm.Model(coords={"group": [f"g{j}" for j in range(self.G)]}) as m:
+            mu = pm.Normal("mu", 0, 1)
+            b = pm.Normal("b", 0, 1)
+            a = pm.Normal("a", mu, TAU, dims="group")
+            pm.Normal("y", a[data["g"]] + b * data["x"], SIGMA, observed=data["y"])
+        return m
+
+
+@pytest.fixture(scope="module")
+def hier():
+    return Hier()
+
+
+def decaying(t):  # a module-level schedule (picklable for Ray's workers)
+    return 0.05 * 0.999**t
+
+
+def fit(h, n=6000, **kw):
+    kw.setdefault("num_workers", 2)
+    kw.setdefault("backend", "local")
+    inf = dv.ADVI(model=h.factory, data=h.data, local={"a": "g"}, random_seed=kw.pop("seed", 1), **kw)
+    approx = inf.fit(n, obj_optimizer=dv.adam(learning_rate=decaying), progressbar=False)
+    return inf, approx
+
+
+def moments(approx):
+    m, s = approx.mean_data, approx.std_data
+    return (np.r_[float(m["mu"]), float(m["b"]), m["a"].values],
+            np.r_[float(s["mu"]), float(s["b"]), s["a"].values])
+
+
+def test_full_batch_lands_on_the_mean_field_optimum(hier):
+    inf, approx = fit(hier)
+    mean, sd = moments(approx)
+    z = (mean - hier.mean) / hier.sd
+    # the last iterate of a decaying-rate fit: MC noise of a few hundredths of a posterior sd
+    assert np.abs(z).max() < 0.2 and np.median(np.abs(z)) < 0.05, np.abs(z).max()
+    ratio = sd / hier.sd
+    assert ratio[:2].max() < 1.15 and 0.92 < ratio.min() and ratio[2:].max() < 1.08, ratio
+    assert abs(np.median(ratio) - 1) < 0.03, ratio
+    # the loss is minus the whole ELBO, the locals' prior and entropy included: at the
+    # mean-field optimum of a Gaussian target the ELBO is log p(y, m) + D/2 log 2 pi
+    # - 1/2 sum log P_kk (the log evidence less KL(q || p))
+    assert abs(-inf.hist[-1000:].mean() - hier.best_elbo) < 2.0, (-inf.hist[-1000:].mean(), hier.best_elbo)
+
+
+def test_minibatches_land_close_to_the_optimum(hier):
+    _, approx = fit(hier, batch_size=150)
+    mean, sd = moments(approx)
+    z = (mean - hier.mean) / hier.sd
+    assert np.median(np.abs(z)) < 0.2 and np.abs(z).max() < 1.0, np.abs(z).max()
+    assert abs(np.median(sd / hier.sd) - 1) < 0.1
+
+
+def test_samples_carry_the_locals_with_their_coords(hier):
+    _, approx = fit(hier, n=300)
+    idata = approx.sample(400, random_seed=2)
+    a = idata.posterior["a"]
+    assert a.dims == ("chain", "draw", "group") and a.shape == (1, 400, hier.G)
+    assert list(a["group"].values[:2]) == ["g0", "g1"]
+    mu = approx.mean_data["a"].values
+    sd = approx.std_data["a"].values
+    assert approx.mean_data["a"].dims == ("group",)
+    # draws of N(mu, sd): their mean within 4 standard errors of mu for every group
+    assert np.all(np.abs(a.mean(("chain", "draw")).values - mu) < 4 * sd / np.sqrt(400))
+    trace = approx.sample(5, return_inferencedata=False)
+    assert trace["a"].shape == (5, hier.G)
+
+
+def test_same_seed_same_numbers_and_refine_continues_exactly(hier):
+    _, one = fit(hier, n=200, batch_size=100)
+    _, two = fit(hier, n=200, batch_size=100)
+    np.testing.assert_array_equal(moments(one)[0], moments(two)[0])
+    inf, _ = fit(hier, n=120, batch_size=100)
+    inf.refine(80, progressbar=False)
+    np.testing.assert_array_equal(moments(inf.approx)[0], moments(one)[0])
+    np.testing.assert_array_equal(moments(inf.approx)[1], moments(one)[1])
+
+
+def test_a_transformed_local_variable(hier):
+    """A positive local scale per group: its draws are positive, and its sd is fitted."""
+    g = hier.data["g"]
+
+    def factory(data):
+        with pm.Model() as m:
+            s = pm.HalfNormal("s", 1.0, shape=hier.G)
+            pm.Normal("y", 0.0, s[data["g"]], observed=data["y"])
+        return m
+
+    inf = dv.ADVI(model=factory, data=hier.data, local={"s": "g"}, num_workers=2,
+                  backend="local", random_seed=1)
+    approx = inf.fit(300, progressbar=False)
+    draws = approx.sample(50, random_seed=1, include_transformed=True).posterior
+    assert (draws["s"].values > 0).all() and draws["s_log__"].shape == (1, 50, hier.G)
+    assert g.max() + 1 == hier.G
+
+
+# ---------------------------------------------------------------- bad input, before any work
+def _inf(h, factory=None, local=None, data=None, **kw):
+    return dv.ADVI(model=factory or h.factory, data=h.data if data is None else data,
+                   local={"a": "g"} if local is None else local, num_workers=kw.pop("num_workers", 2),
+                   backend="local", random_seed=1, **kw)
+
+
+def test_bad_local_specs_are_named(hier):
+    with pytest.raises(ModelError, match=r"\['c'\] are not free variables.*'mu', 'b', 'a'"):
+        _inf(hier, local={"c": "g"})
+    with pytest.raises(ModelError, match="'grp' is not a data column"):
+        _inf(hier, local={"a": "grp"})
+    with pytest.raises(ModelError, match="column 'x' is float64.*integer group"):
+        _inf(hier, local={"a": "x"})
+    with pytest.raises(ModelError, match="'mu' is a scalar"):
+        _inf(hier, local={"mu": "g"})
+    with pytest.raises(TypeError, match="local= must map variable names"):
+        _inf(hier, local=["a"])
+
+
+def test_a_column_whose_values_do_not_fit_is_refused(hier):
+    bad = dict(hier.data, g=hier.data["g"].copy())
+    bad["g"][7] = hier.G
+    with pytest.raises(DataError, match=r"1 group indices outside 0..199 \(the first 200 at row 7\)"):
+        _inf(hier, data=bad)
+    empty = dict(hier.data, g=np.where(hier.data["g"] == 5, 4, hier.data["g"]))
+    with pytest.raises(DataError, match="1 of the 200 groups of a have no rows .*group 5"):
+        _inf(hier, data=empty)
+    with pytest.raises(ValueError, match="num_workers=300 is more than the 200 groups"):
+        _inf(hier, num_workers=300)
+
+
+def test_a_local_variable_used_other_than_by_its_column_is_refused(hier):
+    def summed(data):
+        with pm.Model() as m:
+            a = pm.Normal("a", 0, 1, shape=hier.G)
+            pm.Normal("y", a.sum() + data["x"], 1.0, observed=data["y"])
+        return m
+
+    def other_index(data):
+        with pm.Model() as m:
+            a = pm.Normal("a", 0, 1, shape=hier.G)
+            pm.Normal("y", a[data["h"]], 1.0, observed=data["y"])
+        return m
+
+    def per_group_prior(data):
+        with pm.Model() as m:
+            a = pm.Normal("a", np.linspace(0, 1, hier.G), 1.0, shape=hier.G)
+            pm.Normal("y", a[data["g"]], 1.0, observed=data["y"])
+        return m
+
+    with pytest.raises(ModelError, match="not indexed by data\\['g'\\]"):
+        _inf(hier, factory=summed)
+    with pytest.raises(ModelError, match="indexed in the likelihood by something other than data\\['g'\\]"):
+        _inf(hier, factory=other_index, data=dict(hier.data, h=hier.data["g"].copy()))
+    with pytest.raises(ModelError, match="parameters that differ by group"):
+        _inf(hier, factory=per_group_prior)
+
+
+def test_fit_settings_not_built_for_locals_are_refused_before_work(hier, tmp_path):
+    inf = _inf(hier)
+    for kw, what in [({"n": None}, "n=None"), ({"store": str(tmp_path / "r.zarr")}, "store="),
+                     ({"average_from": 0.5}, "average_from=")]:
+        kw = {"n": 10, **kw}
+        with pytest.raises(ValueError, match=f"not supported yet: {what}"):
+            inf.fit(progressbar=False, **kw)
+    assert not (tmp_path / "r.zarr").exists() and inf.state is None
+    with pytest.raises(ValueError, match="adagrad_window keeps one window position"):
+        inf.fit(5, obj_optimizer=dv.adagrad_window(), progressbar=False)
+    svgd = dv.SVGD(n_particles=5, model=hier.factory, data=hier.data, local={"a": "g"},
+                   num_workers=2, backend="local")
+    with pytest.raises(ValueError, match="fitted by a KL method"):
+        svgd.fit(5, progressbar=False)
+    inf.fit(5, progressbar=False)
+    with pytest.raises(ValueError, match="PSIS with local variables"):
+        inf.approx.diagnose(100)
+
+
+def test_locals_need_rows_in_memory(hier, tmp_path):
+    from conftest import write_zarr
+
+    write_zarr(tmp_path / "d.zarr", hier.data)
+    with pytest.raises(DataError, match="need the rows in memory"):
+        _inf(hier, data=dv.data.ZarrSource(str(tmp_path / "d.zarr")))
