@@ -16,6 +16,7 @@ import distvi as dv
 from distvi.data import DataError
 from distvi.families import softplus
 from distvi.model_errors import ModelError
+from distvi.optimizers import GeometricDecay
 
 TAU, SIGMA = 0.5, 1.0
 
@@ -75,15 +76,15 @@ def hier():
     return Hier()
 
 
-def decaying(t):  # a module-level schedule (picklable for Ray's workers)
-    return 0.05 * 0.999**t
+# 0.05 * 0.999**t over 6,000 steps; distvi's schedule class pickles for Ray's workers
+DECAYING = GeometricDecay(lr0=0.05, end=0.05 * 0.999**6000, start=0, total=6000)
 
 
 def fit(h, n=6000, **kw):
     kw.setdefault("num_workers", 2)
     kw.setdefault("backend", "local")
     inf = dv.ADVI(model=h.factory, data=h.data, local={"a": "g"}, random_seed=kw.pop("seed", 1), **kw)
-    approx = inf.fit(n, obj_optimizer=dv.adam(learning_rate=decaying), progressbar=False)
+    approx = inf.fit(n, obj_optimizer=dv.adam(learning_rate=DECAYING), progressbar=False)
     return inf, approx
 
 
@@ -243,3 +244,31 @@ def test_locals_need_rows_in_memory(hier, tmp_path):
     write_zarr(tmp_path / "d.zarr", hier.data)
     with pytest.raises(DataError, match="need the rows in memory"):
         _inf(hier, data=dv.data.ZarrSource(str(tmp_path / "d.zarr")))
+
+
+# ---------------------------------------------------------------- on Ray
+@pytest.mark.parametrize("path", ["plain", "direct"])
+def test_ray_equals_local_bit_for_bit(hier, ray_cluster, path):
+    _, local = fit(hier, n=150, batch_size=100)
+    inf, ray = fit(hier, n=100, batch_size=100, backend="ray", backend_options={"path": path})
+    with inf:  # refine on the same workers: they kept their groups' parameters
+        inf.refine(50, progressbar=False)
+    for a, b in zip(moments(local), moments(inf.approx)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_dead_worker_holding_locals_stops_the_fit_with_a_clear_error(hier, ray_cluster):
+    import os
+    import signal
+
+    from distvi.backends.ray import WorkerError
+
+    def kill_at_20(approx, losses, i):
+        if i == 20:
+            os.kill(inf.shards.backend.pids()[1], signal.SIGKILL)
+
+    inf = dv.ADVI(model=hier.factory, data=hier.data, local={"a": "g"}, batch_size=100,
+                  num_workers=2, backend="ray", random_seed=1)
+    with inf, pytest.raises(WorkerError, match="worker 1 died; it held the local variables"):
+        inf.fit(60, callbacks=[kill_at_20], progressbar=False)
+    assert inf.state.step in (20, 21)
