@@ -69,10 +69,13 @@ class LocalShardWorker(ShardWorker):
             # a counter per group (Adam's step t): a group's own count of its updates
             self._counters = [np.zeros((self.n_groups, 1)) for _ in state.counters]
         self._optimizer, self._offset = optimizer, int(offset)
-        self._rule = None
 
     def _update_fn(self):
-        if self._rule is None:
+        """The optimizer's rule on the touched groups, compiled once per optimizer (its
+        hyperparameters are in the graph; the learning rate is an input)."""
+        opt = self._optimizer
+        key = (opt.name, tuple((k, repr(v)) for k, v in opt.hyper.items() if k != "learning_rate"))
+        if self._rule is None or self._rule[0] != key:
             import pytensor.tensor as pt
 
             from distvi._compile import function
@@ -84,9 +87,9 @@ class LocalShardWorker(ShardWorker):
             counters = [pt.matrix(f"c{j}", dtype="float64") for j in range(len(self._counters))]
             lr = pt.scalar("lr", dtype="float64")
             new_p, new_s = self._optimizer.update(params, grads, [*slots, *counters], lr)
-            self._rule = function([*params, *grads, *slots, *counters, lr], [*new_p, *new_s],
-                                  trust_input=True, on_unused_input="ignore")
-        return self._rule
+            self._rule = key, function([*params, *grads, *slots, *counters, lr], [*new_p, *new_s],
+                                       trust_input=True, on_unused_input="ignore")
+        return self._rule[1]
 
     # ------------------------------------------------------------ a step
     def warm(self, n_points: int, with_logp: bool = True) -> None:
@@ -125,7 +128,12 @@ class LocalShardWorker(ShardWorker):
 
     def _apply(self, idx: np.ndarray, local: list, step: int) -> None:
         """The optimizer's update of the groups in ``idx`` from the rows' ELBO gradients."""
-        touched, inverse = np.unique(idx, return_inverse=True)
+        if self.full:  # every group, every step
+            touched, inverse = np.arange(self.n_groups), idx
+        else:  # by hashing, in the order of first appearance: O(rows), not O(groups)
+            import pandas as pd
+
+            inverse, touched = pd.factorize(idx)
         grads = []
         for g in local:  # the loss's gradient (minus the ELBO's), summed over each group's rows
             g = np.asarray(g)
