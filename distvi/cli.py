@@ -35,7 +35,7 @@ def build(cfg: dict[str, Any]):
         inference = METHODS[cfg["method"]](
             model=model, data=source, batch_size=cfg["batch_size"], num_workers=cfg["num_workers"],
             backend=cfg["backend"], address=cfg["address"], random_seed=cfg["seed"],
-            **starts, **cfg["method_options"])
+            local=cfg["local"], **starts, **cfg["method_options"])
     except ValueError as err:
         if "start" in starts and "outside the support" in str(err):
             raise ConfigError(f"start: {err}") from None

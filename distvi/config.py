@@ -62,6 +62,7 @@ TOP: dict[str, tuple[tuple, Any]] = {
     "num_workers": ((int,), 1),
     "backend": ((str, type(None)), None),
     "address": ((str, type(None)), None),
+    "local": ((dict, type(None)), None),  # local variables: {variable: integer data column}
     "store": ((str, type(None)), None),  # "{timestamp}" in it: a new store for each run
     "checkpoint_every": ((int, type(None)), None),
     "tracking": ((bool, dict), False),
@@ -242,6 +243,10 @@ def validate(raw: Any, base_dir: str | Path = ".") -> dict[str, Any]:
     _positive("num_workers", cfg["num_workers"], allow_none=False)
     if cfg["total_grad_norm_constraint"] is not None and not cfg["total_grad_norm_constraint"] > 0:
         raise ConfigError(f"total_grad_norm_constraint must be > 0, got {cfg['total_grad_norm_constraint']}")
+    if cfg["local"] is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in cfg["local"].items()):
+        raise ConfigError(f"local must map variable names to data column names (e.g. "
+                          f"local: {{a: user}}), got {cfg['local']!r}")
     if cfg["backend"] not in (None, "local", "ray"):
         raise ConfigError(f"backend must be local or ray, got {cfg['backend']!r}")
     if cfg["seed"] < 0:

@@ -2,11 +2,20 @@
 optimizer state live here, next to the groups' rows (see :mod:`distvi.local_terms`).
 
 A step's answer is what the globals need (the groups' share of the ELBO and its gradient at
-each global point); the same call updates the local parameters of the groups the step's
-minibatch touches, with the fit's optimizer and learning rate, and no others:
+each global point); the same call updates the local parameters of the groups in the step's
+minibatch, with the fit's optimizer and learning rate, and no others.
 
-- a step's work and traffic do not grow with the number of groups (a gather of the rows'
-  slots, a scatter of their gradients summed by group);
+Minibatches of whole groups (as stochastic variational inference takes them): at load the
+shard's groups are shuffled once (from the worker's own key) and its rows and parameters laid
+out in that order, group after group; a step's minibatch is the ``B_g`` consecutive groups
+from a uniform random offset (wrapping around), every row of each. Each group is in a step's
+minibatch with probability ``B_g / G_k``, so the term scaled by ``G_k / B_g`` is unbiased for
+every part of it (rows, priors, entropies). ``B_g`` is ``batch_size`` rows' worth of groups
+(``batch_size * G_k / N_k``, at least one). Then:
+
+- a step's work and traffic do not grow with the number of groups: its rows and its groups'
+  parameters are one (or, wrapping, two) contiguous slices; a group's gradient is the sum of
+  its rows', each group's rows being consecutive;
 - optimizer state is per group: a group's accumulators (Adam's moments) and counters (Adam's
   bias-correction step) advance only on the steps that touch it, as if the group's own
   optimizer ran on those steps. With every row in every step (``batch_size=None``) that is
@@ -31,22 +40,32 @@ class LocalShardWorker(ShardWorker):
     variables. ``state`` (from :meth:`local_state`) restores what an earlier worker held."""
 
     def __init__(self, rows, rank: int, seed: int, batch_size, data_term, state: dict | None = None) -> None:
-        super().__init__(rows, rank, seed, batch_size, data_term)
+        super().__init__(rows, rank, seed, None, data_term)  # the rows as given: sorted by group
         term = data_term.data_term
         self.term = term
-        names = list(rows)
-        col = names.index(term.locals[0].column)
-        groups = np.asarray(self.rows[col], dtype=np.int64)
-        own = groups if self.full else groups[: self.n_rows]
-        self.group_lo = int(own.min())
-        n = int(own.max()) + 1 - self.group_lo
-        counts = np.bincount(own - self.group_lo, minlength=n)
-        self._idx = (groups - self.group_lo).astype(np.intp)  # a row's group, per row of self.rows
-        self._weight = 1.0 / counts[self._idx]
+        groups = np.asarray(self.rows[list(rows).index(term.locals[0].column)], dtype=np.int64)
+        self.group_lo = int(groups.min())
+        n = int(groups.max()) + 1 - self.group_lo
+        counts = np.bincount(groups - self.group_lo, minlength=n)
+        # the groups shuffled once; rows and parameters laid out in that order
+        self._order = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+            seed, spawn_key=(LOCAL_STREAM + rank, 0)))).permutation(n)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        sizes = counts[self._order]
+        rows_order = np.repeat(starts[self._order] - np.concatenate([[0], np.cumsum(sizes)[:-1]]),
+                               sizes) + np.arange(self.n_rows)
+        self.rows = [np.ascontiguousarray(a[rows_order]) for a in self.rows]
+        self._first = np.concatenate([[0], np.cumsum(sizes)])  # group k's rows: first[k]..first[k+1]
+        self._weight = np.repeat(1.0 / sizes, sizes)
         self.n_groups = n
+        self.groups_per_step = n if batch_size is None else int(
+            min(n, max(1, round(batch_size * n / self.n_rows))))
+        self.full = self.groups_per_step == n
+        self.batch_size = None if self.full else int(batch_size)
+        self.scale = np.array(n / self.groups_per_step, dtype="float64")
         self._eps_stream = Stream(seed, LOCAL_STREAM + rank)
         lo, hi = self.group_lo, self.group_lo + n
-        self.mu = [np.array(init[lo:hi]) for init in term.initial]
+        self.mu = [np.array(init[lo:hi][self._order]) for init in term.initial]
         self.rho = [np.zeros_like(m) for m in self.mu]
         self._optimizer, self._slots, self._counters, self._rule = None, [], [], None
         self._offset = 0  # the run's step at which the optimizer's step 0 was
@@ -97,63 +116,58 @@ class LocalShardWorker(ShardWorker):
         self._data_term(n_points, with_logp)
 
     def evaluate(self, points: np.ndarray, step: int, with_logp: bool = True):
-        """This step's answer for the globals; the touched groups' parameters updated."""
+        """This step's answer for the globals; its groups' parameters updated."""
         if self._last is not None and self._last[0] == step:
             return self._last[1]
         if self._optimizer is None:
             raise RuntimeError("a worker with local variables evaluates steps of a fit only "
                                "(local_begin() names the fit's optimizer first)")
-        rows, idx, weight = self._window(step)
-        n_points, batch = points.shape[0], idx.shape[0]
+        segments = self._segments(step)
+        row_segments = [(self._first[a], self._first[b]) for a, b in segments]
+        rows = [_take(a, row_segments) for a in self.rows]
+        n_points, batch = points.shape[0], rows[0].shape[0]
         widths = [m.shape[1] for m in self.mu]
         eps = self._eps_stream.normal((n_points, batch, sum(widths)),
-                                      int(step) * n_points * batch * sum(widths))
-        splits = np.cumsum(widths)[:-1]
-        eps = [np.ascontiguousarray(e) for e in np.split(eps, splits, axis=2)]
-        mu = [m[idx] for m in self.mu]
-        rho = [r[idx] for r in self.rho]
+                                      int(step) * n_points * self.n_rows * sum(widths))
+        eps = [np.ascontiguousarray(e) for e in np.split(eps, np.cumsum(widths)[:-1], axis=2)]
+        sizes = np.concatenate([np.diff(self._first[a:b + 1]) for a, b in segments])
+        per_row = [np.repeat(_take(p, segments), sizes, axis=0) for p in (*self.mu, *self.rho)]
         fn = self._data_term(n_points, True)
-        value, grad, *local = fn(points, *eps, *mu, *rho, weight, *rows, self.scale)
-        self._apply(idx, local, step)
+        value, grad, *local = fn(points, *eps, *per_row, _take(self._weight, row_segments), *rows,
+                                 self.scale)
+        self._apply(segments, sizes, local, step)
         answer = (np.asarray(value), np.asarray(grad))
         self._last = (step, answer)
         return answer
 
-    def _window(self, step: int):
+    def _segments(self, step: int) -> list[tuple[int, int]]:
+        """The step's groups (in the shuffled order): one range, or two where it wraps."""
+        n, k = self.n_groups, self.groups_per_step
         if self.full:
-            return self.rows, self._idx, self._weight
-        start = self._start(step)
-        stop = start + self.batch_size
-        return [a[start:stop] for a in self.rows], self._idx[start:stop], self._weight[start:stop]
+            return [(0, n)]
+        start = int(self._stream.integers(n, 1, step)[0])
+        if start + k <= n:
+            return [(start, start + k)]
+        return [(start, n), (0, start + k - n)]
 
-    def _apply(self, idx: np.ndarray, local: list, step: int) -> None:
-        """The optimizer's update of the groups in ``idx`` from the rows' ELBO gradients."""
-        if self.full:  # every group, every step
-            touched, inverse = np.arange(self.n_groups), idx
-        else:  # by hashing, in the order of first appearance: O(rows), not O(groups)
-            import pandas as pd
-
-            inverse, touched = pd.factorize(idx)
-        grads = []
-        for g in local:  # the loss's gradient (minus the ELBO's), summed over each group's rows
-            g = np.asarray(g)
-            summed = np.empty((touched.size, g.shape[1]))
-            for c in range(g.shape[1]):
-                summed[:, c] = -np.bincount(inverse, weights=g[:, c], minlength=touched.size)
-            grads.append(summed)
+    def _apply(self, segments, sizes: np.ndarray, local: list, step: int) -> None:
+        """The optimizer's update of the step's groups (``sizes``: their rows) from their rows'
+        ELBO gradients."""
+        # each group's rows are consecutive: its gradient is one reduceat segment
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        grads = [-np.add.reduceat(np.asarray(g), starts, axis=0) for g in local]  # the loss's
         params = [*self.mu, *self.rho]
+        state = [*self._slots, *self._counters]
         lr = self._optimizer.learning_rate_at(max(int(step) - self._offset, 0))
-        out = self._update_fn()(*[p[touched] for p in params], *grads,
-                                *[s[touched] for s in self._slots],
-                                *[c[touched] for c in self._counters], np.array(lr))
-        n = len(params)
-        new_params, new_state = out[:n], out[n:]
-        if not all(np.all(np.isfinite(p)) for p in new_params):
+        out = self._update_fn()(*[_take(p, segments) for p in params], *grads,
+                                *[_take(x, segments) for x in state], np.array(lr))
+        if not all(np.all(np.isfinite(p)) for p in out[:len(params)]):
             return  # the driver's finiteness check names the step; the groups keep their values
-        for p, new in zip(params, new_params):
-            p[touched] = new
-        for s, new in zip([*self._slots, *self._counters], new_state):
-            s[touched] = new
+        for target, new in zip([*params, *state], out):
+            at = 0
+            for a, b in segments:
+                target[a:b] = new[at:at + b - a]
+                at += b - a
 
     def full_logp(self, *args):
         raise ValueError("the full-data log-likelihood at global points alone is not defined "
@@ -163,10 +177,18 @@ class LocalShardWorker(ShardWorker):
 
     # ------------------------------------------------------------ state and results
     def local_state(self) -> dict:
-        """Everything this worker holds of its groups (copies), to restore or to report."""
-        return {"group_lo": self.group_lo, "mu": [m.copy() for m in self.mu],
-                "rho": [r.copy() for r in self.rho], "slots": [s.copy() for s in self._slots],
-                "counters": [c.copy() for c in self._counters],
+        """Everything this worker holds of its groups, in the groups' own order (copies), to
+        restore or to report."""
+        def natural(arrays):
+            out = []
+            for a in arrays:
+                back = np.empty_like(a)
+                back[self._order] = a
+                out.append(back)
+            return out
+
+        return {"group_lo": self.group_lo, "mu": natural(self.mu), "rho": natural(self.rho),
+                "slots": natural(self._slots), "counters": natural(self._counters),
                 "optimizer": self._optimizer, "offset": self._offset,
                 "last": None if self._last is None else self._last[0]}
 
@@ -174,11 +196,18 @@ class LocalShardWorker(ShardWorker):
         if state["group_lo"] != self.group_lo or state["mu"][0].shape[0] != self.n_groups:
             raise ValueError(f"the local state of groups {state['group_lo']}.. does not belong to "
                              f"shard {self.rank} (groups {self.group_lo}..)")
-        self.mu = [m.copy() for m in state["mu"]]
-        self.rho = [r.copy() for r in state["rho"]]
-        self._slots = [s.copy() for s in state["slots"]]
-        self._counters = [c.copy() for c in state["counters"]]
+        self.mu, self.rho = [m[self._order] for m in state["mu"]], [r[self._order] for r in state["rho"]]
+        self._slots = [s[self._order] for s in state["slots"]]
+        self._counters = [c[self._order] for c in state["counters"]]
         self._optimizer, self._offset = state["optimizer"], state["offset"]
+
+
+def _take(array: np.ndarray, segments) -> np.ndarray:
+    """The ranges ``segments`` of ``array``'s first axis, in order (a view for one range)."""
+    if len(segments) == 1:
+        a, b = segments[0]
+        return array[a:b]
+    return np.concatenate([array[a:b] for a, b in segments])
 
 
 def shard_worker(rows, rank: int, seed: int, batch_size, data_term, state: dict | None = None):
