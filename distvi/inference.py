@@ -442,7 +442,6 @@ class Inference:
             if progress is not None:
                 progress.close()
             self.state = loop.state or self.state
-            self.approx.local_params = self.shards.local_params()  # {} without local variables
             self.gradient_evaluations += trace.done * (self._points_per_step() + getattr(watch, "anchored", 0))
             self.approx.params_values = self.state.result
             if score:

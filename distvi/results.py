@@ -58,16 +58,15 @@ class Results:
 
     def _locals(self) -> dict:
         """Each local variable's ``(mu, rho)``, ``(groups, width)`` each, by its entry: what
-        the last fit's workers held (before any fit, the initial values)."""
+        the fit's workers hold (or held when they were let go; before any fit, the initial
+        values)."""
         ad = self.require_bound()
         if not ad.locals:
             return {}
-        params = getattr(self, "local_params", None)
-        if params is None:
-            if self.shard_data is None:
-                raise ValueError("the local variables' parameters are not with this "
-                                 "approximation (an unpickled one before any fit)")
+        if self.shard_data is not None:
             params = self.shard_data.local_params()
+        else:  # unpickled: what the workers held when it was pickled
+            params = self.__dict__["local_params"]
         return {v: params[v.name] for v in ad.locals}
 
     def _local_draws(self, draws: int, rng: np.random.Generator, flat: np.ndarray,

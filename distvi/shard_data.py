@@ -141,8 +141,12 @@ class Shards:
         """Tell the workers holding local variables the optimizer of the fit about to run from
         the driver's ``state``: where its step 0 was, and whether it starts from zero."""
         if self.adapter.locals:
-            self.start().call("local_begin", (optimizer, state.step - state.opt_step,
-                                              state.opt_step == 0), [()] * self.num_workers)
+            backend = self.start()
+            backend.call("local_begin", (optimizer, state.step - state.opt_step,
+                                         state.opt_step == 0), [()] * self.num_workers)
+            keeper = getattr(backend, "locals", None)  # Ray's: a replacement replays from here
+            if keeper is not None:
+                keeper.snapshot(backend)
 
     def sync_locals(self) -> None:
         """Bring what the workers hold of the local variables to the driver (kept for

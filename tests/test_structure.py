@@ -393,7 +393,7 @@ LAYERS = [
     ("backends", {"distvi.worker", "distvi.local_worker", "distvi.backends", "distvi.backends.base", "distvi.backends.local",
                   "distvi.backends.ray", "distvi.backends.ray_actor", "distvi.backends.ray_cluster",
                   "distvi.backends.ray_fleet", "distvi.backends.ray_paths", "distvi.backends.ray_tree",
-                  "distvi.backends.start", "distvi.backends.anchored"}),
+                  "distvi.backends.start", "distvi.backends.anchored", "distvi.backends.ray_locals"}),
     ("sinks", {"distvi.store", "distvi.tracking"}),
     ("inference", {"distvi.shard_data", "distvi.rebuild", "distvi.recording",
                    "distvi.inference", "distvi.methods", "distvi.pathfinder",

@@ -1,11 +1,11 @@
 """The Ray backend: one actor per shard, each reading its own rows.
 
-The actor class is a plain :class:`ShardActor` (testable without Ray); ``ray.remote`` is
-applied when the backend starts. The driver keeps no data: an actor reads its row range
-from the source itself (arrays given in memory are put into the object store once per
-shard). The driver replaces a dead actor with a new one, which runs ``__init__`` and
-reloads its shard, and sends the step again; minibatches depend only on (seed, rank, step),
-so the step answers exactly what the lost one would have.
+The actor class is a plain :class:`ShardActor` (testable without Ray; ``ray.remote`` is
+applied when the backend starts). The driver keeps no data: an actor reads its row range
+from the source (arrays given in memory go into the object store once per shard). A dead
+actor is replaced (``__init__`` reloads its shard; local variables come back as
+:mod:`~distvi.backends.ray_locals` says) and the step sent again; minibatches depend only
+on (seed, rank, step), so it answers exactly what the lost one would have.
 
 Plain actor calls carry a step (the reference: they wait for a replacement actor and name a
 hung one), or a fast path from :mod:`~distvi.backends.ray_paths` with identical numbers:
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from distvi.backends import ray_fleet
+from distvi.backends.ray_locals import LocalKeeper, keep
 from distvi.backends.base import WorkerError
 from distvi.backends.ray_actor import ShardActor, WorkerSpec
 from distvi.backends.ray_paths import DirectPath, GraphPath, PathFailed
@@ -113,22 +114,12 @@ class RayBackend:
         self.last_compute_s = 0.0
         self._last_step = 0
         self._refs: list = []
+        self.locals = LocalKeeper()  # with local variables: their snapshots and the steps since
 
-    @property
-    def num_workers(self) -> int:
-        return self.k
-
-    @property
-    def cpus(self) -> float:
-        return self.k * self.num_cpus
-
-    @property
-    def holds_workers(self) -> bool:
-        return bool(self.actors)
-
-    @property
-    def busy(self) -> bool:
-        return self._busy > 0
+    num_workers = property(lambda self: self.k)
+    cpus = property(lambda self: self.k * self.num_cpus)
+    holds_workers = property(lambda self: bool(self.actors))
+    busy = property(lambda self: self._busy > 0)
 
     @contextlib.contextmanager
     def held(self):
@@ -220,13 +211,12 @@ class RayBackend:
             max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self._pg, placement_group_bundle_index=rank),
-        ).remote(self._refs[0], rank, a, b, self._refs[rank + 1])
+        ).remote(self._refs[0], rank, a, b, self._refs[rank + 1], self.locals.state_for(rank))
 
     def _replace(self, rank: int) -> None:
         """A new worker for shard ``rank`` in place of a dead one, loaded and compiled."""
         import ray
 
-        ray_fleet.refuse_lost_locals(self, rank)
         self._close_fast()  # the path holds the dead actor: opened again at the next step
         self._rebuild = self.path != "plain"
         try:
@@ -235,6 +225,7 @@ class RayBackend:
             pass
         self.actors[rank] = self._new_actor(rank)
         self._started([self.actors[rank]], [rank])
+        self.locals.replay(self.actors[rank])  # its local variables as the dead one held them
 
     def _started(self, actors: list, ranks: list) -> None:
         """Wait until ``actors`` have loaded their shards and compiled; one that dies doing
@@ -269,7 +260,7 @@ class RayBackend:
 
     def release(self) -> None:
         """Let the workers go while idle (Ray stays up); :meth:`start` brings them back."""
-        ray_fleet.keep_local_states(self)
+        keep(self)
         self._stop_workers()
         self.released = True
 
@@ -379,6 +370,7 @@ class RayBackend:
             logp += lp
             grad += g
         self.last_compute_s = max(a[2] for a in answers)
+        self.locals.after_step(self, points, step, with_logp)  # with local variables: kept
         return logp, grad
 
     @staticmethod

@@ -34,7 +34,8 @@ class WorkerSpec:
 class ShardActor:
     """One shard's worker inside an actor process."""
 
-    def __init__(self, spec: WorkerSpec, rank: int, start: int, stop: int, rows: Any = None) -> None:
+    def __init__(self, spec: WorkerSpec, rank: int, start: int, stop: int, rows: Any = None,
+                 local_state: dict | None = None) -> None:
         from distvi._compile import adopt_compiler_facts
 
         adopt_compiler_facts(spec.compiler)
@@ -42,7 +43,9 @@ class ShardActor:
         if rows is None:
             rows = spec.source.read(start, stop)
         batch = spec.batch_size[rank] if isinstance(spec.batch_size, tuple) else spec.batch_size
-        state = None if spec.local_states is None else spec.local_states[rank]
+        state = local_state  # a snapshot, else what the spec says the rank held
+        if state is None and spec.local_states is not None:
+            state = spec.local_states[rank]
         self.worker = shard_worker(rows, rank, spec.seed, batch, data_term, state)
         self.worker.warm(spec.n_points, spec.with_logp)
         # steps come over plain calls (the actor's thread) or the direct line (its own
@@ -96,7 +99,8 @@ class ShardActor:
         return self.worker.local_begin(*args)
 
     def local_state(self):
-        return self.worker.local_state()
+        with self._lock:  # not between a step's halves on the direct line's thread
+            return self.worker.local_state()
 
     def pid(self) -> int:
         return os.getpid()

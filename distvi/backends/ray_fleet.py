@@ -97,29 +97,3 @@ class RestartBudget:
                 f"are failing faster than they can be replaced and the fit gives up. If "
                 f"failures this often are expected, raise backend_options max_restarts or "
                 f"lower restart_window; else see the workers' logs for the cause")
-
-
-# ---------------------------------------------------------------- local variables
-def holds_locals(backend) -> bool:
-    """Whether the backend's workers hold local variables (state that lives only there)."""
-    return bool(getattr(backend.spec.data_term, "locals", None))
-
-
-def keep_local_states(backend) -> None:
-    """Before workers holding local variables are let go: their state into the spec the
-    next workers are built from."""
-    import dataclasses
-
-    if holds_locals(backend) and backend.actors:
-        states = backend.call("local_state", (), [()] * backend.k)
-        backend.spec = dataclasses.replace(backend.spec, local_states=tuple(states))
-
-
-def refuse_lost_locals(backend, rank: int) -> None:
-    """A dead worker that held local variables cannot be replaced yet: stop and say so."""
-    if holds_locals(backend):
-        backend._stop_workers()
-        raise WorkerError(
-            f"worker {rank} died; it held the local variables of its groups, whose state cannot "
-            "be restored yet (it is not snapshotted during a fit): the fit stops with its last "
-            "whole state")
