@@ -260,7 +260,7 @@ class Inference:
         from distvi.tracking import as_tracking
 
         n, until = check_until(n, max_n, tol, average_from, resume, obj_optimizer)
-        self.shards.check_local_fit(self.objective, until, store, tracking, average_from)
+        self.shards.check_local_fit(self.objective, until, tracking, average_from)
         tracker = as_tracking(tracking)
         every = check_recording(store, checkpoint_every, resume)
         average_after = _validate.average_from(average_from, n)
@@ -327,7 +327,8 @@ class Inference:
         """What rebuilds this Inference from a run store's config (see
         :func:`distvi.runs.build_inference`)."""
         return {"batch_size": self.batch_size, "num_workers": self.num_workers,
-                "backend": self.backend_name, "random_seed": self.random_seed}
+                "backend": self.backend_name, "random_seed": self.random_seed,
+                **({"local": local} if (local := self.shards.adapter.local_spec()) else {})}
 
     def fit_config(self, total: int, every: int | None) -> dict[str, Any]:
         """The fit settings a run store records (and a resumed fit must repeat)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from distvi.data import ArraySource, DataError
+from distvi.local_terms import ROW_COLUMN
 
 
 class GroupedSource(ArraySource):
@@ -50,9 +51,10 @@ def group_source(source, locals_, num_workers: int) -> GroupedSource:
     column, before any row is copied."""
     columns = sorted({v.column for v in locals_})
     if len(columns) > 1:
+        what = [c if c != ROW_COLUMN else "the rows (a per-row variable)" for c in columns]
         raise ValueError(f"local variables {[v.rv_name for v in locals_]} are indexed by "
-                         f"different columns {columns}; the shards can follow one grouping: "
-                         "make one of them a global variable")
+                         f"different columns {what}; the shards can follow one grouping: "
+                         "make all but one grouping's variables global")
     column = columns[0]
     sizes = {v.n_groups for v in locals_}
     if len(sizes) > 1:
@@ -63,6 +65,8 @@ def group_source(source, locals_, num_workers: int) -> GroupedSource:
         raise DataError(f"local variables need the rows in memory (a mapping of arrays) for "
                         f"now; {type(source).__name__} cannot yet be split by group", column)
     rows = source.read(0, source.n_rows)
+    if column == ROW_COLUMN:  # per-row local variables: each row its own group, in order
+        rows[ROW_COLUMN] = np.arange(source.n_rows, dtype=np.int64)
     g = np.asarray(rows[column])
     names = ", ".join(v.rv_name for v in locals_)
     if g.ndim != 1:

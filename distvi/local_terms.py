@@ -38,6 +38,8 @@ from distvi._compile import compile_mode, function
 from distvi.model_errors import ModelError
 
 LOG_2PI = float(np.log(2 * np.pi))
+# the implicit column of a per-row local variable: each row its own group
+ROW_COLUMN = "__row__"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,62 @@ def check_local(local: Mapping[str, str] | None) -> dict[str, str]:
         raise TypeError("local= must map variable names to data column names, e.g. "
                         f"local={{'a': 'user'}}; got {local!r}")
     return dict(local)
+
+
+def local_var(rv, vv, column: str, shape: tuple, transform: str | None, data_inputs: dict) -> LocalVar:
+    """A local variable's entry, its column checked against the data."""
+    if column not in data_inputs:
+        raise ModelError(f"local={{{rv.name!r}: {column!r}}}: {column!r} is not a data column; "
+                         f"the columns: {sorted(data_inputs)}")
+    dtype = data_inputs[column].dtype
+    if not dtype.startswith(("int", "uint")):
+        raise ModelError(f"local={{{rv.name!r}: {column!r}}}: column {column!r} is {dtype}; the "
+                         "column a local variable is indexed by must hold integer group "
+                         "indices (0 .. groups - 1)")
+    if not shape:
+        raise ModelError(f"local variable {rv.name!r} is a scalar; a local variable has one "
+                         f"entry per group on its first axis (e.g. dims={column!r})")
+    return LocalVar(vv.name, rv.name, column, shape, transform)
+
+
+def per_row_variables(model, row_vars: set, replace: dict, local: dict) -> list:
+    """A factory's free variables whose first axis is the rows (``shape=data["y"].shape[0]``):
+    local variables of their own, one group per row."""
+    from distvi.pymc_models import depends_on, folded, row_sized_free_rvs
+
+    if replace or not row_vars:  # a ready model's arrays have fixed sizes
+        return []
+    out = []
+    for rv in row_sized_free_rvs(model, row_vars):
+        if rv.ndim and depends_on(folded(rv.shape[0]), row_vars):
+            if rv.name in local:
+                raise ModelError(f"{rv.name!r} is sized by the rows: it is a local variable of "
+                                 "its rows by itself; leave it out of local=")
+            if any(s is None for s in rv.type.shape[1:]):
+                raise ModelError(f"per-row variable {rv.name!r} needs fixed trailing dimensions, "
+                                 f"got shape {rv.type.shape}")
+            out.append(rv)
+    return out
+
+
+def initial_point(model, per_row: list, n_rows: int | None) -> dict:
+    """PyMC's initial point (unconstrained), with zeros for the per-row variables (whose size
+    the model only knows from the rows)."""
+    if not per_row:
+        return model.initial_point()
+    from pymc.initial_point import make_initial_point_expression
+
+    if n_rows is None:
+        raise ModelError(f"per-row variables {[rv.name for rv in per_row]} need the data's rows")
+    others = [rv for rv in model.free_RVs if rv not in per_row]
+    exprs = make_initial_point_expression(
+        free_rvs=others, rvs_to_transforms=model.rvs_to_transforms,
+        initval_strategies=model.rvs_to_initial_values, return_transformed=True)
+    values = function([], exprs)() if exprs else []
+    point = {model.rvs_to_values[rv].name: np.asarray(v) for rv, v in zip(others, values)}
+    for rv in per_row:
+        point[model.rvs_to_values[rv].name] = np.zeros((int(n_rows), *rv.type.shape[1:]))
+    return point
 
 
 def _column_of(index: Variable, columns: dict) -> str | None:
@@ -198,7 +256,10 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
         e, m, r = (pt.matrix(f"{p}_{var.name}", dtype="float64") for p in ("eps", "mu", "rho"))
         sd = pt.softplus(r)
         slots = (m + sd * e).reshape((m.shape[0], *var.shape[1:]))
-        data_graph = _replace_indexing(data_graph, vv, var, slots, columns)
+        if var.column == ROW_COLUMN:  # its entries are the rows': a slot per row as it is
+            data_graph = _at_rows(data_graph, vv, slots)
+        else:
+            data_graph = _replace_indexing(data_graph, vv, var, slots, columns)
         elementwise = model.logp(vars=[rv], jacobian=True, sum=False)[0]
         at_rows = _at_rows(elementwise, vv, slots)
         if _group_sized_constants(at_rows, var.n_groups):

@@ -68,6 +68,7 @@ class LocalShardWorker(ShardWorker):
         self.mu = [np.array(init[lo:hi][self._order]) for init in term.initial]
         self.rho = [np.zeros_like(m) for m in self.mu]
         self._optimizer, self._slots, self._counters, self._rule = None, [], [], None
+        self._optimizer_name = None  # whose state the slots are (a restored state's too)
         self._offset = 0  # the run's step at which the optimizer's step 0 was
         self._last: tuple[int, tuple] | None = None
         if state is not None:
@@ -82,12 +83,12 @@ class LocalShardWorker(ShardWorker):
             raise ValueError("adagrad_window keeps one window position for all parameters, "
                              "which groups updated on different steps cannot share; use "
                              "another optimizer with local variables (e.g. adam)")
-        if fresh or self._optimizer is None or self._optimizer.name != optimizer.name:
+        if fresh or self._optimizer_name != optimizer.name:
             state = optimizer.init_state([m.shape for m in (*self.mu, *self.rho)])
             self._slots = [np.array(a) for slots in state.slots for a in slots]
             # a counter per group (Adam's step t): a group's own count of its updates
             self._counters = [np.zeros((self.n_groups, 1)) for _ in state.counters]
-        self._optimizer, self._offset = optimizer, int(offset)
+        self._optimizer, self._offset, self._optimizer_name = optimizer, int(offset), optimizer.name
 
     def _update_fn(self):
         """The optimizer's rule on the touched groups, compiled once per optimizer (its
@@ -189,7 +190,8 @@ class LocalShardWorker(ShardWorker):
 
         return {"group_lo": self.group_lo, "mu": natural(self.mu), "rho": natural(self.rho),
                 "slots": natural(self._slots), "counters": natural(self._counters),
-                "optimizer": self._optimizer, "offset": self._offset,
+                "optimizer": self._optimizer, "optimizer_name": self._optimizer_name,
+                "offset": self._offset,
                 "last": None if self._last is None else self._last[0]}
 
     def _restore(self, state: dict) -> None:
@@ -200,6 +202,7 @@ class LocalShardWorker(ShardWorker):
         self._slots = [s[self._order] for s in state["slots"]]
         self._counters = [c[self._order] for c in state["counters"]]
         self._optimizer, self._offset = state["optimizer"], state["offset"]
+        self._optimizer_name = state["optimizer_name"]
 
 
 def _take(array: np.ndarray, segments) -> np.ndarray:

@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover - other PyMC layouts
 
 from distvi._compile import compile_mode, function
 from distvi.model_errors import DiscreteVariableError, ModelError, ModelFactoryError
-from distvi.local_terms import LocalTerm, LocalVar, build_local_term, check_local
+from distvi.local_terms import (ROW_COLUMN, LocalTerm, LocalVar, build_local_term, check_local,
+                                initial_point, local_var, per_row_variables)
 from distvi.model_factory import ModelFactory, factory_name, model_from_factory
 from distvi.model_terms import (DataSchema, DataTerm, DeterministicTerm, VarLayout, rows_of,
                                 without_pymc_checks)
@@ -53,22 +54,24 @@ class ModelAdapter:
 
     def __init__(
         self, model: pm.Model, data_inputs: dict[str, pt.TensorVariable], replace: dict,
-        local: Mapping[str, str] | None = None,
+        local: Mapping[str, str] | None = None, n_rows: int | None = None,
     ) -> None:
         self.model = model
-        self.data_inputs = data_inputs
         row_vars = set(replace) | set(data_inputs.values())
         for obs in model.observed_RVs:
             if isinstance(obs.owner.op, MinibatchRandomVariable):  # stripped by the builders
                 raise ModelError(f"observed variable {obs.name!r} still carries total_size")
-        check_global_free_rvs(model, row_vars)
         local = check_local(local)
-
-        point = model.initial_point()
+        per_row = per_row_variables(model, row_vars, replace, local)
+        check_global_free_rvs(model, row_vars, tuple(per_row))
+        if per_row:  # local variables of the rows: indexed by an implicit row column
+            data_inputs = {**data_inputs, ROW_COLUMN: pt.vector(ROW_COLUMN, dtype="int64")}
+            local.update({rv.name: ROW_COLUMN for rv in per_row})
+        self.data_inputs = data_inputs
+        point = initial_point(model, per_row, n_rows)
         layout, start, locals_ = [], 0, {}
         names = {n: rv.name for rv, vv in zip(model.free_RVs, model.value_vars) for n in (rv.name, vv.name)}
-        unknown = [n for n in local if n not in names]
-        if unknown:
+        if unknown := [n for n in local if n not in names]:
             raise ModelError(f"local={local!r}: {unknown} are not free variables of the model; "
                              f"its free variables: {[rv.name for rv in model.free_RVs]}")
         local = {names[n]: c for n, c in local.items()}
@@ -79,7 +82,7 @@ class ModelAdapter:
             tr = model.rvs_to_transforms.get(rv)
             tr = None if tr is None else type(tr).__name__
             if rv.name in local:
-                locals_[rv.name] = self._local_var(rv, vv, local[rv.name], shape, tr)
+                locals_[rv.name] = local_var(rv, vv, local[rv.name], shape, tr, self.data_inputs)
                 continue
             layout.append(VarLayout(vv.name, rv.name, shape, start, start + size, tr))
             self._pairs.append((rv, vv))
@@ -116,21 +119,6 @@ class ModelAdapter:
         if self.locals:  # the likelihood's use of them checked now, before any work
             self.data_term()
 
-    def _local_var(self, rv, vv, column: str, shape: tuple, transform: str | None) -> LocalVar:
-        """A local variable's entry, its column checked against the data."""
-        if column not in self.data_inputs:
-            raise ModelError(f"local={{{rv.name!r}: {column!r}}}: {column!r} is not a data column; "
-                             f"the columns: {sorted(self.data_inputs)}")
-        dtype = self.data_inputs[column].dtype
-        if not dtype.startswith(("int", "uint")):
-            raise ModelError(f"local={{{rv.name!r}: {column!r}}}: column {column!r} is {dtype}; the "
-                             "column a local variable is indexed by must hold integer group "
-                             "indices (0 .. groups - 1)")
-        if not shape:
-            raise ModelError(f"local variable {rv.name!r} is a scalar; a local variable has one "
-                             f"entry per group on its first axis (e.g. dims={column!r})")
-        return LocalVar(vv.name, rv.name, column, shape, transform)
-
     # ------------------------------------------------------------------ builders
     @classmethod
     def from_factory(cls, factory: ModelFactory, schema: DataSchema,
@@ -141,7 +129,7 @@ class ModelAdapter:
         an array of the data's full rows in the model's data term where ``data[key]`` belongs,
         are :class:`ModelError` s naming them."""
         model, inputs = model_from_factory(factory, schema, n_rows)
-        return cls(model, inputs, {}, local)
+        return cls(model, inputs, {}, local, n_rows)
 
     @classmethod
     def from_model(cls, model: pm.Model, local: Mapping[str, str] | None = None
@@ -385,10 +373,13 @@ class ModelAdapter:
             out[var.name] = u
         return out
 
+    def local_spec(self) -> dict[str, str]:
+        """``local=`` as given (per-row variables are local by themselves)."""
+        return {v.rv_name: v.column for v in self.locals if v.column != ROW_COLUMN}
+
     def _local_dependent(self, node) -> bool:
         """Whether ``node`` depends on a local variable (its draws are the workers')."""
-        local_rvs = {self.model[v.rv_name] for v in self.locals}
-        return bool(local_rvs) and depends_on(node, local_rvs)
+        return bool(self.locals) and depends_on(node, {self.model[v.rv_name] for v in self.locals})
 
     def local_deterministics(self) -> list[str]:
         """The deterministics that depend on local variables (left out of the draws)."""

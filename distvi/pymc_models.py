@@ -54,19 +54,38 @@ def check_discrete(model: pm.Model) -> None:
             )
 
 
-def check_global_free_rvs(model: pm.Model, row_vars: set[Variable]) -> None:
-    """Free variables whose number would grow with the rows are refused (as are discrete ones)."""
-    check_discrete(model)
+def folded(graph: Variable) -> Variable:
+    """``graph`` rewritten (constants folded), without the notes rewriting a bare graph gives."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return rewrite_graph(graph, include=("fast_run",))
+
+
+def row_sized_free_rvs(model: pm.Model, row_vars: set[Variable]) -> list:
+    """The free variables whose size or parameters depend on the data rows."""
+    out = []
     for rv in model.free_RVs:
         params = [i for i in rv.owner.inputs if not isinstance(i.type, pt.random.type.RandomType)]
         # a trailing dimension of the data (data["X"].shape[1]) is static: folding the
         # graph removes it, while the row count or data values stay
-        if row_vars and any(depends_on(p, row_vars) and depends_on(
-                rewrite_graph(p, include=("fast_run",)), row_vars) for p in params):
+        if row_vars and any(depends_on(p, row_vars) and depends_on(folded(p), row_vars)
+                            for p in params):
+            out.append(rv)
+    return out
+
+
+def check_global_free_rvs(model: pm.Model, row_vars: set[Variable], per_row: tuple = ()) -> None:
+    """Free variables whose number would grow with the rows are refused (as are discrete
+    ones), but for ``per_row`` (those made per-row local variables)."""
+    check_discrete(model)
+    for rv in row_sized_free_rvs(model, row_vars):
+        if rv not in per_row:
             raise ModelError(
                 f"free variable {rv.name!r} has a size or parameters that depend on the data "
-                "rows; distvi fits global parameters only (their number must not grow with "
-                "the rows)"
+                "rows; a global variable's must not (a variable whose first axis is the rows, "
+                "shape=data[...].shape[0], is a per-row local variable)"
             )
 
 

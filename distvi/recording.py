@@ -79,6 +79,7 @@ class RecordedFit:
         else:
             inf.state = state_of(ckpt, inf._optimizer)
             inf.approx.params_values = list(inf.state.result)
+            inf.shards.resume_locals(ckpt.local_states)
             rs.truncate(ckpt.n_trace)
             if (inf._scores_by_default if score is None else score):
                 inf.hist = rs.traces()["loss"]
@@ -134,6 +135,7 @@ class RecordedFit:
         if tracker is not None:
             self._start_tracking(rs, config, parent)
         recorder = Recorder(rs, self.every, tracker, inf.shards.rows_per_step)
+        recorder.local_states = inf.shards.current_local_states
         inf._recorded = (None if rs is None else rs.url, tracker)
         signals = inf._signals
         status, forced = "failed", False

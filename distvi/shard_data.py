@@ -118,7 +118,7 @@ class Shards:
         return contextlib.nullcontext() if held is None else held()
 
     # ------------------------------------------------------------ local variables
-    def check_local_fit(self, objective, until, store: Any, tracking: Any, average_from) -> None:
+    def check_local_fit(self, objective, until, tracking: Any, average_from) -> None:
         """The fit settings not built yet for local variables, refused before any work."""
         if not self.adapter.locals:
             return
@@ -129,7 +129,6 @@ class Shards:
                              "variables only")
         refused = [what for what, bad in [
             ("n=None (fit until converged)", until is not None),
-            ("store= (the run store does not yet checkpoint the workers' local state)", store is not None),
             ("tracking=", tracking not in (None, False)),
             ("average_from= (the workers' groups are not averaged)", average_from is not None),
             ("beta != 1", getattr(objective, "beta", 1.0) != 1.0)] if bad]
@@ -153,6 +152,19 @@ class Shards:
         results, and to restore workers started again)."""
         if self.adapter.locals and self.backend is not None and self.backend.num_workers:
             self.local_states = self.backend.call("local_state", (), [()] * self.num_workers)
+
+    def current_local_states(self) -> list[dict] | None:
+        """What the workers hold of local variables now (None without them)."""
+        self.sync_locals()
+        return self.local_states
+
+    def resume_locals(self, states: list[dict] | None) -> None:
+        """The workers' local state a run store's checkpoint holds (its shards are these: the
+        store's data check says so): the next workers start from it (those running now are
+        let go)."""
+        if self.adapter.locals:
+            self.close()
+            self.local_states = list(states)
 
     def local_params(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each local variable's ``(mu, rho)`` over all its groups, ``(groups, width)`` each

@@ -95,6 +95,7 @@ class Checkpoint:
     name: str
     average: list[np.ndarray] = field(default_factory=list)
     n_averaged: int = 0
+    local_states: list[dict] | None = None  # per shard, with local variables
 
 
 def _check_attrs(url: str, attrs: dict[str, Any]) -> None:
@@ -264,12 +265,13 @@ class RunStore:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, params, opt_state, step: int, opt_step: int, draw_position: int,
-                   average=(), n_averaged: int = 0) -> None:
+                   average=(), n_averaged: int = 0, local_states: list[dict] | None = None) -> None:
         """Flush the traces, write the state under a new name, then point to it.
 
         The state is one float64 array (parameters, then optimizer state, flattened; integer
         counters are exact in float64) with the pieces' shapes and dtypes as attributes: one
-        array write and two metadata writes per checkpoint.
+        array write and two metadata writes per checkpoint. With local variables, each shard's
+        worker state is one more array (``<name>_locals/r<k>``), written before the commit.
         """
         self.flush()
         n_trace = int(self.group["trace/step"].shape[0])
@@ -278,15 +280,47 @@ class RunStore:
         pieces = [np.asarray(p) for p in (*params, *opt_state, *average)]
         flat = np.concatenate([p.astype("float64").ravel() for p in pieces]) if pieces else np.zeros(0)
         self._write(path, flat)
+        for k, state in enumerate(local_states or ()):
+            self._write_local(f"{path}_locals/r{k}", state)
         meta = {"step": int(step), "opt_step": int(opt_step), "draw_position": int(draw_position),
                 "n_trace": n_trace, "n_params": len(params), "n_average": len(average),
-                "n_averaged": int(n_averaged),
+                "n_averaged": int(n_averaged), "n_local_shards": len(local_states or ()),
                 "shapes": [list(p.shape) for p in pieces], "dtypes": [str(p.dtype) for p in pieces]}
         self.group[path].attrs.update({**meta, "sha256": _checkpoint_digest(flat, meta)})
         previous = self.group.attrs.get("checkpoint")
         self.group.attrs["checkpoint"] = name  # the commit
-        if previous and previous != name and f"checkpoints/{previous}" in self.group:
-            del self.group[f"checkpoints/{previous}"]
+        for old in ((f"checkpoints/{previous}", f"checkpoints/{previous}_locals")
+                    if previous and previous != name else ()):
+            if old in self.group:
+                del self.group[old]
+
+    def _write_local(self, path: str, state: dict) -> None:
+        """One shard's local state (see :meth:`LocalShardWorker.local_state`) as one array."""
+        pieces = [np.asarray(p) for key in ("mu", "rho", "slots", "counters") for p in state[key]]
+        flat = np.concatenate([p.astype("float64").ravel() for p in pieces])
+        self._write(path, flat)
+        meta = {"group_lo": int(state["group_lo"]), "offset": int(state["offset"]),
+                "optimizer": state["optimizer_name"],
+                "counts": [len(state[key]) for key in ("mu", "rho", "slots", "counters")],
+                "shapes": [list(p.shape) for p in pieces]}
+        self.group[path].attrs.update({**meta, "sha256": _checkpoint_digest(flat, meta)})
+
+    def _read_local(self, path: str) -> dict:
+        arr = self.group[path]
+        a = dict(arr.attrs)
+        flat = np.ascontiguousarray(arr[...], dtype="float64")
+        if a.get("sha256") != _checkpoint_digest(flat, a):
+            raise ValueError(f"{path}: its values or attributes do not match the checksum")
+        pieces, offset = [], 0
+        for shape in a["shapes"]:
+            size = int(np.prod(shape))
+            pieces.append(flat[offset:offset + size].reshape(shape).copy())
+            offset += size
+        out, at = {}, 0
+        for key, count in zip(("mu", "rho", "slots", "counters"), a["counts"]):
+            out[key], at = pieces[at:at + count], at + count
+        return {**out, "group_lo": a["group_lo"], "offset": a["offset"],
+                "optimizer_name": a["optimizer"], "optimizer": None, "last": None}
 
     def _write(self, path: str, value) -> None:
         value = np.asarray(value)
@@ -315,9 +349,13 @@ class RunStore:
                 raise ValueError(f"{flat.size} values for pieces of {offset}")
             k, m = int(a["n_params"]), int(a.get("n_average", 0))
             state = pieces[k:len(pieces) - m]
+            shards = int(a.get("n_local_shards", 0))
+            local_states = [self._read_local(f"checkpoints/{name}_locals/r{r}")
+                            for r in range(shards)] if shards else None
             return Checkpoint(pieces[:k], state, int(a["step"]), int(a["opt_step"]),
                               int(a["draw_position"]), int(a["n_trace"]), name,
-                              pieces[len(pieces) - m:] if m else [], int(a.get("n_averaged", 0)))
+                              pieces[len(pieces) - m:] if m else [], int(a.get("n_averaged", 0)),
+                              local_states)
         except Exception as err:
             raise StoreError(f"run store {self.url!r}: checkpoint {name!r} is unreadable "
                              f"({type(err).__name__}: {err})") from None

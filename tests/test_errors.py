@@ -181,16 +181,17 @@ def test_discrete_free_variable(no_work, linreg):
         fit(discrete_factory, linreg.data)
 
 
-def per_row_factory(data):
-    with pm.Model() as m:
-        z = pm.Normal("z", 0.0, 1.0, shape=data["X"].shape[0])
+def data_prior_factory(data):
+    with pm.Model() as m:  # a prior read from the rows, on a variable not sized by them
+        z = pm.Normal("z", data["y"].sum(), 1.0)
         pm.Normal("y", z, 1.0, observed=data["y"])
     return m
 
 
-def test_free_variable_sized_by_rows(no_work, linreg):
+def test_free_variable_whose_prior_reads_the_rows(no_work, linreg):
+    # (a variable whose first axis is the rows is a per-row local variable: test_local_vars)
     with pytest.raises(ModelError, match="free variable 'z' has a size or parameters that depend on the data rows"):
-        fit(per_row_factory, linreg.data)
+        fit(data_prior_factory, linreg.data)
 
 
 def test_ready_model_with_data(no_work, linreg):

@@ -221,7 +221,7 @@ def test_a_local_variable_used_other_than_by_its_column_is_refused(hier):
 
 def test_fit_settings_not_built_for_locals_are_refused_before_work(hier, tmp_path):
     inf = _inf(hier)
-    for kw, what in [({"n": None}, "n=None"), ({"store": str(tmp_path / "r.zarr")}, "store="),
+    for kw, what in [({"n": None, "store": str(tmp_path / "r.zarr")}, "n=None"),
                      ({"average_from": 0.5}, "average_from=")]:
         kw = {"n": 10, **kw}
         with pytest.raises(ValueError, match=f"not supported yet: {what}"):
@@ -236,6 +236,27 @@ def test_fit_settings_not_built_for_locals_are_refused_before_work(hier, tmp_pat
     inf.fit(5, progressbar=False)
     with pytest.raises(ValueError, match="PSIS with local variables"):
         inf.approx.diagnose(100)
+
+
+def test_resume_from_a_run_store_is_exact(hier, tmp_path):
+    """A run stopped after 120 steps (checkpoints every 40, each with the workers' local
+    state) and resumed to 200 equals 200 steps in one go, bit for bit."""
+    store = str(tmp_path / "run.zarr")
+    opt = dv.adam(learning_rate=0.02)
+    first = _inf(hier, batch_size=100)
+    first.fit(120, obj_optimizer=opt, store=store, checkpoint_every=40, progressbar=False)
+    assert dv.open_run(store).checkpoint.step == 120
+    again = _inf(hier, batch_size=100)
+    again.fit(200, obj_optimizer=opt, store=store, resume=True, progressbar=False)
+    whole = _inf(hier, batch_size=100)
+    whole.fit(200, obj_optimizer=opt, progressbar=False)
+    for a, b in zip(moments(whole.approx), moments(again.approx)):
+        np.testing.assert_array_equal(a, b)
+    run = dv.open_run(store)
+    assert run.status == "finished" and run.posterior().posterior["a"].shape[-1] == hier.G
+    with pytest.raises(dv.store.StoreError, match=r"written for other data: shards \[\[0, 419\]"):
+        _inf(hier, batch_size=100, num_workers=3).fit(300, obj_optimizer=opt, store=store,
+                                                      resume=True, progressbar=False)
 
 
 def test_locals_need_rows_in_memory(hier, tmp_path):
@@ -292,3 +313,49 @@ def test_a_pickled_approximation_keeps_the_locals(hier):
     again = cloudpickle.loads(cloudpickle.dumps(approx))
     np.testing.assert_array_equal(again.mean_data["a"].values, approx.mean_data["a"].values)
     np.testing.assert_array_equal(again.std_data["a"].values, approx.std_data["a"].values)
+
+
+# ---------------------------------------------------------------- a latent value per row
+def test_a_variable_sized_by_the_rows_is_a_per_row_local_on_its_closed_form():
+    """z_i ~ N(mu, S_Z), y_i ~ N(z_i, S_Y), mu ~ N(0, 1): Gaussian posterior in closed form."""
+    rng = np.random.default_rng(3)
+    n, s_z, s_y = 600, 1.0, 0.5
+    y = 0.7 + s_z * rng.normal(size=n) + s_y * rng.normal(size=n)
+
+    def factory(data):
+        with pm.Model() as m:
+            mu = pm.Normal("mu", 0, 1)
+            z = pm.Normal("z", mu, s_z, shape=data["y"].shape[0])
+            pm.Normal("y", z, s_y, observed=data["y"])
+        return m
+
+    P = np.zeros((n + 1, n + 1))
+    P[0, 0] = 1 + n / s_z**2
+    P[0, 1:] = P[1:, 0] = -1 / s_z**2
+    P[1:, 1:] = np.diag(np.full(n, 1 / s_z**2 + 1 / s_y**2))
+    mean = np.linalg.solve(P, np.r_[0.0, y / s_y**2])
+    sd = 1 / np.sqrt(np.diag(P))
+    inf = dv.ADVI(model=factory, data={"y": y}, num_workers=2, backend="local", random_seed=1)
+    approx = inf.fit(6000, obj_optimizer=dv.adam(learning_rate=DECAYING), progressbar=False)
+    m, s = approx.mean_data, approx.std_data
+    got_mean = np.r_[float(m["mu"]), m["z"].values]
+    got_sd = np.r_[float(s["mu"]), s["z"].values]
+    assert np.abs((got_mean - mean) / sd).max() < 0.15
+    assert 0.93 < (got_sd / sd).min() and (got_sd / sd).max() < 1.07
+    draws = approx.sample(20, random_seed=1).posterior["z"]
+    assert draws.shape == (1, 20, n)  # in the rows' own order
+    assert np.corrcoef(m["z"].values, y)[0, 1] > 0.95
+
+
+def test_a_per_row_variable_named_in_local_or_with_a_group_local_is_refused(hier):
+    def both(data):
+        with pm.Model() as m:
+            a = pm.Normal("a", 0, 1, shape=hier.G)
+            z = pm.Normal("z", 0, 1, shape=data["y"].shape[0])
+            pm.Normal("y", a[data["g"]] + z, 1.0, observed=data["y"])
+        return m
+
+    with pytest.raises(ModelError, match="'z' is sized by the rows: it is a local variable of its rows"):
+        _inf(hier, factory=both, local={"z": "g"})
+    with pytest.raises(ValueError, match=r"different columns \['the rows \(a per-row variable\)', 'g'\]"):
+        _inf(hier, factory=both)

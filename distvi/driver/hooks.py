@@ -266,6 +266,7 @@ class Recorder:
         self.trace: Trace | None = None
         self.written, self.logged = 0, 0
         self.last_ckpt_step = None
+        self.local_states = lambda: None  # the workers' local variables, where they hold them
 
     def bind(self, trace: Trace) -> Recorder:
         self.trace, self.written, self.logged = trace, 0, 0
@@ -291,7 +292,7 @@ class Recorder:
                 or (self.by_time and time.monotonic() >= self.next_ckpt_time)):
             self.next_ckpt_time = time.monotonic() + CHECKPOINT_SECONDS
             self._write(done)
-            save_checkpoint(self.store, state)
+            save_checkpoint(self.store, state, self.local_states())
             self.last_ckpt_step = step
 
     def _rows(self, lo: int, hi: int):
@@ -330,11 +331,12 @@ class Recorder:
         if self.store is not None:
             self._write(done)
             if self.last_ckpt_step != state.step:
-                save_checkpoint(self.store, state)
+                save_checkpoint(self.store, state, self.local_states())
             self.store.flush()
 
 
-def save_checkpoint(store, state: DriverState) -> None:
-    """``state`` into a run store's next checkpoint (the store takes plain arrays)."""
+def save_checkpoint(store, state: DriverState, local_states=None) -> None:
+    """``state`` into a run store's next checkpoint (the store takes plain arrays), with the
+    workers' ``local_states`` where they hold local variables."""
     store.checkpoint(state.params, state.opt_state.flat, state.step, state.opt_step,
-                     state.draw_position, state.average, state.n_averaged)
+                     state.draw_position, state.average, state.n_averaged, local_states)
