@@ -9,7 +9,10 @@ run's):
 - ``dense``: ``a`` as a global free variable, today's only other way (the driver draws the
   groups' point and the workers return its dense gradient);
 - ``pm.fit``: PyMC's ADVI with ``pm.Minibatch`` of the same total rows per step (up to
-  ``--pm-max-groups`` groups).
+  ``--pm-max-groups`` groups; not with ``--backend ray``).
+
+``--backend ray`` runs the two fits on 2 Ray workers (a local instance per subprocess), where
+the bytes a step sends are real traffic.
 
 Each is timed over ``--steps`` steps after a warm-up fit (start-up and compilation left
 out): ms per step, the bytes a step sends to and from a worker (the global point and the
@@ -18,6 +21,7 @@ answer: ``8 * (S * D_global + S + S * D_global)`` per worker), and the driver's 
 Usage
 -----
     .venv/bin/python benchmarks/bench_locals.py --rows 2000000 --groups 1000,10000,100000,1000000
+    .venv/bin/python benchmarks/bench_locals.py --backend ray --groups 1000,100000,1000000
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def factory_for(groups: int):
     return factory
 
 
-def run_one(kind: str, rows: int, groups: int, batch: int, steps: int) -> dict:
+def run_one(kind: str, rows: int, groups: int, batch: int, steps: int, backend: str = "local") -> dict:
     import distvi as dv
 
     d = data(rows, groups)
@@ -78,7 +82,7 @@ def run_one(kind: str, rows: int, groups: int, batch: int, steps: int) -> dict:
     else:
         local = {"a": "g"} if kind == "local" else None
         inf = dv.ADVI(model=factory_for(groups), data=d, local=local, batch_size=batch,
-                      num_workers=2, backend="local", random_seed=1)
+                      num_workers=2, backend=backend, random_seed=1)
         with inf:
             inf.fit(20, progressbar=False)
             t0 = time.perf_counter()
@@ -86,7 +90,7 @@ def run_one(kind: str, rows: int, groups: int, batch: int, steps: int) -> dict:
             per_step = (time.perf_counter() - t0) / steps
         d_global = inf.approx.ndim
     per_worker = 8 * (d_global + 1 + d_global)  # the point out; the value and gradient back
-    return {"kind": kind, "groups": groups, "ms_per_step": 1e3 * per_step,
+    return {"kind": kind, "groups": groups, "backend": backend, "ms_per_step": 1e3 * per_step,
             "bytes_per_step_per_worker": per_worker,
             "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -98,20 +102,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=5000)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--pm-max-groups", type=int, default=100_000)
+    ap.add_argument("--backend", default="local", choices=("local", "ray"))
     ap.add_argument("--one", nargs=2)  # internal: kind groups (in a subprocess)
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.rows, int(args.one[1]), args.batch, args.steps)))
+        print(json.dumps(run_one(args.one[0], args.rows, int(args.one[1]), args.batch, args.steps,
+                                 args.backend)))
         return
     results = []
     for groups in (int(s) for s in args.groups.split(",")):
         for kind in ("local", "dense", "pm.fit"):
-            if kind == "pm.fit" and groups > args.pm_max_groups:
+            if kind == "pm.fit" and (groups > args.pm_max_groups or args.backend == "ray"):
                 continue
             out = subprocess.run([sys.executable, __file__, "--one", kind, str(groups),
                                   "--rows", str(args.rows), "--batch", str(args.batch),
-                                  "--steps", str(args.steps)], capture_output=True, text=True)
+                                  "--steps", str(args.steps), "--backend", args.backend],
+                                 capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
                 continue

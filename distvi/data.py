@@ -291,6 +291,12 @@ class ZarrSource:
             out[name] = arr
         return out
 
+    def read_column(self, name: str) -> np.ndarray:
+        """One array's every row (for the driver, e.g. the group column of local variables)."""
+        import zarr
+
+        return check_array(name, np.asarray(zarr.open_group(self.path, mode="r")[name][...]))
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "zarr", "path": self.path, "n_rows": self.n_rows,
                 "arrays": {k: [d, list(s)] for k, (d, s) in self.schema().items()}}

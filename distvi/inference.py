@@ -260,7 +260,7 @@ class Inference:
         from distvi.tracking import as_tracking
 
         n, until = check_until(n, max_n, tol, average_from, resume, obj_optimizer)
-        self.shards.check_local_fit(self.objective, until, tracking, average_from)
+        self.shards.check_local_fit(self.objective, until, average_from)
         tracker = as_tracking(tracking)
         every = check_recording(store, checkpoint_every, resume)
         average_after = _validate.average_from(average_from, n)

@@ -1,7 +1,9 @@
 """Rows split by group for local variables: every row of a group in one shard.
 
-The rows are ordered by the group column (stably: a group's rows keep their order) and the
-shards are contiguous ranges of whole groups, cut where the rows are closest to equal.
+Rows in memory are ordered by the group column (stably: a group's rows keep their order); a
+Zarr store's rows must be ordered by it already (the driver reads that one column, never the
+rows: each worker still reads its own range). The shards are contiguous ranges of whole
+groups, cut where the rows are closest to equal.
 """
 
 from __future__ import annotations
@@ -10,6 +12,26 @@ import numpy as np
 
 from distvi.data import ArraySource, DataError
 from distvi.local_terms import ROW_COLUMN
+
+
+class GroupedRanges:
+    """A source whose rows are ordered by ``column``, with the shards' row ranges fixed at
+    group boundaries (``shard_bounds``); the workers read their ranges from it."""
+
+    def __init__(self, source, column: str, n_groups: int, shard_bounds: list[tuple[int, int]]) -> None:
+        self.source, self.column, self.n_groups = source, column, n_groups
+        self.shard_bounds = list(shard_bounds)
+
+    n_rows = property(lambda self: self.source.n_rows)
+
+    def schema(self):
+        return self.source.schema()
+
+    def read(self, start: int, stop: int):
+        return self.source.read(start, stop)
+
+    def describe(self) -> dict:
+        return {**self.source.describe(), "grouped_by": self.column, "groups": self.n_groups}
 
 
 class GroupedSource(ArraySource):
@@ -61,13 +83,21 @@ def group_source(source, locals_, num_workers: int) -> GroupedSource:
         raise ValueError(f"local variables {[v.rv_name for v in locals_]} of column {column!r} "
                          f"have different numbers of groups {sorted(sizes)}")
     n_groups = sizes.pop()
-    if not isinstance(source, ArraySource):
-        raise DataError(f"local variables need the rows in memory (a mapping of arrays) for "
-                        f"now; {type(source).__name__} cannot yet be split by group", column)
-    rows = source.read(0, source.n_rows)
-    if column == ROW_COLUMN:  # per-row local variables: each row its own group, in order
-        rows[ROW_COLUMN] = np.arange(source.n_rows, dtype=np.int64)
-    g = np.asarray(rows[column])
+    in_memory = isinstance(source, ArraySource)
+    if column == ROW_COLUMN and not in_memory:
+        raise DataError(f"per-row local variables {[v.rv_name for v in locals_]} need the rows "
+                        "in memory (a mapping of arrays) for now", column)
+    if not in_memory and not hasattr(source, "read_column"):
+        raise DataError(f"local variables need the rows in memory or in a Zarr store ordered "
+                        f"by {column!r}; a {type(source).__name__} cannot be split by group yet",
+                        column)
+    if in_memory:
+        rows = source.read(0, source.n_rows)
+        if column == ROW_COLUMN:  # per-row local variables: each row its own group, in order
+            rows[ROW_COLUMN] = np.arange(source.n_rows, dtype=np.int64)
+        g = np.asarray(rows[column])
+    else:
+        g = source.read_column(column)
     names = ", ".join(v.rv_name for v in locals_)
     if g.ndim != 1:
         raise DataError(f"column {column!r} (the groups of {names}) must be one index per row, "
@@ -86,8 +116,17 @@ def group_source(source, locals_, num_workers: int) -> GroupedSource:
     if n_groups < num_workers:
         raise ValueError(f"num_workers={num_workers} is more than the {n_groups} groups of {names}; "
                          "each shard holds whole groups")
-    order = np.argsort(g, kind="stable")
     cuts = group_cuts(counts, num_workers)
     starts = np.concatenate([[0], np.cumsum(counts)])
     bounds = [(int(starts[a]), int(starts[b])) for a, b in zip(cuts[:-1], cuts[1:])]
+    if not in_memory:
+        if np.any(np.diff(g) < 0):
+            first = int(np.flatnonzero(np.diff(g) < 0)[0]) + 1
+            raise DataError(f"the rows of {source.describe().get('path', 'the store')!r} are not "
+                            f"ordered by column {column!r} (row {first} has group {int(g[first])} "
+                            f"after {int(g[first - 1])}); local variables split a store's rows by "
+                            "group where they are: write it ordered by that column (e.g. rows "
+                            "taken in np.argsort(column, kind='stable') order)", column)
+        return GroupedRanges(source, column, n_groups, bounds)
+    order = np.argsort(g, kind="stable")
     return GroupedSource({k: np.asarray(v)[order] for k, v in rows.items()}, column, n_groups, bounds)

@@ -118,7 +118,7 @@ class Shards:
         return contextlib.nullcontext() if held is None else held()
 
     # ------------------------------------------------------------ local variables
-    def check_local_fit(self, objective, until, tracking: Any, average_from) -> None:
+    def check_local_fit(self, objective, until, average_from) -> None:
         """The fit settings not built yet for local variables, refused before any work."""
         if not self.adapter.locals:
             return
@@ -129,7 +129,6 @@ class Shards:
                              "variables only")
         refused = [what for what, bad in [
             ("n=None (fit until converged)", until is not None),
-            ("tracking=", tracking not in (None, False)),
             ("average_from= (the workers' groups are not averaged)", average_from is not None),
             ("beta != 1", getattr(objective, "beta", 1.0) != 1.0)] if bad]
         if refused:

@@ -58,6 +58,7 @@ write = write_config  # a config file in tmp_path
     ({"tracking": {"experimnt": "x"}}, r"tracking: unknown key 'experimnt'"),
     ({"progress": "fancy"}, r"progress must be one of auto, bar, lines, off"),
     ({"backend": "dask"}, r"backend must be local or ray"),
+    ({"local": {"a": 1}}, r"local must map variable names to data column names"),
     ({"seed": -1}, r"seed must be >= 0"),
     ({"average_from": 1.5}, r"average_from as a fraction of n must be in \[0, 1\)"),
     ({"average_from": "half"}, r"average_from must be a number or an int or null"),

@@ -111,6 +111,21 @@ def test_radon_mean_field_job_runs_and_reports(tmp_path, capsys):
     assert store.exists() and f"run store   {store}" in out
 
 
+def test_radon_with_county_effects_as_local_variables(capsys):
+    """configs/radon_local.yaml: the 85 a_z on two workers of whole counties; the driver fits
+    the four globals. Mean-field, so the means (not the sds of mu_a and sigma_a) are NUTS's."""
+    inference = radon.main(["--config", "configs/radon_local.yaml",
+                            *sets(tracking="false", progress='"off"', n=6000)])
+    out = capsys.readouterr().out
+    assert "radon: advi on 919 rows, 85 counties, 6000 steps" in out
+    assert inference.approx.ndim == 4 and [v.rv_name for v in inference.shards.adapter.locals] == ["a_z"]
+    post = inference.approx.sample(2000, random_seed=0).posterior
+    assert post["a_z"].dims == ("chain", "draw", "county") and post["a_z"].shape[-1] == 85
+    for name in ("mu_a", "b", "sigma_y"):
+        mean, sd = radon.NUTS[name]
+        assert abs(float(post[name].mean()) - mean) < 0.5 * sd, name
+
+
 def test_radon_through_the_distvi_command(tmp_path, capsys):
     store = str(tmp_path / "cli.zarr")
     code = distvi.cli.main(["run", "configs/radon.yaml",

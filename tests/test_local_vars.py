@@ -80,10 +80,11 @@ def hier():
 DECAYING = GeometricDecay(lr0=0.05, end=0.05 * 0.999**6000, start=0, total=6000)
 
 
-def fit(h, n=6000, **kw):
+def fit(h, n=6000, data=None, **kw):
     kw.setdefault("num_workers", 2)
     kw.setdefault("backend", "local")
-    inf = dv.ADVI(model=h.factory, data=h.data, local={"a": "g"}, random_seed=kw.pop("seed", 1), **kw)
+    inf = dv.ADVI(model=h.factory, data=h.data if data is None else data, local={"a": "g"},
+                  random_seed=kw.pop("seed", 1), **kw)
     approx = inf.fit(n, obj_optimizer=dv.adam(learning_rate=DECAYING), progressbar=False)
     return inf, approx
 
@@ -259,19 +260,50 @@ def test_resume_from_a_run_store_is_exact(hier, tmp_path):
                                                       resume=True, progressbar=False)
 
 
-def test_locals_need_rows_in_memory(hier, tmp_path):
+def test_a_tracked_run_with_locals_is_in_mlflow_and_the_store(hier, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = dv.MLflowTracking(experiment="locals", tracking_uri=uri, log_every=20)
+    inf = _inf(hier, batch_size=100)
+    inf.fit(60, store=str(tmp_path / "run.zarr"), tracking=tracker, progressbar=False)
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["inference.local.a"] == "g"
+    losses = MlflowClient(uri).get_metric_history(tracker.run_id, "loss")
+    np.testing.assert_array_equal([m.value for m in losses], inf.hist[[19, 39, 59]])
+
+
+def test_a_zarr_store_ordered_by_the_column_is_split_where_it_lies(hier, tmp_path):
+    """Each worker reads its own range of whole groups from the store: the same numbers as
+    the rows given in memory (which are ordered the same way)."""
     from conftest import write_zarr
 
-    write_zarr(tmp_path / "d.zarr", hier.data)
-    with pytest.raises(DataError, match="need the rows in memory"):
-        _inf(hier, data=dv.data.ZarrSource(str(tmp_path / "d.zarr")))
+    order = np.argsort(hier.data["g"], kind="stable")
+    write_zarr(tmp_path / "d.zarr", {k: v[order] for k, v in hier.data.items()}, chunk_rows=64)
+    source = dv.data.ZarrSource(str(tmp_path / "d.zarr"))
+    _, memory = fit(hier, n=100, batch_size=100)
+    inf, zarr = fit(hier, n=100, batch_size=100, data=source)
+    assert inf.source.source is source  # the rows stay in the store
+    for a, b in zip(moments(memory), moments(zarr)):
+        np.testing.assert_array_equal(a, b)
+    write_zarr(tmp_path / "shuffled.zarr", hier.data)
+    with pytest.raises(DataError, match=r"not ordered by column 'g' \(row \d+ has group"):
+        _inf(hier, data=dv.data.ZarrSource(str(tmp_path / "shuffled.zarr")))
 
 
 # ---------------------------------------------------------------- on Ray
-@pytest.mark.parametrize("path", ["plain", "direct"])
-def test_ray_equals_local_bit_for_bit(hier, ray_cluster, path):
+@pytest.mark.parametrize("path, in_store", [("plain", False), ("direct", True)])
+def test_ray_equals_local_bit_for_bit(hier, ray_cluster, path, in_store, tmp_path):
+    """(Over the direct path the workers read their groups' rows from a Zarr store.)"""
+    from conftest import write_zarr
+
+    data = None
+    if in_store:
+        order = np.argsort(hier.data["g"], kind="stable")
+        data = dv.data.ZarrSource(write_zarr(tmp_path / "d.zarr", {k: v[order] for k, v in hier.data.items()}))
     _, local = fit(hier, n=150, batch_size=100)
-    inf, ray = fit(hier, n=100, batch_size=100, backend="ray", backend_options={"path": path})
+    inf, ray = fit(hier, n=100, batch_size=100, backend="ray", backend_options={"path": path}, data=data)
     with inf:  # refine on the same workers: they kept their groups' parameters
         inf.refine(50, progressbar=False)
     for a, b in zip(moments(local), moments(inf.approx)):

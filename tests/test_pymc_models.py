@@ -101,7 +101,7 @@ def test_minibatch_batch_sizes_must_agree(lr):
 
 def test_explicit_batch_size_wins_over_the_minibatch(lr):
     with _minibatch_model(lr, 100, 300):
-        assert dv.ADVI(num_workers=2, backend="local", batch_size=30)._shard_batches == [30, 30]
+        assert dv.ADVI(num_workers=2, backend="local", batch_size=30).shards.batches == [30, 30]
 
 
 def test_model_without_data_fits_on_the_driver():
