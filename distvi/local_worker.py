@@ -42,7 +42,6 @@ class LocalShardWorker(ShardWorker):
     def __init__(self, rows, rank: int, seed: int, batch_size, data_term, state: dict | None = None) -> None:
         super().__init__(rows, rank, seed, None, data_term)  # the rows as given: sorted by group
         term = data_term.data_term
-        self.term = term
         groups = np.asarray(self.rows[list(rows).index(term.locals[0].column)], dtype=np.int64)
         self.group_lo = int(groups.min())
         n = int(groups.max()) + 1 - self.group_lo
@@ -89,6 +88,7 @@ class LocalShardWorker(ShardWorker):
             # a counter per group (Adam's step t): a group's own count of its updates
             self._counters = [np.zeros((self.n_groups, 1)) for _ in state.counters]
         self._optimizer, self._offset, self._optimizer_name = optimizer, int(offset), optimizer.name
+        self._last = None  # a step's kept answer is for retries within one fit
 
     def _update_fn(self):
         """The optimizer's rule on the touched groups, compiled once per optimizer (its
@@ -162,8 +162,11 @@ class LocalShardWorker(ShardWorker):
         lr = self._optimizer.learning_rate_at(max(int(step) - self._offset, 0))
         out = self._update_fn()(*[_take(p, segments) for p in params], *grads,
                                 *[_take(x, segments) for x in state], np.array(lr))
-        if not all(np.all(np.isfinite(p)) for p in out[:len(params)]):
-            return  # the driver's finiteness check names the step; the groups keep their values
+        bad = sum(int(np.sum(~np.isfinite(p))) for p in out[:len(params)])
+        if bad:  # the groups keep their values; the fit stops here, saying so
+            raise FloatingPointError(
+                f"step {step}: the update of the local variables of shard {self.rank} is not "
+                f"finite ({bad} values); lower the learning rate or check the model's local terms")
         for target, new in zip([*params, *state], out):
             at = 0
             for a, b in segments:
@@ -191,8 +194,7 @@ class LocalShardWorker(ShardWorker):
         return {"group_lo": self.group_lo, "mu": natural(self.mu), "rho": natural(self.rho),
                 "slots": natural(self._slots), "counters": natural(self._counters),
                 "optimizer": self._optimizer, "optimizer_name": self._optimizer_name,
-                "offset": self._offset,
-                "last": None if self._last is None else self._last[0]}
+                "offset": self._offset}
 
     def _restore(self, state: dict) -> None:
         if state["group_lo"] != self.group_lo or state["mu"][0].shape[0] != self.n_groups:

@@ -149,7 +149,8 @@ class Shards:
     def sync_locals(self) -> None:
         """Bring what the workers hold of the local variables to the driver (kept for
         results, and to restore workers started again)."""
-        if self.adapter.locals and self.backend is not None and self.backend.num_workers:
+        if (self.adapter.locals and self.backend is not None
+                and getattr(self.backend, "holds_workers", bool(self.backend.num_workers))):
             self.local_states = self.backend.call("local_state", (), [()] * self.num_workers)
 
     def current_local_states(self) -> list[dict] | None:
@@ -191,7 +192,7 @@ class Shards:
 
             warnings.warn(f"the workers' local variables could not be read before they were "
                           f"released ({type(err).__name__}: {err}); the results keep what they "
-                          "held at the end of the last fit", stacklevel=2)
+                          "held when last read", stacklevel=2)
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None

@@ -320,7 +320,7 @@ class RunStore:
         for key, count in zip(("mu", "rho", "slots", "counters"), a["counts"]):
             out[key], at = pieces[at:at + count], at + count
         return {**out, "group_lo": a["group_lo"], "offset": a["offset"],
-                "optimizer_name": a["optimizer"], "optimizer": None, "last": None}
+                "optimizer_name": a["optimizer"], "optimizer": None}
 
     def _write(self, path: str, value) -> None:
         value = np.asarray(value)

@@ -239,6 +239,13 @@ def test_fit_settings_not_built_for_locals_are_refused_before_work(hier, tmp_pat
         inf.approx.diagnose(100)
 
 
+def test_a_local_update_that_is_not_finite_stops_the_fit_saying_so(hier):
+    inf = _inf(hier)
+    with pytest.raises(FloatingPointError, match=r"step 0: the update of the local variables of "
+                                                 r"shard \d is not finite \(\d+ values\)"):
+        inf.fit(5, obj_optimizer=dv.sgd(learning_rate=1e308), progressbar=False)
+
+
 def test_resume_from_a_run_store_is_exact(hier, tmp_path):
     """A run stopped after 120 steps (checkpoints every 40, each with the workers' local
     state) and resumed to 200 equals 200 steps in one go, bit for bit."""
