@@ -302,7 +302,7 @@ class Approximation(Results, SymbolicNodes, FullData):
         # to its process (an unpickled approximation reads its source itself)
         state = {k: v for k, v in self.__dict__.items() if k != "_fns"}
         if self.shard_data is not None and self.adapter is not None and self.adapter.locals:
-            state["local_params"] = self.shard_data.local_params()  # the workers' groups, fetched
+            state["local_states"] = self.shard_data.current_local_states()  # the workers' groups
         state["shard_data"] = None
         return state
 

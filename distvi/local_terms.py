@@ -138,9 +138,12 @@ def _column_of(index: Variable, columns: dict) -> str | None:
     return columns.get(index)
 
 
-def _group_sized_constants(graph: Variable, n_groups: int) -> list:
-    return [a for a in ancestors([graph]) if isinstance(a, Constant) and a.ndim >= 1
-            and a.data.shape[0] == n_groups and n_groups > 1]
+def _group_sized_constants(graph: Variable, n_groups: int, values=()) -> list:
+    """Arrays of one entry per group in ``graph``: constants, and the value variables
+    ``values`` of that leading size (a global with one entry per group)."""
+    return [a for a in ancestors([graph]) if n_groups > 1 and (
+        (isinstance(a, Constant) and a.ndim >= 1 and a.data.shape[0] == n_groups)
+        or (a in values and a.ndim >= 1 and a.type.shape[0] == n_groups))]
 
 
 def _at_rows(graph, vv, slots):
@@ -262,7 +265,7 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
             data_graph = _replace_indexing(data_graph, vv, var, slots, columns)
         elementwise = model.logp(vars=[rv], jacobian=True, sum=False)[0]
         at_rows = _at_rows(elementwise, vv, slots)
-        if _group_sized_constants(at_rows, var.n_groups):
+        if _group_sized_constants(at_rows, var.n_groups, set(to_z)):
             raise ModelError(
                 f"the prior of local variable {var.rv_name!r} has parameters that differ by "
                 "group; a local variable's prior must be the same for every group (given the "
@@ -273,6 +276,11 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
         eps.append(e), mus.append(m), rhos.append(r), locs.append(var)
         inits.append(np.asarray(initial[var.name], dtype="float64").reshape(var.n_groups, var.width))
     term = pt.cast(data_graph, "float64") + pt.sum(weight * (prior_rows + entropy))
+    left = set(ancestors([term])) & {vvs[name] for name in local}
+    if left:  # e.g. one local variable's prior read from another's groups
+        raise ModelError(f"the terms of local variables {list(local)} read local variables "
+                         f"{sorted(v.name for v in left)} other than at their rows (a local "
+                         "variable's prior may depend on the globals only)")
     term = graph_replace(term, to_z, strict=False)
     grads = pt.grad(term, [z, *mus, *rhos], disconnected_inputs="ignore")
     outputs = without_pymc_checks([term, *grads], check_bounds)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from distvi._rng import Stream
+from distvi.results import draw_local
 from distvi.worker import ShardWorker
 
 LOCAL_STREAM = 2**32  # + rank: each worker's normals for its local variables
@@ -195,6 +196,10 @@ class LocalShardWorker(ShardWorker):
                 "slots": natural(self._slots), "counters": natural(self._counters),
                 "optimizer": self._optimizer, "optimizer_name": self._optimizer_name,
                 "offset": self._offset}
+
+    def local_draws(self, draws: int, seed: int) -> list[np.ndarray]:
+        """``draws`` draws of this shard's groups (see :func:`draw_local`)."""
+        return draw_local(self.local_state(), draws, seed, self.rank)
 
     def _restore(self, state: dict) -> None:
         if state["group_lo"] != self.group_lo or state["mu"][0].shape[0] != self.n_groups:

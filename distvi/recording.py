@@ -9,6 +9,7 @@ status. It works on the Inference it is given through its public surface (``appr
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from distvi import _validate
 from distvi.driver.hooks import Recorder
 from distvi.driver.state import DriverState
+from distvi.results import LocalDrawsTooLarge
 from distvi.store import RunStore, StoreError, jsonable, store_url, versions
 
 DRAWS_IN_STORE = 1000  # posterior draws written to a run store at the end
@@ -160,7 +162,13 @@ class RecordedFit:
         inf, tracker = self.inference, self.tracker
         idata = None
         if status in ("finished", "stopped"):
-            idata = inf.approx.sample(DRAWS_IN_STORE, random_seed=inf.random_seed)
+            try:
+                idata = inf.approx.sample(DRAWS_IN_STORE, random_seed=inf.random_seed)
+            except LocalDrawsTooLarge as err:  # the checkpoint holds the groups' factors
+                warnings.warn(f"the run store's posterior draws leave out the local variables: "
+                              f"{err}; their factors are in the last checkpoint", stacklevel=2)
+                idata = inf.approx.sample(DRAWS_IN_STORE, random_seed=inf.random_seed,
+                                          include_locals=False)
         outcome = jsonable(outcome_of(inf))
         if rs is not None:
             if idata is not None:

@@ -15,8 +15,28 @@ if TYPE_CHECKING:  # imported where used: a shard worker that imports distvi nee
 
 # draws of data-dependent deterministics that approx.sample() computes on the workers, at most
 DETERMINISTICS_MAX_MB = 512
-# draws of local variables approx.sample() makes on the driver, at most
+# draws of local variables approx.sample() gathers on the driver, at most
 LOCAL_DRAWS_MAX_MB = 1024
+LOCAL_DRAW_STREAM = 2**33  # + rank: draws of a shard's local variables for results
+
+
+class LocalDrawsTooLarge(ValueError):
+    """The draws of the local variables asked for are over :data:`LOCAL_DRAWS_MAX_MB`."""
+
+
+def draw_local(state: dict, draws: int, seed: int, rank: int) -> list[np.ndarray]:
+    """``draws`` draws of each local variable of a shard's ``state`` (its groups in their own
+    order), unconstrained, ``(draws, groups, width)`` each, from the stream addressed by
+    (``seed``, ``rank``): a worker and the driver holding the same state draw the same."""
+    from distvi._rng import Stream
+    from distvi.families import softplus
+
+    stream, at, out = Stream(seed, LOCAL_DRAW_STREAM + rank), 0, []
+    for mu, rho in zip(state["mu"], state["rho"]):
+        eps = stream.normal((draws, *mu.shape), at)
+        at += eps.size
+        out.append(mu + softplus(rho) * eps)
+    return out
 
 
 class Results:
@@ -63,36 +83,53 @@ class Results:
         ad = self.require_bound()
         if not ad.locals:
             return {}
-        if self.shard_data is not None:
+        states = self._pickled_local_states()
+        if states is None:
             params = self.shard_data.local_params()
-        else:  # unpickled: what the workers held when it was pickled
-            params = self.__dict__["local_params"]
-        return {v: params[v.name] for v in ad.locals}
+            return {v: params[v.name] for v in ad.locals}
+        return {v: (np.concatenate([s["mu"][j] for s in states]),
+                    np.concatenate([s["rho"][j] for s in states])) for j, v in enumerate(ad.locals)}
+
+    def _pickled_local_states(self):
+        """An unpickled approximation's local state (None while it has its fit's shards)."""
+        if self.shard_data is not None:
+            return None
+        states = self.__dict__.get("local_states")
+        if states is None:
+            raise ValueError("this approximation was pickled before its local variables were "
+                             "fitted: it holds no parameters of theirs")
+        return states
 
     def _local_draws(self, draws: int, rng: np.random.Generator, flat: np.ndarray,
                      include_transformed: bool) -> dict[str, np.ndarray]:
-        """Draws of the local variables from their groups' factors (after the globals' draws
-        ``flat``, whose values a transform may read), in the constrained space."""
-        out = {}
-        locs = self._locals()
-        size = sum(draws * v.n_groups * v.width for v in locs) * 8 / 2**20
-        if size > LOCAL_DRAWS_MAX_MB:
-            raise ValueError(
-                f"{draws} draws of local variables {[v.rv_name for v in locs]} take {size:.0f} MB "
-                f"(limit distvi.results.LOCAL_DRAWS_MAX_MB = {LOCAL_DRAWS_MAX_MB}); take fewer "
-                "draws, or raise the limit")
-        from distvi.families import softplus
-
+        """Draws of the local variables from their groups' factors (drawn where the groups'
+        parameters are: by the workers, see :meth:`Shards.local_draws`), constrained with
+        the globals' draws ``flat`` where a transform reads them."""
         ad = self.require_bound()
-        for var, (mu, rho) in locs.items():
-            u = mu + softplus(rho) * rng.standard_normal((draws, *mu.shape))
-            u = u.reshape((draws, *var.shape))
-            out.update(ad.local_values(var, u, flat, include_transformed))
+        if not ad.locals:
+            return {}
+        size = sum(draws * v.n_groups * v.width for v in ad.locals) * 8 / 2**20
+        if size > LOCAL_DRAWS_MAX_MB:
+            raise LocalDrawsTooLarge(
+                f"{draws} draws of local variables {[v.rv_name for v in ad.locals]} take "
+                f"{size:.0f} MB (limit distvi.results.LOCAL_DRAWS_MAX_MB = {LOCAL_DRAWS_MAX_MB}); "
+                "take fewer draws, raise the limit, or leave them out (include_locals=False); "
+                "their means and sds are in mean_data and std_data")
+        seed = int(rng.integers(2**62))
+        states = self._pickled_local_states()
+        if states is None:
+            arrays = self.shard_data.local_draws(draws, seed)
+        else:
+            parts = [draw_local(s, draws, seed, k) for k, s in enumerate(states)]
+            arrays = [np.concatenate([p[j] for p in parts], axis=1) for j in range(len(ad.locals))]
+        out = {}
+        for var, u in zip(ad.locals, arrays):
+            out.update(ad.local_values(var, u.reshape((draws, *var.shape)), flat, include_transformed))
         return out
 
     def sample(self, draws: int = 500, random_seed: int | None = None,
                return_inferencedata: bool = True, include_transformed: bool = False,
-               psis: bool = False, psis_draws: int | None = None):
+               psis: bool = False, psis_draws: int | None = None, include_locals: bool = True):
         """Draws from q in the constrained space, with the model's deterministics.
 
         With ``psis=True``: importance-resampled draws. ``psis_draws`` (default
@@ -100,7 +137,8 @@ class Results:
         ratios against the full-data posterior (see :meth:`diagnose`) and ``draws`` of them
         are picked by weight, with replacement; refused when k̂ > 0.7. The picked draws'
         normalized weights are in ``sample_stats["psis_weight"]`` and k̂, the weights' ESS and
-        the verdict in the group's attributes.
+        the verdict in the group's attributes. ``include_locals=False`` leaves local variables
+        out (their draws are refused over ``LOCAL_DRAWS_MAX_MB``, naming the size).
 
         Returns
         -------
@@ -134,11 +172,13 @@ class Results:
             flat = self.draw_flat(int(draws), rng)
         if not return_inferencedata:
             values = ad.constrained_fn(True)(flat)
-            values.update(self._local_draws(int(draws), rng, flat, True))
+            if include_locals:
+                values.update(self._local_draws(int(draws), rng, flat, True))
             values.update(self._data_deterministics(flat))
             return self._multitrace(values, stats)
         values = ad.constrained_fn(include_transformed)(flat)
-        values.update(self._local_draws(int(draws), rng, flat, include_transformed))
+        if include_locals:
+            values.update(self._local_draws(int(draws), rng, flat, include_transformed))
         values.update(self._data_deterministics(flat))
         dims, coords = ad.dims_and_coords(values)
         posterior = {k: np.asarray(v)[None] for k, v in values.items()}

@@ -166,6 +166,19 @@ class Shards:
             self.close()
             self.local_states = list(states)
 
+    def local_draws(self, draws: int, seed: int) -> list[np.ndarray]:
+        """``draws`` draws of each local variable's groups, unconstrained, ``(draws, groups,
+        width)`` each: drawn by the workers from their own parameters, or (once they are let
+        go) here from what they held, with the same numbers."""
+        from distvi.results import draw_local
+
+        held = self.backend is not None and getattr(self.backend, "holds_workers", True)
+        if held or self.local_states is None:
+            parts = self._on_workers("local_draws", int(draws), int(seed))
+        else:
+            parts = [draw_local(s, int(draws), int(seed), k) for k, s in enumerate(self.local_states)]
+        return [np.concatenate([p[j] for p in parts], axis=1) for j in range(len(self.adapter.locals))]
+
     def local_params(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each local variable's ``(mu, rho)`` over all its groups, ``(groups, width)`` each
         (the initial values before any fit; empty without local variables)."""
@@ -201,18 +214,23 @@ class Shards:
             self.backend = None
 
     # ------------------------------------------------------------ the full data
-    def _on_whole_shards(self, method: str, points: np.ndarray, *before) -> list:
-        """``worker.method(*before, points)`` on every shard worker, over its whole shard;
-        workers started only for it are released after."""
+    def _on_workers(self, method: str, *shared, points: np.ndarray | None = None) -> list:
+        """``worker.method(*shared[, points])`` on every shard worker (``points`` put where
+        every worker reads them); workers started only for it are released after."""
         was_open = self.backend is not None
         backend = self.start()
         try:
             with self.held():
-                shared = backend.share(np.ascontiguousarray(points, dtype="float64"))
-                return backend.call(method, (*before, shared), [()] * self.num_workers)
+                if points is not None:
+                    shared = (*shared, backend.share(np.ascontiguousarray(points, dtype="float64")))
+                return backend.call(method, shared, [()] * self.num_workers)
         finally:
             if not was_open:
                 self.close()
+
+    def _on_whole_shards(self, method: str, points: np.ndarray, *before) -> list:
+        """``worker.method(*before, points)`` on every shard worker, over its whole shard."""
+        return self._on_workers(method, *before, points=points)
 
     def logp(self, points: np.ndarray) -> np.ndarray:
         """The log-likelihood of all the rows at each flat point (S, D): every shard worker

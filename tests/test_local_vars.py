@@ -119,8 +119,10 @@ def test_minibatches_land_close_to_the_optimum(hier):
 
 
 def test_samples_carry_the_locals_with_their_coords(hier):
-    _, approx = fit(hier, n=300)
-    idata = approx.sample(400, random_seed=2)
+    inf, approx = fit(hier, n=300)
+    idata = approx.sample(400, random_seed=2)  # drawn by the workers
+    inf.close()  # then by the driver, from what the workers held: the same draws
+    np.testing.assert_array_equal(approx.sample(400, random_seed=2).posterior["a"], idata.posterior["a"])
     a = idata.posterior["a"]
     assert a.dims == ("chain", "draw", "group") and a.shape == (1, 400, hier.G)
     assert list(a["group"].values[:2]) == ["g0", "g1"]
@@ -212,8 +214,19 @@ def test_a_local_variable_used_other_than_by_its_column_is_refused(hier):
             pm.Normal("y", a[data["g"]], 1.0, observed=data["y"])
         return m
 
+    def nested(data):
+        with pm.Model() as m:
+            a = pm.Normal("a", 0, 1, shape=hier.G)
+            c = pm.Normal("c", a, 1.0, shape=hier.G)  # its prior reads a's groups
+            pm.Normal("y", c[data["g"]] + a[data["g"]], 1.0, observed=data["y"])
+        return m
+
     with pytest.raises(ModelError, match="not indexed by data\\['g'\\]"):
         _inf(hier, factory=summed)
+    with pytest.raises(ModelError, match=r"read local variables \['a'\] other than at their rows"):
+        _inf(hier, factory=nested, local={"c": "g", "a": "g"})
+    with pytest.raises(ModelError, match="'c' has parameters that differ by group"):
+        _inf(hier, factory=nested, local={"c": "g"})  # a global with one entry per group
     with pytest.raises(ModelError, match="indexed in the likelihood by something other than data\\['g'\\]"):
         _inf(hier, factory=other_index, data=dict(hier.data, h=hier.data["g"].copy()))
     with pytest.raises(ModelError, match="parameters that differ by group"):
@@ -237,6 +250,24 @@ def test_fit_settings_not_built_for_locals_are_refused_before_work(hier, tmp_pat
     inf.fit(5, progressbar=False)
     with pytest.raises(ValueError, match="PSIS with local variables"):
         inf.approx.diagnose(100)
+
+
+def test_local_draws_over_the_limit_are_refused_and_left_out_of_a_store(hier, tmp_path, monkeypatch):
+    from distvi import results
+
+    monkeypatch.setattr(results, "LOCAL_DRAWS_MAX_MB", 0.5)  # 1000 draws x 200 groups: 1.5 MB
+    store = str(tmp_path / "run.zarr")
+    inf = _inf(hier, batch_size=100)
+    with pytest.warns(UserWarning, match="posterior draws leave out the local variables: 1000 "
+                                         r"draws of local variables \['a'\] take 2 MB"):
+        inf.fit(30, store=store, progressbar=False)
+    run = dv.open_run(store)
+    assert run.status == "finished" and "a" not in run.posterior().posterior
+    assert run.checkpoint.step == 30
+    with pytest.raises(results.LocalDrawsTooLarge, match=r"include_locals=False"):
+        inf.approx.sample(1000)
+    assert "a" not in inf.approx.sample(1000, include_locals=False).posterior
+    assert inf.approx.sample(100).posterior["a"].shape == (1, 100, hier.G)
 
 
 def test_a_local_update_that_is_not_finite_stops_the_fit_saying_so(hier):

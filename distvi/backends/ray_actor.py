@@ -98,6 +98,9 @@ class ShardActor:
     def local_begin(self, *args):
         return self.worker.local_begin(*args)
 
+    def local_draws(self, *args):
+        return self.worker.local_draws(*args)
+
     def local_state(self):
         with self._lock:  # not between a step's halves on the direct line's thread
             return self.worker.local_state()
