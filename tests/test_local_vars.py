@@ -14,7 +14,6 @@ import pytest
 
 import distvi as dv
 from distvi.data import DataError
-from distvi.families import softplus
 from distvi.model_errors import ModelError
 from distvi.optimizers import GeometricDecay
 
