@@ -286,3 +286,36 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
     outputs = without_pymc_checks([term, *grads], check_bounds)
     return LocalTerm(z, outputs, eps, mus, rhos, weight, list(data_inputs.values()), check_bounds,
                      tuple(locs), inits)
+
+
+# ---------------------------------------------------------------- results
+def _draws_fn(adapter, key: str, graphs: list, locs: tuple):
+    """``f(points[D, n], *u[D, *shape]) -> graphs`` at each draw (globals ``points``, local
+    variables' unconstrained draws ``u``), compiled once per ``key``."""
+    if key not in adapter.local_fns:
+        model = adapter.model
+        graphs = graph_replace(graphs, adapter.value_replacements(adapter.z), strict=False)
+        points = pt.matrix("points", dtype="float64")
+        held = [pt.tensor(f"u_{v.name}", dtype="float64", shape=(None, *v.shape)) for v in locs]
+        vvs = [model.rvs_to_values[model[v.rv_name]] for v in locs]
+        adapter.local_fns[key] = function(
+            [points, *held], vectorize_graph(graphs, {adapter.z: points, **dict(zip(vvs, held))}),
+            on_unused_input="ignore")
+    return adapter.local_fns[key]
+
+
+def local_values(adapter, draws: dict, flat: np.ndarray, include_transformed: bool) -> dict:
+    """The local variables' draws ``draws`` (by entry: (D, *shape), unconstrained) by name:
+    constrained (a transform's parameters from the globals' draws ``flat``), the
+    deterministics of the groups, and with ``include_transformed`` the draws themselves."""
+    model, locs = adapter.model, tuple(draws)
+    per_group, _ = adapter.local_deterministics()
+    graphs = [model.replace_rvs_by_values([model[v.rv_name]])[0] for v in locs]
+    graphs += model.replace_rvs_by_values(per_group) if per_group else []
+    fn = _draws_fn(adapter, "values:" + ",".join(v.name for v in locs), graphs, locs)
+    outs = fn(np.ascontiguousarray(flat), *[np.ascontiguousarray(u) for u in draws.values()])
+    names = [v.rv_name for v in locs] + [d.name for d in per_group]
+    out = {n: np.asarray(o) for n, o in zip(names, outs)}
+    if include_transformed:
+        out.update({v.name: u for v, u in draws.items() if v.transform is not None})
+    return out

@@ -104,7 +104,7 @@ class ModelAdapter:
                                  f"{[v.rv_name for v in self.locals]} but not on the data; a "
                                  "local variable's terms must be row by row")
         self.z = pt.vector("z", dtype="float64", shape=(self.ndim,))
-        to_z = self._value_replacements(self.z)
+        to_z = self.value_replacements(self.z)
         prior = model.logp(vars=[*(rv for rv, _ in self._pairs), *prior_potentials], jacobian=True)
         data_terms = [*model.observed_RVs, *data_potentials]
         data = model.logp(vars=data_terms) if data_terms else pt.constant(0.0, dtype="float64")
@@ -113,6 +113,7 @@ class ModelAdapter:
         self._data_values = data  # in the value variables (what a local term is built from)
         self.data_logp = graph_replace(pt.cast(data, "float64"), to_z, strict=False)
         self._replace = replace
+        self.local_fns: dict = {}  # local variables' results, compiled (see local_terms)
         # the total rows per step a ready model's pm.Minibatch asks for (None: not given)
         self.minibatch_size: int | None = None
         self.has_data = bool(data_inputs)
@@ -149,7 +150,8 @@ class ModelAdapter:
         return adapter, rows.arrays
 
     # ------------------------------------------------------------------ graphs
-    def _value_replacements(self, z: pt.TensorVariable) -> dict:
+    def value_replacements(self, z: pt.TensorVariable) -> dict:
+        """Each global value variable as its slice of the flat vector ``z``."""
         return {
             vv: z[lay.start:lay.stop].reshape(lay.shape)
             for (_, vv), lay in zip(self._pairs, self.layout)
@@ -165,7 +167,7 @@ class ModelAdapter:
         if "_data_term" not in self.__dict__ and self.locals:
             self._data_term = build_local_term(
                 self.model, {v.rv_name: v.column for v in self.locals}, self._data_values,
-                self._value_replacements(self.z), self.z, self.data_inputs,
+                self.value_replacements(self.z), self.z, self.data_inputs,
                 {v.rv_name: v for v in self.locals}, self._local_initial,
                 bool(self.model.check_bounds))
         if "_data_term" not in self.__dict__:
@@ -304,7 +306,7 @@ class ModelAdapter:
                 if lay.transform is not None:
                     named.append((lay.name, vv))
                     graphs.append(vv)
-        graphs = graph_replace(graphs, self._value_replacements(self.z), strict=False)
+        graphs = graph_replace(graphs, self.value_replacements(self.z), strict=False)
         points = pt.matrix("points", dtype="float64")
         batched = vectorize_graph(graphs, {self.z: points})
         f = function([points], batched, on_unused_input="ignore")
@@ -331,7 +333,7 @@ class ModelAdapter:
         row_wise, names, others = [], [], []
         if dets:
             graphs = model.replace_rvs_by_values(dets)
-            graphs = graph_replace(graphs, self._value_replacements(self.z), strict=False)
+            graphs = graph_replace(graphs, self.value_replacements(self.z), strict=False)
             inputs = set(self.data_inputs.values())
             for d, g in zip(dets, graphs):
                 g = rebuild_with_rows(g, self._replace) if self._replace else g
@@ -350,29 +352,6 @@ class ModelAdapter:
         self._data_dets = (term, others)
         return self._data_dets
 
-    def local_values(self, var: LocalVar, u: np.ndarray, flat: np.ndarray,
-                     include_transformed: bool) -> dict[str, np.ndarray]:
-        """A local variable's draws ``u`` (draws, *shape), unconstrained, by name: constrained
-        (its transform's parameters from the global draws ``flat``), and as they are too with
-        ``include_transformed``."""
-        if var.transform is None:
-            return {var.rv_name: u}
-        cache = self.__dict__.setdefault("_local_value_fns", {})
-        if var.name not in cache:
-            model = self.model
-            rv = model[var.rv_name]
-            vv = model.rvs_to_values[rv]
-            x = model.replace_rvs_by_values([model.rvs_to_transforms[rv].backward(vv, *rv.owner.inputs)])[0]
-            x = graph_replace(x, self._value_replacements(self.z), strict=False)
-            points = pt.matrix("points", dtype="float64")
-            held = pt.tensor("u", dtype="float64", shape=(None, *var.shape))
-            cache[var.name] = function([points, held], vectorize_graph(x, {self.z: points, vv: held}),
-                                       on_unused_input="ignore")
-        out = {var.rv_name: np.asarray(cache[var.name](np.ascontiguousarray(flat), u))}
-        if include_transformed:
-            out[var.name] = u
-        return out
-
     def local_spec(self) -> dict[str, str]:
         """``local=`` as given (per-row variables are local by themselves)."""
         return {v.rv_name: v.column for v in self.locals if v.column != ROW_COLUMN}
@@ -381,9 +360,13 @@ class ModelAdapter:
         """Whether ``node`` depends on a local variable (its draws are the workers')."""
         return bool(self.locals) and depends_on(node, {self.model[v.rv_name] for v in self.locals})
 
-    def local_deterministics(self) -> list[str]:
-        """The deterministics that depend on local variables (left out of the draws)."""
-        return [d.name for d in self.model.deterministics if self._local_dependent(d)]
+    def local_deterministics(self) -> tuple[list, list[str]]:
+        """The deterministics that depend on local variables: those of the groups (computed
+        from the locals' draws), and the names of those that read the rows too (left out)."""
+        row_vars = set(self._replace) | set(self.data_inputs.values())
+        dets = [d for d in self.model.deterministics if self._local_dependent(d)]
+        return ([d for d in dets if not depends_on(d, row_vars)],
+                [d.name for d in dets if depends_on(d, row_vars)])
 
     def dims_and_coords(self, names) -> tuple[dict[str, list[str]], dict[str, Any]]:
         """ArviZ dims/coords for these variable names, from the model."""
@@ -403,7 +386,7 @@ class ModelAdapter:
             nodes = graph_replace(nodes, {rv: model[rv.name] for rv in user.free_RVs},
                                   strict=False)
         exprs = model.replace_rvs_by_values(nodes)
-        exprs = graph_replace(exprs, self._value_replacements(z), strict=False)
+        exprs = graph_replace(exprs, self.value_replacements(z), strict=False)
         return exprs if isinstance(node, list) else exprs[0]
 
 

@@ -122,10 +122,10 @@ class Results:
         else:
             parts = [draw_local(s, draws, seed, k) for k, s in enumerate(states)]
             arrays = [np.concatenate([p[j] for p in parts], axis=1) for j in range(len(ad.locals))]
-        out = {}
-        for var, u in zip(ad.locals, arrays):
-            out.update(ad.local_values(var, u.reshape((draws, *var.shape)), flat, include_transformed))
-        return out
+        from distvi.local_terms import local_values
+
+        return local_values(ad, {v: u.reshape((draws, *v.shape)) for v, u in zip(ad.locals, arrays)},
+                            flat, include_transformed)
 
     def sample(self, draws: int = 500, random_seed: int | None = None,
                return_inferencedata: bool = True, include_transformed: bool = False,
@@ -231,7 +231,7 @@ class Results:
         term, others = ad.data_deterministics()
         out: dict[str, np.ndarray] = {}
         if ad.locals:
-            left = [*(term.names if term is not None else ()), *others, *ad.local_deterministics()]
+            left = [*(term.names if term is not None else ()), *others, *ad.local_deterministics()[1]]
             if left:
                 warnings.warn(f"deterministics {left} depend on the data or on local variables: "
                               "with local variables they are not computed yet and are left out "

@@ -121,6 +121,8 @@ def test_radon_with_county_effects_as_local_variables(capsys):
     assert inference.approx.ndim == 4 and [v.rv_name for v in inference.shards.adapter.locals] == ["a_z"]
     post = inference.approx.sample(2000, random_seed=0).posterior
     assert post["a_z"].dims == ("chain", "draw", "county") and post["a_z"].shape[-1] == 85
+    # the deterministic a = mu_a + sigma_a * a_z, from the globals' and the groups' draws
+    np.testing.assert_allclose(post["a"], post["mu_a"] + post["sigma_a"] * post["a_z"], rtol=1e-12)
     for name in ("mu_a", "b", "sigma_y"):
         mean, sd = radon.NUTS[name]
         assert abs(float(post[name].mean()) - mean) < 0.5 * sd, name
