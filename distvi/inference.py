@@ -397,7 +397,7 @@ class Inference:
         # the first rate before any work: a schedule's NaN rate is refused with no worker started
         self._optimizer.learning_rate_at(self.state.opt_step)
         backend = self.shards.start(wait=False)  # Ray's workers: asked for, ready below
-        self.shards.begin_locals(self._optimizer, self.state)
+        self.shards.begin_locals(self._optimizer, self.state, self.objective)
         backend = backend if watch is None else watch.backend(backend)
         signals = self._signals
         if signals is not None:

@@ -206,7 +206,8 @@ class LocalTerm:
     """The workers' term with local variables, as picklable graphs of one global point ``z``:
     ``outputs = [T, dT/dz, dT/dmu_j..., dT/drho_j...]`` (see the module's docstring) of the
     inputs ``eps_j, mu_j, rho_j`` (per-row slots, ``(B, width_j)``), ``weight`` (``1/n_g``
-    per row) and the minibatch ``inputs``."""
+    per row), ``beta`` (the weight of the local priors and entropies, as KLqp's ``beta``
+    weighs the globals') and the minibatch ``inputs``."""
 
     z: Variable
     outputs: list
@@ -214,13 +215,14 @@ class LocalTerm:
     mu: list
     rho: list
     weight: Variable
+    beta: Variable
     inputs: list
     check_bounds: bool
     locals: tuple[LocalVar, ...]
     initial: list  # each local variable's unconstrained initial values, (groups, width)
 
     def compile(self, n_points: int, with_logp: bool = True, with_grad: bool = True):
-        """``f(points[S, D], *eps[S, B, w], *mu[B, w], *rho[B, w], weight[B], *rows, scale) ->
+        """``f(points[S, D], *eps[S, B, w], *mu[B, w], *rho[B, w], weight[B], beta, *rows, scale) ->
         [scale * T[S], grad[S, D], *dmu[B, w], *drho[B, w]]``, the local gradients averaged
         over the points (the log density and gradient are always both computed)."""
         ndim = self.z.type.shape[0]
@@ -236,7 +238,8 @@ class LocalTerm:
             outs = vectorize_graph(self.outputs, {self.z: points, **dict(zip(self.eps, eps_s))})
         value, grad, *local = outs
         local = [scale * g.mean(axis=0) for g in local]
-        return function([points, *eps_s, *self.mu, *self.rho, self.weight, *self.inputs, scale],
+        return function([points, *eps_s, *self.mu, *self.rho, self.weight, self.beta, *self.inputs,
+                         scale],
                         [scale * value, scale * grad, *local], mode=compile_mode(self.check_bounds),
                         trust_input=True, on_unused_input="ignore")
 
@@ -251,6 +254,7 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
     vvs = {rv.name: model.rvs_to_values[rv] for rv in model.free_RVs}
     eps, mus, rhos, locs, inits = [], [], [], [], []
     weight = pt.vector("weight", dtype="float64")
+    beta = pt.scalar("beta", dtype="float64")  # KLqp's weight of the KL part (1: the ELBO)
     prior_rows, entropy = 0.0, 0.0
     for name in local:
         var = layout_of[name]
@@ -275,7 +279,7 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
         entropy = entropy + pt.log(sd).sum(axis=1) + 0.5 * var.width * (1.0 + LOG_2PI)
         eps.append(e), mus.append(m), rhos.append(r), locs.append(var)
         inits.append(np.asarray(initial[var.name], dtype="float64").reshape(var.n_groups, var.width))
-    term = pt.cast(data_graph, "float64") + pt.sum(weight * (prior_rows + entropy))
+    term = pt.cast(data_graph, "float64") + beta * pt.sum(weight * (prior_rows + entropy))
     left = set(ancestors([term])) & {vvs[name] for name in local}
     if left:  # e.g. one local variable's prior read from another's groups
         raise ModelError(f"the terms of local variables {list(local)} read local variables "
@@ -284,8 +288,8 @@ def build_local_term(model, local: dict[str, str], data_graph, to_z: dict, z, da
     term = graph_replace(term, to_z, strict=False)
     grads = pt.grad(term, [z, *mus, *rhos], disconnected_inputs="ignore")
     outputs = without_pymc_checks([term, *grads], check_bounds)
-    return LocalTerm(z, outputs, eps, mus, rhos, weight, list(data_inputs.values()), check_bounds,
-                     tuple(locs), inits)
+    return LocalTerm(z, outputs, eps, mus, rhos, weight, beta, list(data_inputs.values()),
+                     check_bounds, tuple(locs), inits)
 
 
 # ---------------------------------------------------------------- results

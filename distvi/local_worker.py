@@ -69,16 +69,17 @@ class LocalShardWorker(ShardWorker):
         self.rho = [np.zeros_like(m) for m in self.mu]
         self._optimizer, self._slots, self._counters, self._rule = None, [], [], None
         self._optimizer_name = None  # whose state the slots are (a restored state's too)
+        self._beta = np.array(1.0)
         self._offset = 0  # the run's step at which the optimizer's step 0 was
         self._last: tuple[int, tuple] | None = None
         if state is not None:
             self._restore(state)
 
     # ------------------------------------------------------------ the fit's optimizer
-    def local_begin(self, optimizer, offset: int, fresh: bool) -> None:
+    def local_begin(self, optimizer, offset: int, fresh: bool, beta: float = 1.0) -> None:
         """The optimizer and schedule of the fit about to run (its step 0 was the run's step
         ``offset``); ``fresh``: the driver's optimizer state starts from zero, and so does
-        the groups'."""
+        the groups'; ``beta``: the fit's weight of the KL part."""
         if optimizer.name == "adagrad_window":
             raise ValueError("adagrad_window keeps one window position for all parameters, "
                              "which groups updated on different steps cannot share; use "
@@ -90,6 +91,7 @@ class LocalShardWorker(ShardWorker):
             self._counters = [np.zeros((self.n_groups, 1)) for _ in state.counters]
         self._optimizer, self._offset, self._optimizer_name = optimizer, int(offset), optimizer.name
         self._last = None  # a step's kept answer is for retries within one fit
+        self._beta = np.array(float(beta))
 
     def _update_fn(self):
         """The optimizer's rule on the touched groups, compiled once per optimizer (its
@@ -135,8 +137,8 @@ class LocalShardWorker(ShardWorker):
         sizes = np.concatenate([np.diff(self._first[a:b + 1]) for a, b in segments])
         per_row = [np.repeat(_take(p, segments), sizes, axis=0) for p in (*self.mu, *self.rho)]
         fn = self._data_term(n_points, True)
-        value, grad, *local = fn(points, *eps, *per_row, _take(self._weight, row_segments), *rows,
-                                 self.scale)
+        value, grad, *local = fn(points, *eps, *per_row, _take(self._weight, row_segments),
+                                 self._beta, *rows, self.scale)
         self._apply(segments, sizes, local, step)
         answer = (np.asarray(value), np.asarray(grad))
         self._last = (step, answer)

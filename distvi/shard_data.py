@@ -130,18 +130,20 @@ class Shards:
         refused = [what for what, bad in [
             ("n=None (fit until converged)", until is not None),
             ("average_from= (the workers' groups are not averaged)", average_from is not None),
-            ("beta != 1", getattr(objective, "beta", 1.0) != 1.0)] if bad]
+        ] if bad]
         if refused:
             raise ValueError(f"with local variables {names}, these are not supported yet: "
                              + "; ".join(refused))
 
-    def begin_locals(self, optimizer, state) -> None:
+    def begin_locals(self, optimizer, state, objective) -> None:
         """Tell the workers holding local variables the optimizer of the fit about to run from
-        the driver's ``state``: where its step 0 was, and whether it starts from zero."""
+        the driver's ``state`` (where its step 0 was, whether it starts from zero) and the
+        objective's weight of the KL part (KLqp's ``beta``)."""
         if self.adapter.locals:
             backend = self.start()
-            backend.call("local_begin", (optimizer, state.step - state.opt_step,
-                                         state.opt_step == 0), [()] * self.num_workers)
+            backend.call("local_begin", (optimizer, state.step - state.opt_step, state.opt_step == 0,
+                                         float(getattr(objective, "beta", 1.0))),
+                         [()] * self.num_workers)
             keeper = getattr(backend, "locals", None)  # Ray's: a replacement replays from here
             if keeper is not None:
                 keeper.snapshot(backend)

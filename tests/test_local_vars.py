@@ -24,6 +24,7 @@ class Hier:
     """y_i ~ N(a[g_i] + b x_i, SIGMA), a_j ~ N(mu, TAU), mu, b ~ N(0, 1)."""
 
     def __init__(self, n_groups: int = 200, max_rows: int = 8, seed: int = 0) -> None:
+        self.sigma = SIGMA
         rng = np.random.default_rng(seed)
         self.G = n_groups
         self.counts = rng.integers(1, max_rows, n_groups)
@@ -35,8 +36,18 @@ class Hier:
         self.data = {"g": g, "x": x, "y": y}
         self.mean, self.sd = self._exact()
 
+    def tempered(self, beta: float) -> tuple[np.ndarray, np.ndarray]:
+        """The mean-field optimum of KLqp with ``beta``: the likelihood to the power 1/beta,
+        a normal likelihood with sd SIGMA * sqrt(beta)."""
+        self.sigma, elbo = SIGMA * np.sqrt(beta), self.best_elbo
+        try:
+            return self._exact()
+        finally:
+            self.sigma, self.best_elbo = SIGMA, elbo
+
     def _exact(self):
         g, x, y, G = self.data["g"], self.data["x"], self.data["y"], self.G
+        SIGMA = self.sigma  # noqa: N806 (the likelihood's sd, tempered or not)
         P = np.zeros((G + 2, G + 2))
         h = np.zeros(G + 2)
         P[0, 0] = 1 + G / TAU**2
@@ -107,6 +118,20 @@ def test_full_batch_lands_on_the_mean_field_optimum(hier):
     # mean-field optimum of a Gaussian target the ELBO is log p(y, m) + D/2 log 2 pi
     # - 1/2 sum log P_kk (the log evidence less KL(q || p))
     assert abs(-inf.hist[-1000:].mean() - hier.best_elbo) < 2.0, (-inf.hist[-1000:].mean(), hier.best_elbo)
+
+
+def test_klqp_beta_weighs_the_local_priors_and_entropies_too(hier):
+    """With beta = 2 the optimum is the mean-field one for the likelihood to the power 1/2."""
+    inf = dv.ADVI(model=hier.factory, data=hier.data, local={"a": "g"}, num_workers=2,
+                  backend="local", random_seed=1, beta=2.0)
+    inf.fit(6000, obj_optimizer=dv.adam(learning_rate=DECAYING), progressbar=False)
+    mean, sd = moments(inf.approx)
+    exact_mean, exact_sd = hier.tempered(2.0)
+    assert np.abs((mean - exact_mean) / exact_sd).max() < 0.2
+    ratio = sd / exact_sd
+    assert ratio[:2].max() < 1.15 and 0.92 < ratio.min() and ratio[2:].max() < 1.08, ratio
+    # and not the untempered one: the groups' sds differ by up to sqrt(2)
+    assert np.median(sd[2:] / hier.sd[2:]) > 1.15
 
 
 def test_minibatches_land_close_to_the_optimum(hier):
