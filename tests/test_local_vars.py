@@ -120,6 +120,21 @@ def test_full_batch_lands_on_the_mean_field_optimum(hier):
     assert abs(-inf.hist[-1000:].mean() - hier.best_elbo) < 2.0, (-inf.hist[-1000:].mean(), hier.best_elbo)
 
 
+def test_a_ready_model_with_a_group_column_in_pm_data(hier):
+    """``with pm.Model(): ... dv.ADVI(local={"a": "g"})``: the column is the pm.Data "g"."""
+    d = hier.data
+    with pm.Model(coords={"group": [f"g{j}" for j in range(hier.G)]}):
+        g, x = pm.Data("g", d["g"]), pm.Data("x", d["x"])
+        mu, b = pm.Normal("mu", 0, 1), pm.Normal("b", 0, 1)
+        a = pm.Normal("a", mu, TAU, dims="group")
+        pm.Normal("y", a[g] + b * x, SIGMA, observed=d["y"])
+        inf = dv.ADVI(local={"a": "g"}, num_workers=2, backend="local", random_seed=1)
+        approx = inf.fit(6000, obj_optimizer=dv.adam(learning_rate=DECAYING), progressbar=False)
+    mean, sd = moments(approx)
+    assert np.abs((mean - hier.mean) / hier.sd).max() < 0.2
+    assert 0.92 < (sd / hier.sd).min() and (sd / hier.sd).max() < 1.15
+
+
 def test_klqp_beta_weighs_the_local_priors_and_entropies_too(hier):
     """With beta = 2 the optimum is the mean-field one for the likelihood to the power 1/2."""
     inf = dv.ADVI(model=hier.factory, data=hier.data, local={"a": "g"}, num_workers=2,
