@@ -34,6 +34,7 @@ from distvi.results import draw_local
 from distvi.worker import ShardWorker
 
 LOCAL_STREAM = 2**32  # + rank: each worker's normals for its local variables
+DRAW_BLOCK_MB = 64.0  # a worker writing draws of its groups holds at most this many at once
 
 
 class LocalShardWorker(ShardWorker):
@@ -202,6 +203,27 @@ class LocalShardWorker(ShardWorker):
     def local_draws(self, draws: int, seed: int) -> list[np.ndarray]:
         """``draws`` draws of this shard's groups (see :func:`draw_local`)."""
         return draw_local(self.local_state(), draws, seed, self.rank)
+
+    def write_local_draws(self, url: str, draws: int, seed: int) -> None:
+        """``draws`` draws of this shard's groups (see :func:`~distvi.results.draw_local`)
+        written into the run store at ``url`` as ``local_draws/<name>/r<rank>``, a block of
+        draws at a time (at most :data:`DRAW_BLOCK_MB` in memory)."""
+        import zarr
+
+        group = zarr.open_group(url, mode="r+")
+        state = self.local_state()
+        per_draw = sum(m.size for m in state["mu"]) * 8 / 2**20
+        block = max(1, int(DRAW_BLOCK_MB / max(per_draw, 1e-9)))
+        names = [v.rv_name if v.transform is None else v.name for v in self._data_term.data_term.locals]
+        arrays = [group.create_array(f"local_draws/{n}/r{self.rank}", shape=(draws, *m.shape),
+                                     dtype="float64", chunks=(min(block, draws), *m.shape),
+                                     overwrite=True) for n, m in zip(names, state["mu"])]
+        for a in arrays:
+            a.attrs.update({"group_lo": self.group_lo})
+        for first in range(0, draws, block):
+            stop = min(draws, first + block)
+            for a, values in zip(arrays, draw_local(state, draws, seed, self.rank, first, stop)):
+                a[first:stop] = values
 
     def _restore(self, state: dict) -> None:
         if state["group_lo"] != self.group_lo or state["mu"][0].shape[0] != self.n_groups:

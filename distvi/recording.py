@@ -164,11 +164,15 @@ class RecordedFit:
         if status in ("finished", "stopped"):
             try:
                 idata = inf.approx.sample(DRAWS_IN_STORE, random_seed=inf.random_seed)
-            except LocalDrawsTooLarge as err:  # the checkpoint holds the groups' factors
-                warnings.warn(f"the run store's posterior draws leave out the local variables: "
-                              f"{err}; their factors are in the last checkpoint", stacklevel=2)
+            except LocalDrawsTooLarge as err:  # the workers write them into the store
+                warnings.warn(f"the run store's posterior draws leave out the local variables "
+                              f"({err}); the workers write {DRAWS_IN_STORE} draws of them into "
+                              "its local_draws/ instead", stacklevel=2)
                 idata = inf.approx.sample(DRAWS_IN_STORE, random_seed=inf.random_seed,
                                           include_locals=False)
+                if rs is not None:
+                    inf.shards.write_local_draws(rs.url, DRAWS_IN_STORE, inf.random_seed)
+                    inf.approx.local_draws_store = rs.url
         outcome = jsonable(outcome_of(inf))
         if rs is not None:
             if idata is not None:

@@ -24,17 +24,20 @@ class LocalDrawsTooLarge(ValueError):
     """The draws of the local variables asked for are over :data:`LOCAL_DRAWS_MAX_MB`."""
 
 
-def draw_local(state: dict, draws: int, seed: int, rank: int) -> list[np.ndarray]:
-    """``draws`` draws of each local variable of a shard's ``state`` (its groups in their own
-    order), unconstrained, ``(draws, groups, width)`` each, from the stream addressed by
-    (``seed``, ``rank``): a worker and the driver holding the same state draw the same."""
+def draw_local(state: dict, draws: int, seed: int, rank: int,
+               first: int = 0, stop: int | None = None) -> list[np.ndarray]:
+    """Draws ``first .. stop - 1`` of ``draws`` (default: all) of each local variable of a
+    shard's ``state`` (its groups in their own order), unconstrained, ``(n, groups, width)``
+    each, from the stream addressed by (``seed``, ``rank``): a worker and the driver holding
+    the same state draw the same, in one piece or in blocks of draws."""
     from distvi._rng import Stream
     from distvi.families import softplus
 
+    stop = draws if stop is None else stop
     stream, at, out = Stream(seed, LOCAL_DRAW_STREAM + rank), 0, []
     for mu, rho in zip(state["mu"], state["rho"]):
-        eps = stream.normal((draws, *mu.shape), at)
-        at += eps.size
+        eps = stream.normal((stop - first, *mu.shape), at + first * mu.size)
+        at += draws * mu.size
         out.append(mu + softplus(rho) * eps)
     return out
 
@@ -114,7 +117,10 @@ class Results:
                 f"{draws} draws of local variables {[v.rv_name for v in ad.locals]} take "
                 f"{size:.0f} MB (limit distvi.results.LOCAL_DRAWS_MAX_MB = {LOCAL_DRAWS_MAX_MB}); "
                 "take fewer draws, raise the limit, or leave them out (include_locals=False); "
-                "their means and sds are in mean_data and std_data")
+                "their means and sds are in mean_data and std_data"
+                + (f"; the run store {self.local_draws_store!r} holds draws of them the workers "
+                   "wrote (distvi.open_run(store).local_draws(name))"
+                   if getattr(self, "local_draws_store", None) else ""))
         seed = int(rng.integers(2**62))
         states = self._pickled_local_states()
         if states is None:

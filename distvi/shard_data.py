@@ -181,6 +181,11 @@ class Shards:
             parts = [draw_local(s, int(draws), int(seed), k) for k, s in enumerate(self.local_states)]
         return [np.concatenate([p[j] for p in parts], axis=1) for j in range(len(self.adapter.locals))]
 
+    def write_local_draws(self, url: str, draws: int, seed: int) -> None:
+        """The workers write ``draws`` draws of their groups into the run store at ``url``
+        themselves (nothing of them passes through the driver)."""
+        self._on_workers("write_local_draws", url, int(draws), int(seed))
+
     def local_params(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each local variable's ``(mu, rho)`` over all its groups, ``(groups, width)`` each
         (the initial values before any fit; empty without local variables)."""

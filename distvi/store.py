@@ -397,6 +397,20 @@ class Run:
     diagnosis: dict[str, Any] | None = None  # PSIS k-hat etc. (approx.diagnose())
     posterior_sha256: str | None = None
 
+    def local_draws(self, name: str) -> np.ndarray:
+        """The draws of local variable ``name`` the workers wrote (when there were too many to
+        gather), every shard's groups in order: (draws, groups, width), unconstrained for a
+        transformed variable (``name`` is then its value variable's, e.g. ``s_log__``)."""
+        import zarr
+
+        group = zarr.open_group(self.url, mode="r")
+        if f"local_draws/{name}" not in group:
+            raise StoreError(f"run store {self.url!r} holds no draws of local variable {name!r} "
+                             f"written by the workers")
+        parts = group[f"local_draws/{name}"]
+        ranks = sorted((k for k, _ in parts.arrays()), key=lambda k: int(k[1:]))
+        return np.concatenate([np.asarray(parts[k][...]) for k in ranks], axis=1)
+
     def posterior(self):
         """The posterior draws written at the end of the run (InferenceData)."""
         import arviz as az

@@ -294,16 +294,28 @@ def test_fit_settings_not_built_for_locals_are_refused_before_work(hier, tmp_pat
 def test_local_draws_over_the_limit_are_refused_and_left_out_of_a_store(hier, tmp_path, monkeypatch):
     from distvi import results
 
+    from distvi import local_worker
+
     monkeypatch.setattr(results, "LOCAL_DRAWS_MAX_MB", 0.5)  # 1000 draws x 200 groups: 1.5 MB
+    monkeypatch.setattr(local_worker, "DRAW_BLOCK_MB", 0.1)  # the workers write 8 blocks each
     store = str(tmp_path / "run.zarr")
     inf = _inf(hier, batch_size=100)
-    with pytest.warns(UserWarning, match="posterior draws leave out the local variables: 1000 "
-                                         r"draws of local variables \['a'\] take 2 MB"):
+    with pytest.warns(UserWarning, match=r"posterior draws leave out the local variables \(1000 "
+                                         r"draws of local variables \['a'\] take 2 MB.*the "
+                                         "workers write 1000 draws of them into its local_draws/"):
         inf.fit(30, store=store, progressbar=False)
     run = dv.open_run(store)
     assert run.status == "finished" and "a" not in run.posterior().posterior
     assert run.checkpoint.step == 30
-    with pytest.raises(results.LocalDrawsTooLarge, match=r"include_locals=False"):
+    # the workers' draws: the same as those the driver would gather (the same streams)
+    written = run.local_draws("a")
+    assert written.shape == (1000, hier.G, 1)
+    monkeypatch.setattr(results, "LOCAL_DRAWS_MAX_MB", 1024)
+    gathered = inf.shards.local_draws(1000, inf.random_seed)[0]
+    np.testing.assert_array_equal(written, gathered)
+    monkeypatch.setattr(results, "LOCAL_DRAWS_MAX_MB", 0.5)
+    with pytest.raises(results.LocalDrawsTooLarge, match=r"include_locals=False.*the run store "
+                                                         r".* holds draws of them the workers wrote"):
         inf.approx.sample(1000)
     assert "a" not in inf.approx.sample(1000, include_locals=False).posterior
     assert inf.approx.sample(100).posterior["a"].shape == (1, 100, hier.G)

@@ -101,6 +101,9 @@ class ShardActor:
     def local_draws(self, *args):
         return self.worker.local_draws(*args)
 
+    def write_local_draws(self, *args):
+        return self.worker.write_local_draws(*args)
+
     def local_state(self):
         with self._lock:  # not between a step's halves on the direct line's thread
             return self.worker.local_state()
