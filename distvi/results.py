@@ -42,6 +42,12 @@ def draw_local(state: dict, draws: int, seed: int, rank: int,
     return out
 
 
+def join_shards(parts: list[list[np.ndarray]], axis: int = 0) -> list[np.ndarray]:
+    """Each local variable's arrays from every shard (``parts[rank][variable]``, in rank
+    order) joined along the groups' ``axis``: the shards hold consecutive groups."""
+    return [np.concatenate(arrays, axis=axis) for arrays in zip(*parts)]
+
+
 class Results:
     """What an :class:`~distvi.approximations.Approximation` gives as results (a base class
     of it): :meth:`sample`, and the moments by variable."""
@@ -90,8 +96,8 @@ class Results:
         if states is None:
             params = self.shard_data.local_params()
             return {v: params[v.name] for v in ad.locals}
-        return {v: (np.concatenate([s["mu"][j] for s in states]),
-                    np.concatenate([s["rho"][j] for s in states])) for j, v in enumerate(ad.locals)}
+        mus, rhos = join_shards([s["mu"] for s in states]), join_shards([s["rho"] for s in states])
+        return {v: (mu, rho) for v, mu, rho in zip(ad.locals, mus, rhos)}
 
     def _pickled_local_states(self):
         """An unpickled approximation's local state (None while it has its fit's shards)."""
@@ -126,8 +132,7 @@ class Results:
         if states is None:
             arrays = self.shard_data.local_draws(draws, seed)
         else:
-            parts = [draw_local(s, draws, seed, k) for k, s in enumerate(states)]
-            arrays = [np.concatenate([p[j] for p in parts], axis=1) for j in range(len(ad.locals))]
+            arrays = join_shards([draw_local(s, draws, seed, k) for k, s in enumerate(states)], axis=1)
         from distvi.local_terms import local_values
 
         return local_values(ad, {v: u.reshape((draws, *v.shape)) for v, u in zip(ad.locals, arrays)},

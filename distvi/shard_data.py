@@ -172,14 +172,14 @@ class Shards:
         """``draws`` draws of each local variable's groups, unconstrained, ``(draws, groups,
         width)`` each: drawn by the workers from their own parameters, or (once they are let
         go) here from what they held, with the same numbers."""
-        from distvi.results import draw_local
+        from distvi.results import draw_local, join_shards
 
         held = self.backend is not None and getattr(self.backend, "holds_workers", True)
         if held or self.local_states is None:
             parts = self._on_workers("local_draws", int(draws), int(seed))
         else:
             parts = [draw_local(s, int(draws), int(seed), k) for k, s in enumerate(self.local_states)]
-        return [np.concatenate([p[j] for p in parts], axis=1) for j in range(len(self.adapter.locals))]
+        return join_shards(parts, axis=1)
 
     def write_local_draws(self, url: str, draws: int, seed: int) -> None:
         """The workers write ``draws`` draws of their groups into the run store at ``url``
@@ -191,17 +191,16 @@ class Shards:
         (the initial values before any fit; empty without local variables)."""
         if not self.adapter.locals:
             return {}
+        from distvi.results import join_shards
+
         self.sync_locals()
-        out = {}
-        for j, var in enumerate(self.adapter.locals):
-            if self.local_states is None:
-                init = self.adapter.data_term().initial[j]
-                out[var.name] = (init.copy(), np.zeros_like(init))
-                continue
-            mu = np.concatenate([s["mu"][j] for s in self.local_states])
-            rho = np.concatenate([s["rho"][j] for s in self.local_states])
-            out[var.name] = (mu, rho)
-        return out
+        names = [v.name for v in self.adapter.locals]
+        if self.local_states is None:
+            initial = self.adapter.data_term().initial
+            return {n: (init.copy(), np.zeros_like(init)) for n, init in zip(names, initial)}
+        states = self.local_states
+        mus, rhos = join_shards([s["mu"] for s in states]), join_shards([s["rho"] for s in states])
+        return {n: (mu, rho) for n, mu, rho in zip(names, mus, rhos)}
 
     def close(self) -> None:
         """Release the backend's workers (what they hold of local variables is kept here)."""
